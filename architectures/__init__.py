@@ -1,0 +1,1 @@
+"""Our own implementations of published architectures; each family module exports FAMILY."""

@@ -1,0 +1,89 @@
+"""The pre-norm decoder-only transformer shared by Qwen2 and Phi-4 (and any Llama-style family).
+
+    h = embed(tokens)
+    for each block:  h = h + Attn(RMSNorm(h)),  h = h + MLP(RMSNorm(h))
+    logits = lm_head(RMSNorm(h))          (lm_head = embed when the embeddings are tied)
+
+Families differ in their rotary embedding, biases and feed-forward (dense or mixture of experts);
+they pass those in rather than copying the skeleton.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.architectures.layers import Attention, KVCache, RMSNorm, Rotary
+
+
+class Block(nn.Module):
+    def __init__(self, attn: Attention, mlp: nn.Module, dim: int, eps: float):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = attn
+        self.mlp_norm = RMSNorm(dim, eps)
+        self.mlp = mlp
+
+    def forward(self, h, cos, sin, cache, mask):
+        h = h + self.attn(self.attn_norm(h), cos, sin, cache, mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class DecoderLM(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        n_layers: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        eps: float,
+        rotary: Rotary,
+        mlp: Callable[[int], nn.Module],
+        qkv_bias: bool = False,
+        tie_embeddings: bool = False,
+    ):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.rotary = rotary
+        self.layers = nn.ModuleList(
+            Block(Attention(dim, n_heads, n_kv_heads, head_dim, qkv_bias, i), mlp(i), dim, eps)
+            for i in range(n_layers)
+        )
+        self.norm = RMSNorm(dim, eps)
+        self.lm_head = None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False)
+
+    def new_state(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+        """The generation state for this model: a KV cache."""
+        return KVCache(max_len, pad)
+
+    def forward(self, input_ids: torch.Tensor, state: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T]; with a state, continues from what it holds."""
+        B, T = input_ids.shape
+        cache = state if state is not None else KVCache(T)
+        positions = cache.positions(B, T, input_ids.device)
+        mask = cache.mask(T, input_ids.device)
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(positions, h.dtype, cache.length + T)
+        for block in self.layers:
+            h = block(h, cos, sin, state, mask)
+        if state is not None:
+            state.advance(T)
+        h = self.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
+
+
+# Megatron-style tensor-parallel plan of this skeleton: column-parallel in, row-parallel out.
+TP_PLAN = {
+    "layers.*.attn.q_proj": "colwise",
+    "layers.*.attn.k_proj": "colwise",
+    "layers.*.attn.v_proj": "colwise",
+    "layers.*.attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}

@@ -1,0 +1,159 @@
+"""Layers shared by the decoder-only language models, and the KV cache behind their generation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) in fp32, cast back, then scaled: the weight multiplies in the activation dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer), half-split pairs (j, j + d/2) over the first `rot_dim` dims.
+
+    Frequencies are computed from positions on the fly (in fp32), so there is no buffer to load or
+    keep in sync. Subclasses change `inv_freq` / `attention_factor` for scaled variants (LongRoPE).
+    """
+
+    def __init__(self, rot_dim: int, theta: float):
+        super().__init__()
+        self.rot_dim = rot_dim
+        self.theta = theta
+
+    def inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        exponent = torch.arange(0, self.rot_dim, 2, dtype=torch.int64, device=device).float() / self.rot_dim
+        return 1.0 / (self.theta**exponent)
+
+    def attention_factor(self, seq_len: int) -> float:
+        return 1.0
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype, seq_len: int) -> tuple[torch.Tensor, ...]:
+        """cos, sin of shape [B, T, rot_dim] for integer positions [B, T]."""
+        freqs = positions.float()[..., None] * self.inv_freq(seq_len, positions.device)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        scale = self.attention_factor(seq_len)
+        return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, hd]; rotates the first cos.shape[-1] dims, passes the rest through."""
+    cos, sin = cos[:, None], sin[:, None]
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    rot = rot * cos + rotate_half(rot) * sin
+    return torch.cat([rot, rest], dim=-1) if rest.shape[-1] else rot
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated to `max_len` positions.
+
+    It is the generation state of attention models: the engine creates it through the model's
+    `new_state`, the model reads `length`/`positions`/`mask` from it and `advance`s it after a step.
+    Left-padded batches record each row's pad count, which shifts positions and masks pad keys.
+    Buffers are allocated on first use from the key's own shape, so a tensor-parallel rank stores only
+    its local heads.
+    """
+
+    def __init__(self, max_len: int, pad: torch.Tensor | None = None):
+        self.max_len = max_len
+        self.length = 0
+        self.pad = pad  # [B] number of left-pad tokens per row, or None
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def positions(self, batch: int, steps: int, device: torch.device) -> torch.Tensor:
+        pos = torch.arange(self.length, self.length + steps, device=device)[None].expand(batch, steps)
+        if self.pad is not None:
+            pos = (pos - self.pad.to(device)[:, None]).clamp(min=0)
+        return pos
+
+    def mask(self, steps: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean [B, 1, steps, length+steps] (True = attend), or None when plain causal suffices."""
+        if self.pad is None and (self.length == 0 or steps == 1):
+            return None  # plain causal prefill, or one new token that sees everything cached
+        q = torch.arange(self.length, self.length + steps, device=device)[:, None]
+        k = torch.arange(self.length + steps, device=device)[None, :]
+        allowed = (k <= q)[None]
+        if self.pad is not None:
+            # pad queries see only themselves, so no softmax row is empty
+            allowed = allowed & ((k >= self.pad.to(device)[:, None, None]) | (k == q))
+        return allowed[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, kv_heads, T, hd] at the current position; return everything cached so far."""
+        steps = k.shape[2]
+        end = self.length + steps
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; step would reach {end}")
+        if layer not in self.k:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped key/value heads (GQA).
+
+    Local head counts come from the projections' output sizes (view(..., -1, head_dim)), so a
+    tensor-parallel rank holding a slice of the heads runs unchanged.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool, layer: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.layer = layer
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=k.shape[1] != q.shape[1]
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,191 @@
+"""A published checkpoint format, and convert / export built on the shared streaming engine."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoo.conversion.engine import AtomicDirectory, check_against_model, plan_jobs, run_jobs_meta, stream_write
+from zoo.conversion.rules import KeyMap
+from zoo.conversion.sources import SafetensorsSource, TensorSource, open_source
+from zoo.family import Family, get_family
+from zoo.weights.format import CheckpointError, NativeConfig, dtype_name, parse_dtype, read_config, write_config
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "tokenizer.model",
+)
+
+
+class Format:
+    """One published layout. Subclasses fill in detection, config mapping and the key map."""
+
+    name: str = ""
+    family: str = ""
+    description: str = ""
+    exports_as: str | None = None  # `zoo convert --to NAME` target this format serves ("hf"), if any
+    copy_files: tuple[str, ...] = TOKENIZER_FILES
+
+    def detect(self, src: Path) -> bool:
+        raise NotImplementedError
+
+    def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(family config fields, extra: generation defaults / preprocessing / labels)."""
+        raise NotImplementedError
+
+    def keymap(self, config: Any) -> KeyMap:
+        raise NotImplementedError
+
+    def open(self, src: Path) -> TensorSource:
+        return open_source(src)
+
+    def export_config(self, native: NativeConfig, config: Any) -> dict[str, Any]:
+        raise NotImplementedError(f"format {self.name} cannot be exported to")
+
+    def keep_dtype(self, key: str) -> bool:
+        """Tensors that stay in their stored dtype when --dtype converts the rest."""
+        return False
+
+
+_FORMATS: dict[str, Format] = {}
+_loaded = False
+
+
+def formats() -> dict[str, Format]:
+    """Every format declared by a module of zoo.conversion (as FORMATS = [...])."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        import zoo.conversion as pkg
+
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            module = importlib.import_module(f"{pkg.__name__}.{mod.name}")
+            for fmt in getattr(module, "FORMATS", ()):
+                _FORMATS[fmt.name] = fmt
+    return dict(_FORMATS)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def detect_format(src: Path, name: str | None = None) -> Format:
+    known = formats()
+    if name is not None:
+        if name not in known:
+            raise CheckpointError(f"unknown format {name!r}; known formats: {', '.join(sorted(known))}")
+        return known[name]
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or directory")
+    hits = [f for f in known.values() if f.detect(src)]
+    if len(hits) != 1:
+        what = "matches several formats: " + ", ".join(f.name for f in hits) if hits else "is in no known format"
+        raise CheckpointError(f"{src}: {what}; pass --format NAME (one of {', '.join(sorted(known))})")
+    return hits[0]
+
+
+def expected_state(family: Family, config: Any) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        module = family.build(config)
+    return dict(module.state_dict())
+
+
+def _stored_dtype(planned: dict[str, torch.Tensor], dtype: torch.dtype | None) -> str:
+    if dtype is not None:
+        return dtype_name(dtype)
+    floats = [t.dtype for t in planned.values() if t.dtype.is_floating_point]
+    return dtype_name(max(set(floats), key=floats.count)) if floats else "float32"
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    format: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    name: str = "",
+    source: dict[str, Any] | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    progress: bool = True,
+    command: str | None = None,
+) -> Path:
+    """Convert a published checkpoint into the native format, streaming tensor by tensor."""
+    from zoo.cards import write_card
+
+    src, out = Path(src), Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    fmt = detect_format(src, format)
+    family = get_family(fmt.family)
+    fields, extra = fmt.native_config(src)
+    try:
+        config = family.config_from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{src}: config does not fit {family.name}: {e}") from None
+    tensors = fmt.open(src)
+    where = lambda key: str(tensors.file_of(key)) if key in tensors else str(src)
+    jobs = plan_jobs(tensors.keys(), fmt.keymap(config), where)
+    planned = run_jobs_meta(jobs, tensors)
+    check_against_model(planned, expected_state(family, config), str(src))
+    target = parse_dtype(dtype)
+    native = NativeConfig(
+        family=family.name,
+        config=fields,
+        name=name or out.name,
+        task=family.task,
+        dtype=_stored_dtype(planned, target),
+        source={"path": str(src), "layout": fmt.name, **(source or {})},
+        extra=extra,
+    )
+    command = command or " ".join(["zoo", "convert", *sys.argv[1:]]) if Path(sys.argv[0]).name == "zoo" else command
+    with AtomicDirectory(out, overwrite) as tmp:
+        stream_write(tmp, jobs, tensors, planned, target, max_shard_bytes, progress, fmt.keep_dtype)
+        write_config(tmp, native)
+        base = src if src.is_dir() else src.parent
+        for fname in fmt.copy_files:
+            if (base / fname).is_file():
+                shutil.copy2(base / fname, tmp / fname)
+        write_card(tmp, native, command=command or f"zoo convert {src} {out}")
+    return out
+
+
+def export(model_dir: str | Path, out: str | Path, to: str = "hf", overwrite: bool = False,
+           progress: bool = True) -> Path:
+    """Write a native checkpoint back in a published layout (the key map read backwards)."""
+    model_dir, out = Path(model_dir), Path(out)
+    native = read_config(model_dir)
+    family = get_family(native.family)
+    config = family.config_from_dict(native.config)
+    matches = [f for f in formats().values() if f.family == family.name and f.exports_as == to]
+    if not matches:
+        raise CheckpointError(f"{model_dir}: family {family.name} has no exporter to {to!r}")
+    fmt = matches[0]
+    files = sorted(model_dir.glob("*.safetensors"))
+    tensors = SafetensorsSource(files)
+    jobs = plan_jobs(tensors.keys(), fmt.keymap(config).reversed(), lambda k: str(tensors.file_of(k)))
+    planned = run_jobs_meta(jobs, tensors)
+    with AtomicDirectory(out, overwrite) as tmp:
+        stream_write(tmp, jobs, tensors, planned, None, 5 * 2**30, progress)
+        (tmp / "config.json").write_text(json.dumps(fmt.export_config(native, config), indent=2) + "\n")
+        for fname in fmt.copy_files:
+            if (model_dir / fname).is_file():
+                shutil.copy2(model_dir / fname, tmp / fname)
+    return out

@@ -1,0 +1,142 @@
+"""Readers for published checkpoint files: tensors by name, metadata first, bytes only when asked.
+
+Safetensors are read tensor by tensor with plain file reads (not a memory map), so a converter's
+resident memory is the tensors in flight, not every page it has touched. Pickled files are opened
+only with torch.load(weights_only=True, mmap=True): a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from zoo.weights.format import CODE_DTYPES, CheckpointError
+from zoo.weights.reader import read_safetensors_header, safe_child
+
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+
+
+class TensorSource:
+    """A name -> tensor view over one or more files. `meta(key)` costs no tensor reads."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, tuple[Path, object]] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def file_of(self, key: str) -> Path:
+        return self._where[key][0]
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A meta tensor with the stored shape and dtype."""
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SafetensorsSource(TensorSource):
+    def __init__(self, files: Iterable[Path]):
+        super().__init__()
+        for path in files:
+            header = read_safetensors_header(path)
+            n = struct.unpack("<Q", path.open("rb").read(8))[0]
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if key in self._where:
+                    raise CheckpointError(f"{path}: tensor {key} also appears in {self._where[key][0]}")
+                self._where[key] = (path, (info, 8 + n))
+
+    def meta(self, key: str) -> torch.Tensor:
+        info, _ = self._where[key][1]
+        return torch.empty(info["shape"], dtype=CODE_DTYPES[info["dtype"]], device="meta")
+
+    def get(self, key: str) -> torch.Tensor:
+        path, (info, base) = self._where[key]
+        start, end = info["data_offsets"]
+        dtype = CODE_DTYPES[info["dtype"]]
+        out = torch.empty(info["shape"], dtype=dtype)
+        if math.prod(info["shape"]) * dtype.itemsize != end - start:
+            raise CheckpointError(f"{path}: tensor {key} has {end - start} bytes for shape {info['shape']}")
+        with open(path, "rb") as f:
+            f.seek(base + start)
+            if end > start and f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != end - start:
+                raise CheckpointError(f"{path}: truncated while reading tensor {key}")
+        return out
+
+
+def load_pickle(path: Path) -> dict:
+    """Open a pickled checkpoint without running any code it may carry."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused: this pickle needs more than plain tensors to load ({str(e).splitlines()[0]}). "
+            "zoo never runs code from a checkpoint; re-save it as tensors only (or as safetensors)."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+
+
+class StateDictSource(TensorSource):
+    """Tensors from pickled state dicts (memory-mapped by torch.load)."""
+
+    def __init__(self, files: Iterable[Path], unwrap: tuple[str, ...] = ("model", "state_dict", "module")):
+        super().__init__()
+        for path in files:
+            sd = load_pickle(path)
+            for k in unwrap:  # published .pth files often nest the weights one level down
+                if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
+                    sd = sd[k]
+                    break
+            for key, t in sd.items():
+                if isinstance(t, torch.Tensor):
+                    self._where[key] = (path, t)
+
+    def meta(self, key: str) -> torch.Tensor:
+        t = self._where[key][1]
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._where[key][1]
+
+
+def open_source(src: Path) -> TensorSource:
+    """Tensors of a published checkpoint directory or file (safetensors preferred over pickles)."""
+    src = Path(src)
+    if src.is_file():
+        return SafetensorsSource([src]) if src.suffix == ".safetensors" else StateDictSource([src])
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = src / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_path}: malformed index ({e})") from None
+            files = sorted({safe_child(src, f) for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{f}: missing shard listed in {index_path.name}")
+            source = SafetensorsSource(files) if index_name.startswith("model.") else StateDictSource(files)
+            missing = set(weight_map) - set(source.keys())
+            if missing:
+                raise CheckpointError(f"{index_path}: tensor {sorted(missing)[0]} is listed but in no shard")
+            return source
+    st = sorted(src.glob("*.safetensors"))
+    if st:
+        return SafetensorsSource(st)
+    pk = sorted(p for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pk:
+        return StateDictSource(pk)
+    raise CheckpointError(f"{src}: no weight files (*.safetensors, *.bin, *.pth, *.pt, *.ckpt) found")

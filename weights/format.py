@@ -1,0 +1,100 @@
+"""Schema of the native directory.
+
+    OUT/
+      config.json                    {"zoo_schema": 1, "family": ..., "config": {...}, ...}
+      model.safetensors              or model-00001-of-0000N.safetensors ...
+      model.safetensors.index.json   weight_map + sha256 of every weight file
+      tokenizer.json ...             (language models) tokenizer files as published
+      README.md                      the model card
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+CARD_FILE = "README.md"
+
+# safetensors dtype codes <-> torch dtypes
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+               "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is missing, damaged or does not fit the model; the message names what."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPE_NAMES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_NAMES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class NativeConfig:
+    family: str
+    config: dict[str, Any]
+    name: str = ""
+    task: str = ""
+    dtype: str = "float32"
+    source: dict[str, Any] = field(default_factory=dict)  # repo, revision, layout, license
+    extra: dict[str, Any] = field(default_factory=dict)  # preprocessing, labels, generation defaults
+    zoo_schema: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+
+def read_config(directory: str | Path) -> NativeConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; a zoo checkpoint directory needs {CONFIG_FILE}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if "zoo_schema" not in data or "family" not in data:
+        raise CheckpointError(
+            f"{path}: not a zoo config (no 'zoo_schema'/'family'); to use a published checkpoint, "
+            f"run `zoo convert {path.parent} OUT` first"
+        )
+    if data["zoo_schema"] > SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{path}: schema version {data['zoo_schema']} is newer than this zoo ({SCHEMA_VERSION}); upgrade zoo"
+        )
+    known = {k: data[k] for k in NativeConfig.__dataclass_fields__ if k in data}
+    return NativeConfig(**known)
+
+
+def write_config(directory: str | Path, config: NativeConfig) -> None:
+    (Path(directory) / CONFIG_FILE).write_text(config.to_json())

@@ -1,0 +1,116 @@
+"""Reading the native format: integrity checks, then memory-mapped tensors (or slices of them)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from zoo.weights.format import CODE_DTYPES, INDEX_FILE, CheckpointError
+
+
+def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse a safetensors header and check the file holds every byte it promises."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise CheckpointError(f"{path}: truncated or not a safetensors file (header of {n} bytes)")
+            header = json.loads(f.read(n))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path}: truncated: header promises {8 + n + end} bytes, file has {size}")
+    return header
+
+
+def safe_child(directory: Path, name: str) -> Path:
+    """A file named by an index must stay inside the checkpoint directory."""
+    if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
+        raise CheckpointError(f"{directory / INDEX_FILE}: file name {name!r} escapes the model directory")
+    return directory / name
+
+
+class Checkpoint:
+    """The tensors of a native directory, memory-mapped; nothing is read until asked for."""
+
+    def __init__(self, directory: str | Path, verify: bool = True):
+        self.directory = Path(directory)
+        index_path = self.directory / INDEX_FILE
+        if not index_path.is_file():
+            raise CheckpointError(f"{index_path}: not found; the directory is not a complete zoo checkpoint")
+        try:
+            index = json.loads(index_path.read_text())
+            self.weight_map: dict[str, str] = index["weight_map"]
+            self.sha256: dict[str, str] = index["metadata"]["sha256"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_path}: malformed index ({e})") from None
+        self.headers: dict[str, dict] = {}
+        for fname in sorted(set(self.weight_map.values()) | set(self.sha256)):
+            path = safe_child(self.directory, fname)
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing shard listed in {INDEX_FILE}")
+            self.headers[fname] = read_safetensors_header(path)
+            if verify:
+                self.verify_file(fname)
+        for key, fname in self.weight_map.items():
+            if key not in self.headers[fname]:
+                raise CheckpointError(f"{self.directory / fname}: tensor {key} listed in the index is not in the file")
+        self._handles: dict[str, object] = {}
+
+    def verify_file(self, fname: str) -> None:
+        expected = self.sha256.get(fname)
+        if expected is None:
+            raise CheckpointError(f"{self.directory / INDEX_FILE}: no sha256 recorded for {fname}")
+        actual = sha256_file(self.directory / fname)
+        if actual != expected:
+            raise CheckpointError(
+                f"{self.directory / fname}: sha256 mismatch (index says {expected[:12]}…, file is {actual[:12]}…)"
+            )
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def _meta(self, key: str) -> dict:
+        return self.headers[self.weight_map[key]][key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._meta(key)["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return CODE_DTYPES[self._meta(key)["dtype"]]
+
+    def _handle(self, fname: str):
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(str(self.directory / fname), framework="pt", device="cpu")
+        return self._handles[fname]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The whole tensor, memory-mapped from its file."""
+        if key not in self.weight_map:
+            raise CheckpointError(f"{self.directory}: no tensor named {key}")
+        return self._handle(self.weight_map[key]).get_tensor(key)
+
+    def get_slice(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows/columns [start, stop) along `dim`, reading only those bytes (tensor parallelism)."""
+        sl = self._handle(self.weight_map[key]).get_slice(key)
+        index = tuple(slice(None) for _ in range(dim)) + (slice(start, stop),)
+        return sl[index]
