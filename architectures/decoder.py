@@ -15,7 +15,6 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from zoo.architectures.layers import Attention, KVCache, RMSNorm, Rotary
 
 

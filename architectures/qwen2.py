@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from zoo.architectures.decoder import TP_PLAN, DecoderLM
 from zoo.architectures.layers import GatedMLP, Rotary
+
 from zoo.family import Family
 from zoo.registry import Entry, Source
 

@@ -11,12 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from zoo.conversion.engine import AtomicDirectory, check_against_model, plan_jobs, run_jobs_meta, stream_write
 from zoo.conversion.rules import KeyMap
 from zoo.conversion.sources import SafetensorsSource, TensorSource, open_source
+from zoo.weights.format import (
+    CheckpointError,
+    NativeConfig,
+    dtype_name,
+    parse_dtype,
+    read_config,
+    write_config,
+)
+
 from zoo.family import Family, get_family
-from zoo.weights.format import CheckpointError, NativeConfig, dtype_name, parse_dtype, read_config, write_config
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from zoo.conversion.rules import KeyMap, Rule, pattern_regex
 from zoo.conversion.sources import TensorSource
 from zoo.weights.format import CheckpointError

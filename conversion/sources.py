@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-
 from zoo.weights.format import CODE_DTYPES, CheckpointError
 from zoo.weights.reader import read_safetensors_header, safe_child
 

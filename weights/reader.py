@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-
 from zoo.weights.format import CODE_DTYPES, INDEX_FILE, CheckpointError
 
 

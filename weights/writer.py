@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-
 from zoo.weights.format import DTYPE_CODES, INDEX_FILE, SCHEMA_VERSION, CheckpointError
 
 

@@ -1,0 +1,184 @@
+"""The `zoo` command: thin argument parsing over the same functions a Python user calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo", description="A PyTorch model zoo and checkpoint hub.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help,
+                              epilog="example:\n" + textwrap.indent(example, "  "),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    s = add("list", "List registered models.", "zoo list 'qwen2-*'")
+    s.add_argument("pattern", nargs="?", help="shell-style pattern or substring")
+
+    s = add("info", "Show a model's published config, source, license and card.", "zoo info qwen2-7b")
+    s.add_argument("model", help="registry name or native directory")
+    s.add_argument("--json", action="store_true", help="print the registry entry as JSON")
+
+    s = add("convert", "Convert a published checkpoint to zoo's native format (or back with --to).",
+            "zoo convert ./Qwen2-0.5B ./qwen2-0.5b\nzoo convert --to hf ./qwen2-0.5b ./Qwen2-0.5B-hf")
+    s.add_argument("src", help="published checkpoint directory or file (a native directory with --to)")
+    s.add_argument("out", help="output directory (written atomically)")
+    s.add_argument("--format", help="force a source format instead of detecting it")
+    s.add_argument("--to", help="export a native checkpoint to this published layout (e.g. hf)")
+    s.add_argument("--dtype", help="store floating tensors in this dtype (float32, bfloat16, float16)")
+    s.add_argument("--name", default="", help="model name recorded in config.json and the card")
+    s.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard (default 5)")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    s = add("generate", "Generate text from a prompt (streams to stdout).",
+            'zoo generate qwen2-tiny-stdlib "def fibonacci(n):"')
+    s.add_argument("model", help="registry name, native directory or hf://org/name@rev")
+    s.add_argument("prompt")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, help="0 = greedy; default: the checkpoint's generation config")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    s.add_argument("--dtype", help="compute dtype (default: as stored)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--tp", type=int, help="tensor-parallel degree (inside torchrun)")
+
+    s = add("predict", "Classify an image or a video and print the top-k labels.",
+            "zoo predict swinv2-tiny-w8-256-in1k cat.jpg --top-k 5")
+    s.add_argument("model")
+    s.add_argument("file", help="image or video file")
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--device", default="cpu")
+
+    s = add("push", "Upload a native checkpoint directory to the Hugging Face Hub in one commit.",
+            "zoo push ./qwen2-0.5b me/qwen2-0.5b-zoo --dry-run")
+    s.add_argument("directory")
+    s.add_argument("repo_id")
+    s.add_argument("--revision", help="branch to commit to")
+    s.add_argument("--private", action="store_true")
+    s.add_argument("--message", help="commit message")
+    s.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    s.add_argument("--dry-run", action="store_true", help="print the planned operations and upload nothing")
+
+    s = add("pull", "Download a native checkpoint from the Hub (verified against its index).",
+            "zoo pull me/qwen2-0.5b-zoo@main --local-dir ./qwen2-0.5b")
+    s.add_argument("repo", help="org/name or org/name@revision")
+    s.add_argument("--local-dir")
+    s.add_argument("--token")
+    return p
+
+
+def _cmd_list(a) -> None:
+    import zoo
+    from zoo.registry import get_entry
+
+    for name in zoo.list_models(a.pattern):
+        e = get_entry(name)
+        print(f"{name:32s} {e.family:10s} {e.task:22s} {e.params / 1e9:8.2f}B  {e.source.repo}")
+
+
+def _cmd_info(a) -> None:
+    from pathlib import Path
+
+    from zoo.registry import get_entry
+    from zoo.weights.format import CARD_FILE
+
+    path = Path(a.model)
+    if path.is_dir():
+        print(path.joinpath(CARD_FILE).read_text() if path.joinpath(CARD_FILE).is_file() else "")
+        print(path.joinpath("config.json").read_text())
+        return
+    e = get_entry(a.model)
+    if a.json:
+        print(json.dumps(e.to_dict(), indent=2))
+        return
+    print(f"{e.name}: {e.description}")
+    print(f"  family {e.family} · task {e.task} · {e.params:,} parameters · license {e.license}")
+    print(f"  source {e.source.host}:{e.source.repo}@{e.source.revision} (layout {e.source.layout})")
+    print(f"  paper  {e.paper}")
+    print("  published config:")
+    for k, v in e.config.items():
+        print(f"    {k:24s} {v}")
+    from zoo.loading import zoo_home
+
+    card = zoo_home() / "models" / e.name / CARD_FILE
+    if card.is_file():
+        print("\n" + card.read_text())
+
+
+def _cmd_convert(a) -> None:
+    import zoo
+
+    if a.to:
+        out = zoo.export(a.src, a.out, to=a.to, overwrite=a.overwrite)
+    else:
+        out = zoo.convert(a.src, a.out, format=a.format, dtype=a.dtype, overwrite=a.overwrite, name=a.name,
+                          max_shard_bytes=int(a.max_shard_size * 2**30),
+                          command="zoo convert " + " ".join(sys.argv[2:]))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _cmd_generate(a) -> None:
+    import zoo
+
+    model = zoo.load(a.model, dtype=a.dtype, device=a.device, tp=a.tp)
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+              seed=a.seed, stop=a.stop, stream=True)
+    pieces = model.chat([{"role": "user", "content": a.prompt}], **kw) if a.chat else model.generate(a.prompt, **kw)
+    from zoo.distributed import is_main_process
+
+    main = is_main_process()
+    if main and not a.chat:
+        print(a.prompt, end="", flush=True)
+    for piece in pieces:
+        if main:
+            print(piece, end="", flush=True)
+    if main:
+        print()
+
+
+def _cmd_predict(a) -> None:
+    import zoo
+
+    model = zoo.load(a.model, device=a.device)
+    for label, score in model.predict(a.file, top_k=a.top_k):
+        print(f"{score:7.4f}  {label}")
+
+
+def _cmd_push(a) -> None:
+    from zoo.hub import push
+
+    push(a.directory, a.repo_id, revision=a.revision, private=a.private, message=a.message, token=a.token,
+         dry_run=a.dry_run)
+
+
+def _cmd_pull(a) -> None:
+    from zoo.hub import pull
+
+    print(pull(a.repo, local_dir=a.local_dir, token=a.token))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from zoo.registry import UnknownModelError
+    from zoo.weights.format import CheckpointError
+
+    try:
+        globals()[f"_cmd_{args.command}"](args)
+    except (CheckpointError, UnknownModelError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"zoo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
