@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from zoo.conversion.engine import AtomicDirectory, check_against_model, plan_jobs, run_jobs_meta, stream_write
-from zoo.conversion.rules import KeyMap
+from zoo.conversion.rules import KeyMap, pattern_regex
 from zoo.conversion.sources import SafetensorsSource, TensorSource, open_source
 from zoo.weights.format import (
     CheckpointError,
@@ -109,6 +109,20 @@ def detect_format(src: Path, name: str | None = None) -> Format:
     return hits[0]
 
 
+def published_names(keymap: KeyMap):
+    """native key -> the published key(s) it is made from, for error messages."""
+    reverse = keymap.reversed()
+
+    def name(native_key: str) -> str:
+        for rule in reverse.rules:
+            m = pattern_regex(rule.src[0]).match(native_key) if len(rule.src) == 1 else None
+            if m:
+                return " + ".join(p.format(**m.groupdict()) for p in rule.dst)
+        return native_key
+
+    return name
+
+
 def expected_state(family: Family, config: Any) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         module = family.build(config)
@@ -151,7 +165,8 @@ def convert(
     where = lambda key: str(tensors.file_of(key)) if key in tensors else str(src)
     jobs = plan_jobs(tensors.keys(), fmt.keymap(config), where)
     planned = run_jobs_meta(jobs, tensors)
-    check_against_model(planned, expected_state(family, config), str(src))
+    keymap = fmt.keymap(config)
+    check_against_model(planned, expected_state(family, config), str(src), published_names(keymap))
     target = parse_dtype(dtype)
     native = NativeConfig(
         family=family.name,

@@ -57,19 +57,25 @@ def plan_jobs(keys: list[str], keymap: KeyMap, where: Callable[[str], str] = str
     return jobs
 
 
-def check_against_model(planned: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+def check_against_model(
+    planned: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    what: str,
+    published: Callable[[str], str] = str,
+) -> None:
     """Native tensors planned vs. the model's state dict (both meta): names every difference."""
     missing = [k for k in expected if k not in planned]
     if missing:
-        raise CheckpointError(f"{what}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
-                                                                       if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{what}: missing tensor {published(missing[0])}{more}")
     unexpected = [k for k in planned if k not in expected]
     if unexpected:
         raise CheckpointError(f"{what}: unexpected tensor {unexpected[0]}; the model has no such parameter")
     for k, t in planned.items():
         if tuple(t.shape) != tuple(expected[k].shape):
+            name = k if published(k) == k else f"{published(k)} (as {k})"
             raise CheckpointError(
-                f"{what}: tensor {k} has shape {tuple(t.shape)}, the config needs {tuple(expected[k].shape)}"
+                f"{what}: tensor {name} has shape {tuple(t.shape)}, the config needs {tuple(expected[k].shape)}"
             )
 
 
@@ -77,7 +83,14 @@ def run_jobs_meta(jobs: list[Job], source: TensorSource) -> dict[str, torch.Tens
     """Push meta tensors through each transform to learn every output's shape and dtype."""
     out: dict[str, torch.Tensor] = {}
     for job in jobs:
-        results = job.rule.forward([source.meta(k) for k in job.src])
+        try:
+            results = job.rule.forward([source.meta(k) for k in job.src])
+        except (ValueError, RuntimeError) as e:  # a transform that does not fit the stored shape
+            msg = str(e)
+            m = pattern_regex(job.rule.src[0]).match(job.src[0])
+            for name, value in (m.groupdict() if m else {}).items():  # name the layer, not "{i}"
+                msg = msg.replace(f"{{{name}}}", value)
+            raise CheckpointError(f"{source.file_of(job.src[0])}: tensor {job.src[0]}: {msg}") from None
         out.update(zip(job.dst, results))
     return out
 
