@@ -73,11 +73,26 @@ class DecoderLM(nn.Module):
         if state is not None:
             state.advance(T)
         h = self.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
+        return self.lm_head(h) if self.lm_head is not None else tied_head(h, self.embed.weight)
 
 
-# Megatron-style tensor-parallel plan of this skeleton: column-parallel in, row-parallel out.
+def tied_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits against the embedding matrix. Under tensor parallelism the embedding is split by vocabulary
+    (a DTensor): each rank scores its slice of the vocabulary and the slices are gathered."""
+    if hasattr(weight, "device_mesh"):  # a DTensor (imported only then: torch.distributed is optional)
+        from torch.distributed.tensor import DTensor, Replicate
+
+        h = DTensor.from_local(h, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim, run_check=False)
+        return F.linear(h, weight).full_tensor()
+    return F.linear(h, weight)
+
+
+# Megatron-style tensor-parallel plan of this skeleton: column-parallel in, row-parallel out (one all-reduce
+# after attention, one after the MLP); the embedding and the output head are split by vocabulary, which
+# benchmarks/bench_tp.py measured faster and leaner than keeping them whole on every rank (BENCHMARKS.md).
+# A tied head reuses the vocab-split embedding (tied_head). Words: zoo/distributed.py.
 TP_PLAN = {
+    "embed": "vocab",
     "layers.*.attn.q_proj": "colwise",
     "layers.*.attn.k_proj": "colwise",
     "layers.*.attn.v_proj": "colwise",
@@ -85,4 +100,5 @@ TP_PLAN = {
     "layers.*.mlp.gate_proj": "colwise",
     "layers.*.mlp.up_proj": "colwise",
     "layers.*.mlp.down_proj": "rowwise",
+    "lm_head": "colwise_rep",
 }

@@ -55,6 +55,16 @@ def decode_speed(generate, n_new: int, repeats: int = 2) -> float:
     return n_new / best
 
 
+def compare_decode(ours, ref, prompt: torch.Tensor, n_new: int) -> tuple[float, float, bool]:
+    def hf(n: int) -> torch.Tensor:
+        return ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    zs = decode_speed(lambda n: ours.generate(prompt, max_new_tokens=n, temperature=0), n_new)
+    hs = decode_speed(hf, n_new)
+    same = ours.generate(prompt, max_new_tokens=8, temperature=0)[0] == hf(8)[0, -8:].tolist()
+    return zs, hs, same
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=24, help="24 = the real Qwen2-0.5B depth")
@@ -64,8 +74,9 @@ def main() -> None:
     args = ap.parse_args()
     threads = torch.get_num_threads()
 
-    import zoo
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import zoo
 
     work = args.dir or Path(tempfile.mkdtemp(prefix="zoo-bench-"))
     hf_dir, native_dir = work / "hf", work / "native"
@@ -87,14 +98,8 @@ def main() -> None:
         ht, hm = measure_load("transformers", hf_dir, dtype, threads)
         ours = zoo.load(native_dir, dtype=getattr(torch, dtype))
         ref = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
-        zs = decode_speed(lambda n: ours.generate(prompt, max_new_tokens=n, temperature=0), args.new_tokens)
-        hs = decode_speed(lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                 pad_token_id=0), args.new_tokens)
-        same = ours.generate(prompt, max_new_tokens=8, temperature=0)[0] == ref.generate(
-            prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)[0, -8:].tolist()
-        rows.append((dtype, zt, ht, zm, hm, zs, hs, same))
+        rows.append((dtype, zt, ht, zm, hm, *compare_decode(ours, ref, prompt, args.new_tokens)))
         print(json.dumps(rows[-1]), flush=True)
-        del ours, ref
 
     gib = 2**30
     lines = [

@@ -34,6 +34,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
     "tokenizer.model",
+    "chat_template.jinja",  # newer transformers save the chat template beside tokenizer_config.json
 )
 
 

@@ -135,6 +135,9 @@ class AtomicDirectory:
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -47,10 +47,17 @@ def rename(src: str, dst: str) -> Rule:
 def split(src: str, dst: Sequence[str], sizes: Sequence[int], dim: int = 0, doc: str = "") -> Rule:
     """One fused tensor <-> several, cut along `dim` (e.g. qkv -> q, k, v)."""
     sizes = list(sizes)
+
+    def forward(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        if ts[0].dim() <= dim or ts[0].shape[dim] != sum(sizes):
+            raise ValueError(f"expected size {sum(sizes)} = {' + '.join(map(str, sizes))} along dim {dim} "
+                             f"(to split into {', '.join(dst)}), got shape {tuple(ts[0].shape)}")
+        return [t.contiguous() for t in torch.split(ts[0], sizes, dim=dim)]
+
     return Rule(
         (src,),
         tuple(dst),
-        forward=lambda ts: [t.contiguous() for t in torch.split(ts[0], sizes, dim=dim)],
+        forward=forward,
         backward=lambda ts: [torch.cat(ts, dim=dim)],
         doc=doc,
     )
@@ -59,10 +66,18 @@ def split(src: str, dst: Sequence[str], sizes: Sequence[int], dim: int = 0, doc:
 def stack(src: Sequence[str], dst: str, dim: int = 0, doc: str = "") -> Rule:
     """Several tensors <-> one stacked along a new dim (e.g. per-expert weights -> [E, ...])."""
     n = len(src)
+
+    def forward(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        for j, t in enumerate(ts):
+            if t.shape != ts[0].shape:
+                raise ValueError(f"cannot stack into {dst}: {src[j]} has shape {tuple(t.shape)}, "
+                                 f"{src[0]} has {tuple(ts[0].shape)}")
+        return [torch.stack(ts, dim=dim)]
+
     return Rule(
         tuple(src),
         (dst,),
-        forward=lambda ts: [torch.stack(ts, dim=dim)],
+        forward=forward,
         backward=lambda ts: [t.contiguous() for t in torch.unbind(ts[0], dim=dim)][:n],
         doc=doc,
     )

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from zoo.architectures.qwen2 import TINY_STDLIB, TINY_STDLIB_NAME, build, count_params
-from zoo.cards import write_card
 from zoo.conversion.engine import AtomicDirectory
 from zoo.weights import NativeConfig, write_config
 from zoo.weights.writer import write_state_dict
+
+from zoo.cards import write_card
 
 OUT = Path(__file__).resolve().parents[1] / "zoo" / "data" / TINY_STDLIB_NAME
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -35,3 +35,67 @@ def hf_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
     out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
                          eos_token_id=None)
     return out[0, ids.shape[1]:].tolist()
+
+
+def tiny_phi3(path: Path, longrope: bool = True, seed: int = 0, **overrides):
+    """A random Phi3ForCausalLM saved by transformers. longrope=True: Phi-4-mini's shape (3/4 of each head
+    rotated, LongRoPE switching at 32 tokens, tied embeddings); False: Phi-4's (full rotary, untied)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    if longrope:
+        rope = dict(partial_rotary_factor=0.75, original_max_position_embeddings=32, max_position_embeddings=256,
+                    tie_word_embeddings=True, rope_scaling={
+                        "type": "longrope", "short_factor": [1.0, 1.05, 1.1, 1.0, 0.95, 1.2],
+                        "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]})
+    else:
+        rope = dict(max_position_embeddings=128, original_max_position_embeddings=128, tie_word_embeddings=False,
+                    rope_theta=250000.0)
+    cfg = Phi3Config(**{
+        **dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, rms_norm_eps=1e-5, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+               pad_token_id=0, sliding_window=None),
+        **rope, **overrides})
+    model = Phi3ForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def tiny_qwen2_moe(path: Path, norm_topk_prob: bool = False, seed: int = 0, shard: str | None = None, **overrides):
+    """A random Qwen2MoeForCausalLM (4 experts, top 2, a shared expert) saved by transformers (per-expert files)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(**{
+        **dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+               shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+               rms_norm_eps=1e-6, initializer_range=0.2, norm_topk_prob=norm_topk_prob, bos_token_id=1,
+               eos_token_id=2, pad_token_id=0),
+        **overrides})
+    model = Qwen2MoeForCausalLM(cfg).eval()
+    with torch.no_grad():  # random q/k/v biases, so the bias path is really tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return model
+
+
+def tiny_tokenizer(path: Path, specials: dict[str, int], chat_template: str, eos_token: str) -> None:
+    """A word-level tokenizer.json (a few words and letters from id 3) with special tokens at the given ids,
+    plus a tokenizer_config.json carrying the chat template, like a published checkpoint's."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    words = ["hello", "world", "how", "are", "you", "?", "!", "user", "assistant", "system", *"abcdefghij"]
+    reserved = ["<unk>", "<s>", "</s>"]  # ids 0-2: the tiny configs' pad, bos and eos
+    vocab = {t: n for n, t in enumerate(reserved + words)}
+    assert min(specials.values()) >= len(vocab), "put special tokens after the words"
+    vocab.update(specials)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in [*reserved[1:], *specials]])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template, "eos_token": eos_token}))

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from zoo.weights import CheckpointError
 
 import zoo
 from tests.helpers import tiny_qwen2
 from zoo.registry import UnknownModelError
-from zoo.weights import CheckpointError
 
 
 @pytest.fixture

@@ -79,3 +79,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_card_says_what_the_embedded_model_is(model):
     assert "Held-out loss" in model.card and "standard-library" in model.card
+
+
+def test_chat_template_may_live_in_its_own_file(model, tmp_path):
+    import json
+    import shutil
+
+    from zoo.tasks import Tokenizer
+
+    directory = tmp_path / "m"
+    shutil.copytree(model.directory, directory)
+    cfg = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "chat_template.jinja").write_text(cfg.pop("chat_template"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
+    messages = [{"role": "user", "content": "hi"}]
+    assert Tokenizer(directory).apply_chat_template(messages) == model.tokenizer.apply_chat_template(messages)

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import torch
+from zoo.weights.writer import TensorSpec, write_tensors
 
 import zoo
-from zoo.weights.writer import TensorSpec, write_tensors
 
 DIM, INTER, LAYERS, VOCAB = 512, 2048, 8, 1024
 

@@ -12,13 +12,21 @@ import torch
 from safetensors import safe_open
 from zoo.weights.format import CODE_DTYPES, INDEX_FILE, CheckpointError
 
+_digests: dict[tuple[str, int, int], str] = {}
+
 
 def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file, remembered for this process while its size and mtime stay the same
+    (a pull verifies, then the load would hash the same gigabytes again)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _digests[key] = h.hexdigest()
+    return _digests[key]
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -108,8 +116,14 @@ class Checkpoint:
             raise CheckpointError(f"{self.directory}: no tensor named {key}")
         return self._handle(self.weight_map[key]).get_tensor(key)
 
+    def close(self) -> None:
+        """Drop the file handles; a mapping lives on only while tensors still view it."""
+        self._handles.clear()
+
     def get_slice(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Rows/columns [start, stop) along `dim`, reading only those bytes (tensor parallelism)."""
+        """Rows/columns [start, stop) along `dim`, reading only those bytes (tensor parallelism).
+
+        The result views the memory map: copy it to keep the slice after close()."""
         sl = self._handle(self.weight_map[key]).get_slice(key)
         index = tuple(slice(None) for _ in range(dim)) + (slice(start, stop),)
         return sl[index]

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         globals()[f"_cmd_{args.command}"](args)
-    except (CheckpointError, UnknownModelError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, UnknownModelError, FileExistsError, FileNotFoundError, ValueError, PermissionError,
+            ConnectionError) as e:  # PermissionError, ConnectionError: the Hub refused or could not be reached
         print(f"zoo {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

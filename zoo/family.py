@@ -24,7 +24,7 @@ class Family:
     build: Callable[[Any], nn.Module]  # config -> module; called under a meta device context
     task: str  # key into zoo.tasks.TASKS: "text-generation", "image-classification", ...
     entries: tuple[Entry, ...] = ()
-    # Tensor-parallel plan: module-path pattern -> "colwise" | "rowwise" | "vocab" (see zoo.distributed).
+    # Tensor-parallel plan: module-path pattern -> "colwise" | "rowwise" | "vocab" | "colwise_rep" (zoo.distributed).
     tp_plan: dict[str, str] = field(default_factory=dict)
     card_template: str = ""  # file name in model_cards/
     # Text families: extra stop token strings besides the tokenizer's eos (e.g. a chat end marker).

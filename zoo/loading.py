@@ -101,6 +101,8 @@ def load(
     dtype: None keeps the stored dtype. verify: check every file's sha256 against the index.
     tp: tensor-parallel degree inside a torchrun job. device_map/max_memory: place blocks on devices.
     """
+    if tp is not None and tp > 1 and device_map is not None:
+        raise ValueError("tp and device_map are two ways to split a model; pass one of them")
     if tp is not None and tp > 1:
         from zoo.distributed import load_tensor_parallel
 

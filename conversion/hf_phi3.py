@@ -1,0 +1,152 @@
+"""transformers' Phi3ForCausalLM layout (model_type "phi3"): microsoft/phi-4, Phi-4-reasoning(-plus), Phi-4-mini-*.
+
+The published attention has one fused `qkv_proj` whose rows are [Q (n_heads*hd) | K (n_kv*hd) | V (n_kv*hd)]
+in contiguous blocks, and one fused `gate_up_proj` whose rows are [gate (I) | up (I)]; SiLU goes on gate.
+They are split into the native q/k/v and gate/up projections, and concatenated back on export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from zoo.architectures.phi4 import Phi4Config
+from zoo.conversion.base import Format, read_json
+from zoo.conversion.hf_qwen2 import generation_extra
+from zoo.conversion.rules import Drop, KeyMap, Rule, rename, split
+from zoo.weights.format import CheckpointError, NativeConfig
+
+# old Phi-3 configs say "su" / "yarn"; transformers reads both as longrope
+LONGROPE_ALIASES = ("longrope", "su", "yarn")
+
+
+def rope_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Rotary settings from a published config (top-level rope_theta + rope_scaling) or a transformers 5 one
+    (everything folded into rope_parameters)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    merged = {**params, **scaling}
+    kind = merged.get("rope_type") or merged.get("type") or "default"
+    if kind in LONGROPE_ALIASES:
+        kind = "longrope"
+    elif kind != "default":
+        raise CheckpointError(f"{where}: rope type {kind!r} is not supported for Phi3 (default, longrope)")
+    out: dict[str, Any] = dict(
+        rope_theta=float(merged.get("rope_theta", cfg.get("rope_theta", 10_000.0))),
+        partial_rotary_factor=float(merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
+        rope_type=kind,
+        original_max_seq_len=int(merged.get("original_max_position_embeddings")
+                                 or cfg.get("original_max_position_embeddings")
+                                 or cfg.get("max_position_embeddings", 4096)),
+    )
+    if kind == "longrope":
+        for name in ("short_factor", "long_factor"):
+            if not isinstance(merged.get(name), list):
+                raise CheckpointError(f"{where}: longrope rope_scaling needs a {name} list")
+            out[name] = [float(x) for x in merged[name]]
+        out["rope_factor"] = merged.get("factor")
+        out["rope_attention_factor"] = merged.get("attention_factor")
+    return out
+
+
+class HFPhi3(Format):
+    name = "hf-phi3"
+    family = "phi4"
+    description = "transformers Phi3ForCausalLM (microsoft/phi-4, Phi-4-reasoning, Phi-4-mini-* on the Hub)"
+    exports_as = "hf"
+
+    def detect(self, src: Path) -> bool:
+        cfg = src / "config.json" if src.is_dir() else None
+        if cfg is None or not cfg.is_file():
+            return False
+        data = read_json(cfg)
+        return data.get("model_type") == "phi3" or "Phi3ForCausalLM" in data.get("architectures", [])
+
+    def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        where = src / "config.json"
+        cfg = read_json(where)
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
+        n_heads = cfg["num_attention_heads"]
+        fields = dict(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            sliding_window=cfg.get("sliding_window"),
+            **rope_fields(cfg, where),
+        )
+        return fields, {**generation_extra(src, cfg), "pad_token_id": cfg.get("pad_token_id")}
+
+    def keymap(self, c: Phi4Config) -> KeyMap:
+        q, kv, i = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size
+        layer = "model.layers.{i}."
+        rules: list[Rule] = [
+            rename("model.embed_tokens.weight", "embed.weight"),
+            rename("model.norm.weight", "norm.weight"),
+            rename(layer + "input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+            rename(layer + "post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
+            split(layer + "self_attn.qkv_proj.weight",
+                  [f"layers.{{i}}.attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")], [q, kv, kv],
+                  doc="rows [Q | K | V], contiguous blocks"),
+            rename(layer + "self_attn.o_proj.weight", "layers.{i}.attn.o_proj.weight"),
+            split(layer + "mlp.gate_up_proj.weight",
+                  ["layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"], [i, i],
+                  doc="rows [gate | up]; SiLU on gate"),
+            rename(layer + "mlp.down_proj.weight", "layers.{i}.mlp.down_proj.weight"),
+        ]
+        drops = [Drop(layer + "self_attn.rotary_emb.inv_freq", "derived")]
+        if c.tie_embeddings:  # a tied checkpoint may still carry a copy of the embedding as lm_head
+            drops.append(Drop("lm_head.weight", "tied to the embedding"))
+        else:
+            rules.append(rename("lm_head.weight", "lm_head.weight"))
+        return KeyMap(rules, drops)
+
+    def export_config(self, native: NativeConfig, c: Phi4Config) -> dict[str, Any]:
+        extra = native.extra
+        eos = extra.get("eos_token_id") or []
+        out: dict[str, Any] = {
+            "architectures": ["Phi3ForCausalLM"],
+            "model_type": "phi3",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.dim,
+            "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads,
+            "num_key_value_heads": c.n_kv_heads,
+            "intermediate_size": c.intermediate_size,
+            "hidden_act": "silu",
+            "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta,
+            "partial_rotary_factor": c.partial_rotary_factor,
+            "max_position_embeddings": c.max_seq_len,
+            "original_max_position_embeddings": c.original_max_seq_len,
+            "rope_scaling": None,
+            "sliding_window": c.sliding_window,
+            "tie_word_embeddings": c.tie_embeddings,
+            "attention_dropout": 0.0,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "bos_token_id": extra.get("bos_token_id"),
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "pad_token_id": extra.get("pad_token_id"),
+            "torch_dtype": native.dtype,
+        }
+        if c.head_dim != c.dim // c.n_heads:
+            out["head_dim"] = c.head_dim
+        if c.rope_type == "longrope":
+            scaling: dict[str, Any] = {"type": "longrope", "short_factor": c.short_factor, "long_factor": c.long_factor}
+            if c.rope_factor is not None:
+                scaling["factor"] = c.rope_factor
+            if c.rope_attention_factor is not None:
+                scaling["attention_factor"] = c.rope_attention_factor
+            out["rope_scaling"] = scaling
+        return out
+
+
+FORMATS = [HFPhi3()]

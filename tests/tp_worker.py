@@ -1,0 +1,122 @@
+"""One rank of the tensor-parallel test job (tests/test_distributed.py launches it with torchrun).
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/tp_worker.py
+        [--rss DIR] [--corrupt DIR] OUT NAME=DIR ...
+
+Every NAME=DIR is loaded with tp=WORLD_SIZE in fp32 and run: logits of fixed ids, greedy tokens, unseeded
+sampled tokens, a padded batch. Then --rss DIR is loaded to measure this rank's peak RSS growth: peak RSS
+after loading it minus peak RSS before (after imports, process group and the tiny models, so one-time costs
+such as code pages are not counted as the model's). --corrupt DIR must fail to load on every rank.
+Each rank writes OUT/NAME.rank{R}.json; rank 0 also writes OUT/NAME.logits.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def peak_rss() -> int:
+    """Peak RSS of this process: VmHWM (ru_maxrss would start at the parent's RSS, which exec carries over)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def write_random_native(directory: Path, family: str, config: dict, seed: int = 0) -> int:
+    """A native checkpoint of random weights (std 0.02, norms 1), written tensor by tensor; returns its bytes."""
+    from zoo.weights.format import NativeConfig, write_config
+    from zoo.weights.writer import TensorSpec, write_tensors
+
+    from zoo.family import get_family
+    from zoo.loading import build_on_meta
+
+    fam = get_family(family)
+    module = build_on_meta(fam, fam.config_from_dict(config))
+    specs = [TensorSpec(k, tuple(v.shape), torch.float32) for k, v in module.state_dict().items()]
+    gen = torch.Generator().manual_seed(seed)
+
+    def produce(spec: TensorSpec) -> torch.Tensor:
+        if spec.name.endswith("norm.weight"):
+            return torch.ones(spec.shape)
+        return torch.randn(spec.shape, generator=gen) * 0.02
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_tensors(directory, specs, produce, progress=False)
+    write_config(directory, NativeConfig(family=family, config=config, name=directory.name, task=fam.task))
+    return sum(s.nbytes for s in specs)
+
+
+def run_model(name: str, directory: str, out: Path, rank: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    import zoo
+
+    model = zoo.load(directory, tp=dist.get_world_size(), dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(ids.to(model.device)).cpu()
+    prompt = ids[0, :8].tolist()
+    result = {
+        "greedy": model.generate(prompt, max_new_tokens=24),
+        "sampled": model.generate(prompt, max_new_tokens=8, temperature=1.0),  # unseeded: ranks must agree
+        "batch": model.generate([prompt, prompt[:3]], max_new_tokens=6),
+        "placements": {n: f"Shard({p.placements[0].dim})" if p.placements[0].is_shard() else "Replicate"
+                       for n, p in model.module.named_parameters() if isinstance(p, DTensor)},
+    }
+    (out / f"{name}.rank{rank}.json").write_text(json.dumps(result))
+    if rank == 0:
+        torch.save(logits, out / f"{name}.logits.pt")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("models", nargs="*", help="NAME=DIR")
+    p.add_argument("--rss", help="checkpoint to measure peak memory on")
+    p.add_argument("--corrupt", help="a checkpoint with a damaged shard: record the error each rank raises")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    from torch.distributed.tensor import parallel  # noqa: F401  (imports and the process group are not the model)
+
+    import zoo
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for item in a.models:
+        name, _, directory = item.partition("=")
+        run_model(name, directory, out, rank)
+    if a.corrupt:
+        from zoo.weights.format import CheckpointError
+
+        try:
+            zoo.load(a.corrupt, tp=dist.get_world_size())
+            message = None
+        except CheckpointError as e:
+            message = str(e)
+        (out / f"corrupt.rank{rank}.json").write_text(json.dumps({"error": message}))
+    if a.rss:  # after the tiny models: one-time costs (code pages, DTensor caches) are already paid
+        from torch.distributed.tensor import DTensor
+
+        gc.collect()
+        baseline = peak_rss()
+        model = zoo.load(a.rss, tp=dist.get_world_size(), dtype=torch.float32)
+        loaded = peak_rss()
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.module.parameters())
+        stats = {"baseline": baseline, "loaded": loaded, "local_bytes": local}
+        (out / f"rss.rank{rank}.json").write_text(json.dumps(stats))
+        print(f"rank {rank}: {stats}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
