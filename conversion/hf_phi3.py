@@ -11,9 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from zoo.architectures.phi4 import Phi4Config
-from zoo.conversion.base import Format, read_json
-from zoo.conversion.hf_qwen2 import generation_extra
-from zoo.conversion.rules import Drop, KeyMap, Rule, rename, split
+from zoo.conversion.base import read_json
+from zoo.conversion.hf_decoder import (
+    TransformersFormat,
+    decoder_export_fields,
+    decoder_fields,
+    derived_drops,
+    generation_extra,
+)
+from zoo.conversion.rules import KeyMap, Rule, rename, split
 from zoo.weights.format import CheckpointError, NativeConfig
 
 # old Phi-3 configs say "su" / "yarn"; transformers reads both as longrope
@@ -49,39 +55,21 @@ def rope_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
     return out
 
 
-class HFPhi3(Format):
+class HFPhi3(TransformersFormat):
     name = "hf-phi3"
     family = "phi4"
     description = "transformers Phi3ForCausalLM (microsoft/phi-4, Phi-4-reasoning, Phi-4-mini-* on the Hub)"
-    exports_as = "hf"
-
-    def detect(self, src: Path) -> bool:
-        cfg = src / "config.json" if src.is_dir() else None
-        if cfg is None or not cfg.is_file():
-            return False
-        data = read_json(cfg)
-        return data.get("model_type") == "phi3" or "Phi3ForCausalLM" in data.get("architectures", [])
+    model_type = "phi3"
+    architecture = "Phi3ForCausalLM"
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         where = src / "config.json"
         cfg = read_json(where)
         if cfg.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
-        n_heads = cfg["num_attention_heads"]
-        fields = dict(
-            vocab_size=cfg["vocab_size"],
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            intermediate_size=cfg["intermediate_size"],
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_seq_len=cfg.get("max_position_embeddings", 4096),
-            sliding_window=cfg.get("sliding_window"),
-            **rope_fields(cfg, where),
-        )
+        fields = decoder_fields(cfg, norm_eps=1e-5, max_seq_len=4096)
+        fields.update(intermediate_size=cfg["intermediate_size"], sliding_window=cfg.get("sliding_window"),
+                      **rope_fields(cfg, where))
         return fields, {**generation_extra(src, cfg), "pad_token_id": cfg.get("pad_token_id")}
 
     def keymap(self, c: Phi4Config) -> KeyMap:
@@ -101,44 +89,23 @@ class HFPhi3(Format):
                   doc="rows [gate | up]; SiLU on gate"),
             rename(layer + "mlp.down_proj.weight", "layers.{i}.mlp.down_proj.weight"),
         ]
-        drops = [Drop(layer + "self_attn.rotary_emb.inv_freq", "derived")]
-        if c.tie_embeddings:  # a tied checkpoint may still carry a copy of the embedding as lm_head
-            drops.append(Drop("lm_head.weight", "tied to the embedding"))
-        else:
+        if not c.tie_embeddings:
             rules.append(rename("lm_head.weight", "lm_head.weight"))
-        return KeyMap(rules, drops)
+        return KeyMap(rules, derived_drops(c.tie_embeddings))
 
     def export_config(self, native: NativeConfig, c: Phi4Config) -> dict[str, Any]:
-        extra = native.extra
-        eos = extra.get("eos_token_id") or []
-        out: dict[str, Any] = {
-            "architectures": ["Phi3ForCausalLM"],
-            "model_type": "phi3",
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.dim,
-            "num_hidden_layers": c.n_layers,
-            "num_attention_heads": c.n_heads,
-            "num_key_value_heads": c.n_kv_heads,
-            "intermediate_size": c.intermediate_size,
-            "hidden_act": "silu",
-            "rms_norm_eps": c.norm_eps,
-            "rope_theta": c.rope_theta,
-            "partial_rotary_factor": c.partial_rotary_factor,
-            "max_position_embeddings": c.max_seq_len,
-            "original_max_position_embeddings": c.original_max_seq_len,
-            "rope_scaling": None,
-            "sliding_window": c.sliding_window,
-            "tie_word_embeddings": c.tie_embeddings,
-            "attention_dropout": 0.0,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "bos_token_id": extra.get("bos_token_id"),
-            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-            "pad_token_id": extra.get("pad_token_id"),
-            "torch_dtype": native.dtype,
-        }
-        if c.head_dim != c.dim // c.n_heads:
-            out["head_dim"] = c.head_dim
+        out = decoder_export_fields(native, c, "phi3", "Phi3ForCausalLM")
+        out.update(
+            intermediate_size=c.intermediate_size,
+            rope_theta=c.rope_theta,
+            partial_rotary_factor=c.partial_rotary_factor,
+            original_max_position_embeddings=c.original_max_seq_len,
+            rope_scaling=None,
+            sliding_window=c.sliding_window,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            pad_token_id=native.extra.get("pad_token_id"),
+        )
         if c.rope_type == "longrope":
             scaling: dict[str, Any] = {"type": "longrope", "short_factor": c.short_factor, "long_factor": c.long_factor}
             if c.rope_factor is not None:

@@ -11,24 +11,26 @@ from pathlib import Path
 from typing import Any
 
 from zoo.architectures.qwen2_moe import Qwen2MoeConfig
-from zoo.conversion.base import Format, read_json
-from zoo.conversion.hf_qwen2 import decoder_rules, generation_extra, rope_theta
-from zoo.conversion.rules import Drop, KeyMap, Rule, rename, stack
+from zoo.conversion.base import read_json
+from zoo.conversion.hf_decoder import (
+    TransformersFormat,
+    decoder_export_fields,
+    decoder_fields,
+    decoder_rules,
+    derived_drops,
+    generation_extra,
+    rope_theta,
+)
+from zoo.conversion.rules import KeyMap, Rule, rename, stack
 from zoo.weights.format import CheckpointError, NativeConfig
 
 
-class HFQwen2Moe(Format):
+class HFQwen2Moe(TransformersFormat):
     name = "hf-qwen2-moe"
     family = "qwen2_moe"
     description = "transformers Qwen2MoeForCausalLM (Qwen/Qwen2-57B-A14B on the Hub)"
-    exports_as = "hf"
-
-    def detect(self, src: Path) -> bool:
-        cfg = src / "config.json" if src.is_dir() else None
-        if cfg is None or not cfg.is_file():
-            return False
-        data = read_json(cfg)
-        return data.get("model_type") == "qwen2_moe" or "Qwen2MoeForCausalLM" in data.get("architectures", [])
+    model_type = "qwen2_moe"
+    architecture = "Qwen2MoeForCausalLM"
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         where = src / "config.json"
@@ -39,13 +41,8 @@ class HFQwen2Moe(Format):
             raise CheckpointError(f"{where}: use_sliding_window=true is not supported for Qwen2-MoE")
         if cfg.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
-        n_heads = cfg["num_attention_heads"]
-        fields = dict(
-            vocab_size=cfg["vocab_size"],
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        fields = decoder_fields(cfg, norm_eps=1e-6, max_seq_len=32768)
+        fields.update(
             n_experts=cfg["num_experts"],
             n_experts_per_tok=cfg["num_experts_per_tok"],
             moe_intermediate_size=cfg["moe_intermediate_size"],
@@ -54,12 +51,8 @@ class HFQwen2Moe(Format):
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
             decoder_sparse_step=cfg.get("decoder_sparse_step", 1),
             mlp_only_layers=list(cfg.get("mlp_only_layers") or []),
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
             qkv_bias=bool(cfg.get("qkv_bias", True)),
             rope_theta=rope_theta(cfg, 1e6),
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_seq_len=cfg.get("max_position_embeddings", 32768),
         )
         return fields, generation_extra(src, cfg)
 
@@ -77,43 +70,24 @@ class HFQwen2Moe(Format):
             rules.append(rename(f"{mlp}shared_expert.{p}.weight", f"layers.{{i}}.mlp.shared_expert.{p}.weight"))
             rules.append(stack([f"{mlp}experts.{e}.{p}.weight" for e in range(c.n_experts)],
                                f"layers.{{i}}.mlp.experts.{p}", doc=f"{c.n_experts} experts stacked on dim 0"))
-        drops = [Drop("model.layers.{i}.self_attn.rotary_emb.inv_freq", "derived")]
-        if c.tie_embeddings:
-            drops.append(Drop("lm_head.weight", "tied to the embedding"))
-        return KeyMap(rules, drops)
+        return KeyMap(rules, derived_drops(c.tie_embeddings))
 
     def export_config(self, native: NativeConfig, c: Qwen2MoeConfig) -> dict[str, Any]:
-        extra = native.extra
-        eos = extra.get("eos_token_id") or []
-        return {
-            "architectures": ["Qwen2MoeForCausalLM"],
-            "model_type": "qwen2_moe",
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.dim,
-            "num_hidden_layers": c.n_layers,
-            "num_attention_heads": c.n_heads,
-            "num_key_value_heads": c.n_kv_heads,
-            "head_dim": c.head_dim,
-            "intermediate_size": c.intermediate_size,
-            "moe_intermediate_size": c.moe_intermediate_size,
-            "shared_expert_intermediate_size": c.shared_expert_intermediate_size,
-            "num_experts": c.n_experts,
-            "num_experts_per_tok": c.n_experts_per_tok,
-            "norm_topk_prob": c.norm_topk_prob,
-            "decoder_sparse_step": c.decoder_sparse_step,
-            "mlp_only_layers": c.mlp_only_layers,
-            "qkv_bias": c.qkv_bias,
-            "hidden_act": "silu",
-            "rope_theta": c.rope_theta,
-            "rms_norm_eps": c.norm_eps,
-            "tie_word_embeddings": c.tie_embeddings,
-            "max_position_embeddings": c.max_seq_len,
-            "use_sliding_window": False,
-            "attention_dropout": 0.0,
-            "bos_token_id": extra.get("bos_token_id"),
-            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-            "torch_dtype": native.dtype,
-        }
+        out = decoder_export_fields(native, c, "qwen2_moe", "Qwen2MoeForCausalLM")
+        out.update(
+            intermediate_size=c.intermediate_size,
+            moe_intermediate_size=c.moe_intermediate_size,
+            shared_expert_intermediate_size=c.shared_expert_intermediate_size,
+            num_experts=c.n_experts,
+            num_experts_per_tok=c.n_experts_per_tok,
+            norm_topk_prob=c.norm_topk_prob,
+            decoder_sparse_step=c.decoder_sparse_step,
+            mlp_only_layers=c.mlp_only_layers,
+            qkv_bias=c.qkv_bias,
+            rope_theta=c.rope_theta,
+            use_sliding_window=False,
+        )
+        return out
 
 
 FORMATS = [HFQwen2Moe()]

@@ -147,6 +147,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:  # fail now, not after training, if the card cannot be written
+        write_card(tmp, NativeConfig(family="qwen2", config=asdict(TINY_STDLIB), name=TINY_STDLIB_NAME))
 
     train_files, held_files = stdlib_files()
     train_texts, held_texts = [read(p) for p in train_files], [read(p) for p in held_files]

@@ -208,6 +208,28 @@ def test_registry_name_published_on_the_hub_converts_on_first_use(hub_env, tmp_p
     assert "## Parity with the reference implementation" in capsys.readouterr().out
 
 
+def test_registry_entry_naming_its_files_downloads_only_those(hub_env, tmp_path, monkeypatch):
+    from zoo.conversion.base import formats
+
+    from zoo.registry import _ENTRIES, Source, get_entry
+
+    ref = tiny_qwen2(tmp_path / "published", seed=5)
+    tiny_qwen2(tmp_path / "other", seed=6)  # a second model in the same repo, as OpenGVLab/VideoMAE2 has
+    files = {p.name: p for p in (tmp_path / "published").iterdir()}
+    files["other/model.safetensors"] = tmp_path / "other" / "model.safetensors"
+    commit = hub_env.repo("testorg/Two-Models").commit(files)
+    fields, _ = formats()["hf-qwen2"].native_config(tmp_path / "published")
+    entry = replace(get_entry("qwen2-0.5b"), name="qwen2-hubtest-files", config=fields,
+                    source=Source(repo="testorg/Two-Models", layout="hf-qwen2", files=("model.safetensors",)))
+    monkeypatch.setitem(_ENTRIES, entry.name, entry)
+
+    model = zoo.load("qwen2-hubtest-files", dtype=torch.float32)
+    snapshot = Path(os.environ["HF_HUB_CACHE"]) / "models--testorg--Two-Models" / "snapshots" / commit
+    assert (snapshot / "model.safetensors").is_file() and not (snapshot / "other").exists()
+    with torch.no_grad():
+        assert max_abs_diff(model(IDS), ref(IDS).logits) < 1e-4
+
+
 # ------------------------------------------------------------------------------------------------ push
 
 

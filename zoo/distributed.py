@@ -170,21 +170,6 @@ def _init_process_group() -> torch.device:
     return device
 
 
-def _check_keys(shapes: dict[str, tuple[int, ...]], ckpt, what: str) -> None:
-    from zoo.weights.format import CheckpointError
-
-    missing = [k for k in shapes if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{what}: missing tensor {missing[0]}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = [k for k in ckpt.keys() if k not in shapes]
-    if unexpected:
-        raise CheckpointError(f"{what}: unexpected tensor {unexpected[0]}; the model has no such parameter")
-    for k, shape in shapes.items():
-        if ckpt.shape(k) != shape:
-            raise CheckpointError(f"{what}: tensor {k} has shape {ckpt.shape(k)}, the config needs {shape}")
-
-
 def read_slice(ckpt, key: str, dim: int | None, start: int, stop: int, device: torch.device,
                dtype: torch.dtype | None, chunk_bytes: int = 32 * 2**20) -> torch.Tensor:
     """Copy [start, stop) along `dim` (None: the whole tensor) of a checkpoint tensor to `device`.
@@ -252,7 +237,7 @@ def load_tensor_parallel(
     from torch.distributed.tensor.parallel import parallelize_module
 
     from zoo.family import get_family
-    from zoo.loading import build_on_meta, init_derived_buffers
+    from zoo.loading import build_on_meta, check_keys, init_derived_buffers
     from zoo.tasks import TASKS
     from zoo.weights.format import parse_dtype, read_config
     from zoo.weights.reader import Checkpoint
@@ -265,7 +250,7 @@ def load_tensor_parallel(
     plan = family.tp_plan if plan is None else plan
     check_tensor_parallel(module, plan, tp)
     ckpt = Checkpoint(directory, verify=False)
-    _check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, ckpt, str(directory))
+    check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, ckpt, str(directory))
 
     device = _init_process_group()
     if verify:  # the ranks share the hashing: file i is checked by rank i % tp, and all hear of any failure
@@ -515,7 +500,7 @@ def load_with_device_map(
     there by a hook; the output comes back on the device of the input ids. The chosen map is `model.device_map`.
     """
     from zoo.family import get_family
-    from zoo.loading import build_on_meta, init_derived_buffers, materialize, resolve
+    from zoo.loading import build_on_meta, check_keys, init_derived_buffers, materialize, resolve
     from zoo.tasks import TASKS
     from zoo.weights.format import parse_dtype, read_config
     from zoo.weights.reader import Checkpoint
@@ -545,6 +530,7 @@ def load_with_device_map(
         main = next((d for d in used if d != "cpu"), "cpu")
 
     ckpt = Checkpoint(directory, verify=verify)
+    check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, ckpt, str(directory))
     placement = {**{h: head_dev for h in head}, **block_devs}
     keys_on: dict[str, list[str]] = {}
     for part, dev in placement.items():

@@ -250,7 +250,8 @@ def fetch_and_convert(entry: Any, local_dir: Path) -> Path:
             return local_dir
         _say(f"{entry.name}: first use; downloading {src.repo}@{src.revision} from {endpoint()} "
              f"and converting it into {local_dir}")
-        patterns = _SOURCE_PATTERNS + _WEIGHT_PATTERNS.get(src.file_format, [f"*.{src.file_format}"])
+        weights = list(src.files) or _WEIGHT_PATTERNS.get(src.file_format, [f"*.{src.file_format}"])
+        patterns = _SOURCE_PATTERNS + weights
         snapshot = _download(src.repo, src.revision, patterns, None, None)
         commit = snapshot.name if _COMMIT.fullmatch(snapshot.name) else src.revision
         command = (f"hf download {src.repo} --revision {commit} --local-dir SRC && "

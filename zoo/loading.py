@@ -44,26 +44,31 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Pat
     return fetch_and_convert(entry, local)
 
 
+def check_keys(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint, what: str) -> None:
+    """The checkpoint holds exactly the tensors the model needs, in the shapes its config gives."""
+    missing = [k for k in shapes if k not in ckpt]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{what}: missing tensor {missing[0]}{more}")
+    unexpected = [k for k in ckpt.keys() if k not in shapes]
+    if unexpected:
+        raise CheckpointError(f"{what}: unexpected tensor {unexpected[0]}; the model has no such parameter")
+    for k, shape in shapes.items():
+        if ckpt.shape(k) != shape:
+            raise CheckpointError(f"{what}: tensor {k} has shape {ckpt.shape(k)}, the config needs {shape}")
+
+
 def materialize(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None, device: str | torch.device,
                 what: str, keys: list[str] | None = None) -> None:
     """Assign checkpoint tensors to a module built on the meta device (no init, no second copy).
 
     Tensors are memory-mapped from safetensors; with no dtype/device change they stay mapped.
+    `keys` assigns only those (a device map places parts one device at a time; it checks the whole first).
     """
-    expected = module.state_dict()
-    names = list(expected) if keys is None else keys
-    missing = [k for k in names if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{what}: missing tensor {missing[0]}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = [k for k in ckpt.keys() if k not in expected]
-    if unexpected:
-        raise CheckpointError(f"{what}: unexpected tensor {unexpected[0]}; the model has no such parameter")
+    if keys is None:
+        check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, ckpt, what)
     state = {}
-    for k in names:
-        if ckpt.shape(k) != tuple(expected[k].shape):
-            raise CheckpointError(f"{what}: tensor {k} has shape {ckpt.shape(k)}, "
-                                  f"the config needs {tuple(expected[k].shape)}")
+    for k in module.state_dict() if keys is None else keys:
         t = ckpt.get(k)
         target = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
         state[k] = t.to(device=device, dtype=target)

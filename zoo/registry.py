@@ -20,6 +20,7 @@ class Source:
     revision: str = "main"
     host: str = "hf"  # "hf" (Hugging Face Hub) or "package" (ships inside zoo)
     file_format: str = "safetensors"
+    files: tuple[str, ...] = ()  # the weight files to fetch, when the repo holds more than this model
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ class Tokenizer:
         self.tok = HFTokenizer.from_file(str(path))
         cfg_path = directory / "tokenizer_config.json"
         self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.template_file = directory / "chat_template.jinja"
 
     def special(self, key: str) -> str | None:
         value = self.config.get(key)
@@ -114,6 +115,8 @@ class Tokenizer:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         template = self.config.get("chat_template")
+        if not template and self.template_file.is_file():
+            template = self.template_file.read_text()
         if not template:
             raise ValueError("this checkpoint's tokenizer_config.json has no chat_template; use generate()")
         if isinstance(template, list):  # named templates: take the default one
@@ -268,3 +271,5 @@ class TextModel(ZooModel):
         text, _ = self._finish_text(new, stops)
         if len(text) > len(sent):
             yield text[len(sent):]
+
+from zoo import vision  # noqa: E402,F401  registers the vision tasks
