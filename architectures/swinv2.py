@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures.layers import Mlp
 
 from zoo.family import Family
 from zoo.registry import Entry, Source
@@ -150,16 +151,6 @@ class WindowAttention(nn.Module):
             attn = (attn.view(-1, nw, self.heads, N, N) + mask[None, :, None]).view(B, self.heads, N, N)
         x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, C)
         return self.proj(x)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class SwinV2Block(nn.Module):

@@ -117,8 +117,8 @@ def table(rows: list[dict], size: int, a) -> str:
         "",
         f"Qwen2-0.5B-shaped checkpoint ({a.layers} layers, vocab 151936, tied head), random fp32 weights, "
         f"{size / gib:.2f} GiB on disk. Greedy decoding, batch 1, 32-token prompt, {a.new_tokens} new tokens; "
-        f"gloo on CPU. Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared "
-        "with other jobs, so tokens/s are indicative. Memory: the largest per-rank peak RSS growth "
+        f"gloo on CPU. Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), so "
+        "tokens/s are this machine's: read the ratios. Memory: the largest per-rank peak RSS growth "
         "(VmHWM after loading and generating minus VmHWM after imports).",
         "",
         "| run | ranks x threads | tokens/s | load s | peak RSS growth per rank |",
@@ -139,12 +139,24 @@ def table(rows: list[dict], size: int, a) -> str:
         "tp2-replicated keeps the embedding and the output head whole on both ranks; tp2-vocab splits them by",
         "vocabulary (torch RowwiseParallel embedding + column-parallel head whose logit slices are all-gathered).",
         "Splitting by vocabulary is zoo's plan (architectures/decoder.py TP_PLAN): the tied 151936 x 896 matrix is",
-        "27% of Qwen2-0.5B, so keeping it whole costs each rank that memory and the head's matmul, while the",
-        "extra communication (one all-gather of the last position's logits per token) is small.",
+        "27% of Qwen2-0.5B, and keeping it whole costs each rank that memory and the head's matmul; the price is",
+        "one all-gather of the logits per step. " + _compare(rows, "tp2-vocab", "tp2-replicated"),
+        "On CPU, TP=2 gives each rank one of the machine's cores and adds gloo all-reduces, so it is not expected",
+        "to beat TP=1 here (" + _compare(rows, "tp2-vocab", "tp1") + "); tensor parallelism pays when each rank",
+        "has its own GPU. What this run proves on CPU is equal tokens and the per-rank memory.",
         *([] if torch.cuda.is_available() else ["No GPU row: no CUDA device was visible to this run."]),
         "<!-- /tp -->",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _compare(rows: list[dict], a: str, b: str) -> str:
+    by = {r["mode"]: r for r in rows}
+    if a not in by or b not in by:
+        return ""
+    speed = by[a]["tokens_per_s"] / by[b]["tokens_per_s"]
+    memory = by[a]["rss_growth"] / by[b]["rss_growth"]
+    return f"Measured {a} vs {b}: {speed:.2f}x tokens/s, {memory:.2f}x peak memory per rank."
 
 
 def update_benchmarks_md(section: str) -> None:

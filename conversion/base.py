@@ -125,9 +125,7 @@ def published_names(keymap: KeyMap):
 
 
 def expected_state(family: Family, config: Any) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        module = family.build(config)
-    return dict(module.state_dict())
+    return dict(family.build_meta(config).state_dict())
 
 
 def _stored_dtype(planned: dict[str, torch.Tensor], dtype: torch.dtype | None) -> str:

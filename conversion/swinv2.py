@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from zoo.architectures.swinv2 import SwinV2Config, preprocessing, relative_coords_table
 from zoo.conversion.base import Format, read_json
+from zoo.conversion.hf_decoder import TransformersFormat
 from zoo.conversion.rules import Drop, KeyMap, Rule, rename
 from zoo.conversion.sources import PICKLE_SUFFIXES, TensorSource, open_source
 from zoo.weights.format import CheckpointError
@@ -307,15 +308,13 @@ def id2label(cfg: dict[str, Any], n: int) -> list[str] | None:
     return None
 
 
-class HFSwinV2(Format):
+class HFSwinV2(TransformersFormat):
     name = "hf-swinv2"
     family = "swinv2"
     description = "transformers Swinv2ForImageClassification / Swinv2Model (microsoft/swinv2-* on the Hub)"
     copy_files = ("preprocessor_config.json",)
-
-    def detect(self, src: Path) -> bool:
-        return src.is_dir() and (src / "config.json").is_file() and \
-            read_json(src / "config.json").get("model_type") == "swinv2"
+    model_type = "swinv2"
+    exports_as = None
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg = read_json(src / "config.json")

@@ -20,6 +20,7 @@ from typing import Any
 
 from zoo.architectures.videomae2 import HEADS_BY_DIM, PREPROCESSING, VideoMAEv2Config
 from zoo.conversion.base import Format, read_json
+from zoo.conversion.hf_decoder import TransformersFormat
 from zoo.conversion.rules import Drop, KeyMap, Rule, rename
 from zoo.conversion.sources import TensorSource
 from zoo.conversion.swinv2 import concat, id2label, keys_of, source, weight_file_or_dir
@@ -178,15 +179,13 @@ HF_BLOCK = {
 }
 
 
-class HFVideoMAE(Format):
+class HFVideoMAE(TransformersFormat):
     name = "hf-videomae"
     family = "videomae2"
     description = "transformers VideoMAEForVideoClassification / VideoMAEModel / VideoMAEForPreTraining (encoder)"
     copy_files = ("preprocessor_config.json",)
-
-    def detect(self, src: Path) -> bool:
-        return src.is_dir() and (src / "config.json").is_file() and \
-            read_json(src / "config.json").get("model_type") == "videomae"
+    model_type = "videomae"
+    exports_as = None
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg = read_json(src / "config.json")

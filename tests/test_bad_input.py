@@ -147,3 +147,21 @@ def test_pickle_that_needs_code_is_refused(tmp_path):
     torch.save({"model": argparse.Namespace(w=torch.zeros(2))}, path)
     with pytest.raises(CheckpointError, match=r"evil\.pth: refused"):
         load_pickle(path)
+
+
+def test_a_verified_file_is_not_hashed_again_until_it_changes(native_dir, monkeypatch):
+    import zoo.weights.reader as reader
+
+    zoo.load(native_dir)  # hashes and remembers
+    calls = []
+    real = reader.sha256_file
+    monkeypatch.setattr(reader, "sha256_file", lambda p: calls.append(p) or real(p))
+    zoo.load(native_dir)
+    assert calls == []
+    path = native_dir / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, new bytes, new mtime
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        zoo.load(native_dir)
+    assert calls

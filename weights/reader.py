@@ -53,11 +53,46 @@ def safe_child(directory: Path, name: str) -> Path:
     return directory / name
 
 
+class VerifiedFiles:
+    """Files already checked against their sha256, remembered by (size, mtime) in a small JSON file.
+
+    Hashing a 15 GB model on every load costs more than loading it; like git's index, a file whose size
+    and modification time have not changed since it matched its hash is taken as still matching.
+    Anything that rewrites a file (a truncation, a flipped byte, a new download) changes its mtime.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.records: dict[str, list] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.records = {}
+
+    @staticmethod
+    def _stamp(file: Path, sha256: str) -> list:
+        st = os.stat(file)
+        return [st.st_size, st.st_mtime_ns, sha256]
+
+    def known(self, file: Path, sha256: str) -> bool:
+        return self.records.get(str(file.resolve())) == self._stamp(file, sha256)
+
+    def add(self, file: Path, sha256: str) -> None:
+        self.records[str(file.resolve())] = self._stamp(file, sha256)
+        try:  # best effort: a read-only cache only means hashing again next time
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(self.records))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+
 class Checkpoint:
     """The tensors of a native directory, memory-mapped; nothing is read until asked for."""
 
-    def __init__(self, directory: str | Path, verify: bool = True):
+    def __init__(self, directory: str | Path, verify: bool = True, verified: VerifiedFiles | None = None):
         self.directory = Path(directory)
+        self.verified = verified
         index_path = self.directory / INDEX_FILE
         if not index_path.is_file():
             raise CheckpointError(f"{index_path}: not found; the directory is not a complete zoo checkpoint")
@@ -84,11 +119,16 @@ class Checkpoint:
         expected = self.sha256.get(fname)
         if expected is None:
             raise CheckpointError(f"{self.directory / INDEX_FILE}: no sha256 recorded for {fname}")
-        actual = sha256_file(self.directory / fname)
+        path = self.directory / fname
+        if self.verified is not None and self.verified.known(path, expected):
+            return
+        actual = sha256_file(path)
         if actual != expected:
             raise CheckpointError(
                 f"{self.directory / fname}: sha256 mismatch (index says {expected[:12]}…, file is {actual[:12]}…)"
             )
+        if self.verified is not None:
+            self.verified.add(path, expected)
 
     def keys(self) -> list[str]:
         return list(self.weight_map)

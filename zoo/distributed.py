@@ -237,10 +237,9 @@ def load_tensor_parallel(
     from torch.distributed.tensor.parallel import parallelize_module
 
     from zoo.family import get_family
-    from zoo.loading import build_on_meta, check_keys, init_derived_buffers
+    from zoo.loading import build_on_meta, check_keys, init_derived_buffers, open_checkpoint
     from zoo.tasks import TASKS
     from zoo.weights.format import parse_dtype, read_config
-    from zoo.weights.reader import Checkpoint
 
     rank, _ = _torchrun_world(tp)
     directory = _resolve_in_turn(name_or_path, revision)
@@ -249,7 +248,7 @@ def load_tensor_parallel(
     module = build_on_meta(family, family.config_from_dict(native.config))
     plan = family.tp_plan if plan is None else plan
     check_tensor_parallel(module, plan, tp)
-    ckpt = Checkpoint(directory, verify=False)
+    ckpt = open_checkpoint(directory, verify=False)  # the ranks share the hashing below
     check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, ckpt, str(directory))
 
     device = _init_process_group()
@@ -500,10 +499,9 @@ def load_with_device_map(
     there by a hook; the output comes back on the device of the input ids. The chosen map is `model.device_map`.
     """
     from zoo.family import get_family
-    from zoo.loading import build_on_meta, check_keys, init_derived_buffers, materialize, resolve
+    from zoo.loading import build_on_meta, check_keys, init_derived_buffers, materialize, open_checkpoint, resolve
     from zoo.tasks import TASKS
     from zoo.weights.format import parse_dtype, read_config
-    from zoo.weights.reader import Checkpoint
 
     if isinstance(device_map, str) and device_map != "auto":
         raise DistributedConfigError(f"device_map must be 'auto' or a dict {{part: device}}, got {device_map!r}")
@@ -529,7 +527,7 @@ def load_with_device_map(
         used = [d for d in (head_dev, *block_devs.values()) if d != "disk"]
         main = next((d for d in used if d != "cpu"), "cpu")
 
-    ckpt = Checkpoint(directory, verify=verify)
+    ckpt = open_checkpoint(directory, verify)
     check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, ckpt, str(directory))
     placement = {**{h: head_dev for h in head}, **block_devs}
     keys_on: dict[str, list[str]] = {}

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from zoo.registry import Entry, register
@@ -32,12 +34,35 @@ class Family:
     # Key patterns (native names) that may be absent in a checkpoint because they are tied to another.
     tied: dict[str, str] = field(default_factory=dict)
 
+    def build_meta(self, config: Any) -> nn.Module:
+        """The module with shapes only (meta device), its weights to come from a checkpoint."""
+        with torch.device("meta"), _skip_init():
+            return self.build(config)
+
     def config_from_dict(self, d: dict[str, Any]) -> Any:
         known = {f.name for f in fields(self.config_cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"{self.name} config has unknown fields: {sorted(unknown)}")
         return self.config_cls(**d)
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+                   "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """Random initialisation of weights that a checkpoint replaces is wasted work; on the meta device it is
+    worse than useless: normal_ on meta goes through torch._refs and imports torch._dynamo (~2 s, 150 MB)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in saved:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -13,7 +13,7 @@ from zoo.family import Family, get_family
 from zoo.registry import get_entry
 from zoo.tasks import TASKS, ZooModel
 from zoo.weights.format import CheckpointError, parse_dtype, read_config
-from zoo.weights.reader import Checkpoint
+from zoo.weights.reader import Checkpoint, VerifiedFiles
 
 
 def zoo_home() -> Path:
@@ -86,9 +86,13 @@ def init_derived_buffers(module: nn.Module, device: str | torch.device) -> None:
             init(torch.device(device))
 
 
+def open_checkpoint(directory: Path, verify: bool = True) -> Checkpoint:
+    """A native checkpoint with its files checked: hashed once, then remembered in $ZOO_HOME/verified.json."""
+    return Checkpoint(directory, verify=verify, verified=VerifiedFiles(zoo_home() / "verified.json"))
+
+
 def build_on_meta(family: Family, config) -> nn.Module:
-    with torch.device("meta"):
-        return family.build(config)
+    return family.build_meta(config)
 
 
 def load(
@@ -122,7 +126,7 @@ def load(
     family = get_family(native.family)
     config = family.config_from_dict(native.config)
     module = build_on_meta(family, config)
-    materialize(module, Checkpoint(directory, verify=verify), parse_dtype(dtype), device, str(directory))
+    materialize(module, open_checkpoint(directory, verify), parse_dtype(dtype), device, str(directory))
     init_derived_buffers(module, device)
     module.eval()
     return TASKS[family.task](module, native, family, directory)
