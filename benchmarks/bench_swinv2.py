@@ -88,7 +88,7 @@ def main() -> None:
         "",
         f"swinv2_tiny_window8_256 shape (28.3M params, 256x256, window 8), random weights, fp32, inference mode; "
         f"{device}, torch {torch.__version__}, timm {timm.__version__}, {platform.machine()}. "
-        f"Median of {a.rounds} alternating zoo/timm rounds on a machine shared with other jobs; "
+        f"Median of {a.rounds} alternating zoo/timm rounds; "
         f"batch 1: {a.iters} iterations, batch 32: {a.batch_iters}. "
         f"Max abs logit difference zoo vs timm: {diff:.1e}.",
         "",
