@@ -99,7 +99,7 @@ def _entries() -> list[Entry]:
         paper="https://arxiv.org/abs/2407.10671",
         task="text-generation",
         params=count_params(TINY_STDLIB),
-        description="A 5M-parameter Qwen2-architecture model trained by zoo on Python's standard library sources; "
+        description="A 5.8M-parameter Qwen2-architecture model trained by zoo on Python's standard library sources; "
         "it writes Python-looking code. A smoke-test default, not a useful model.",
         tags=("llm", "qwen2", "tiny", "embedded"),
     ))
