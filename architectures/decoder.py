@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate
 from zoo.architectures.layers import Attention, KVCache, RMSNorm, Rotary
 
 
@@ -79,9 +80,7 @@ class DecoderLM(nn.Module):
 def tied_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Logits against the embedding matrix. Under tensor parallelism the embedding is split by vocabulary
     (a DTensor): each rank scores its slice of the vocabulary and the slices are gathered."""
-    if hasattr(weight, "device_mesh"):  # a DTensor (imported only then: torch.distributed is optional)
-        from torch.distributed.tensor import DTensor, Replicate
-
+    if isinstance(weight, DTensor):
         h = DTensor.from_local(h, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim, run_check=False)
         return F.linear(h, weight).full_tensor()
     return F.linear(h, weight)

@@ -8,7 +8,7 @@ from typing import Any
 
 from zoo.conversion.base import Format, read_json
 from zoo.conversion.rules import Drop, Rule, rename
-from zoo.weights.format import NativeConfig
+from zoo.weights.format import CheckpointError, NativeConfig
 
 
 class TransformersFormat(Format):
@@ -30,8 +30,20 @@ def rope_theta(cfg: dict[str, Any], default: float) -> float:
     return float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", default)))
 
 
-def decoder_fields(cfg: dict[str, Any], norm_eps: float, max_seq_len: int) -> dict[str, Any]:
-    """The fields every decoder config has, in zoo's names (defaults are the family's published ones)."""
+def decoder_fields(cfg: dict[str, Any], where: Path, norm_eps: float, max_seq_len: int,
+                   plain_rope: bool = True) -> dict[str, Any]:
+    """The fields every decoder config has, in zoo's names (defaults are the family's published ones).
+
+    Refuses what the shared decoder does not implement: another activation than SiLU, sliding-window
+    attention, and (unless the family maps it itself, plain_rope=False) any rope scaling.
+    """
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
+    if cfg.get("use_sliding_window"):
+        raise CheckpointError(f"{where}: use_sliding_window=true is not supported")
+    rope_type = (cfg.get("rope_parameters") or {}).get("rope_type", "default")
+    if plain_rope and (cfg.get("rope_scaling") or rope_type != "default"):
+        raise CheckpointError(f"{where}: rope scaling ({cfg.get('rope_scaling') or rope_type}) is not supported yet")
     n_heads = cfg["num_attention_heads"]
     return dict(
         vocab_size=cfg["vocab_size"],

@@ -65,9 +65,7 @@ class HFPhi3(TransformersFormat):
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         where = src / "config.json"
         cfg = read_json(where)
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
-        fields = decoder_fields(cfg, norm_eps=1e-5, max_seq_len=4096)
+        fields = decoder_fields(cfg, where, norm_eps=1e-5, max_seq_len=4096, plain_rope=False)  # LongRoPE: below
         fields.update(intermediate_size=cfg["intermediate_size"], sliding_window=cfg.get("sliding_window"),
                       **rope_fields(cfg, where))
         return fields, {**generation_extra(src, cfg), "pad_token_id": cfg.get("pad_token_id")}

@@ -18,7 +18,7 @@ from zoo.conversion.hf_decoder import (
     rope_theta,
 )
 from zoo.conversion.rules import KeyMap
-from zoo.weights.format import CheckpointError, NativeConfig
+from zoo.weights.format import NativeConfig
 
 
 class HFQwen2(TransformersFormat):
@@ -30,9 +30,7 @@ class HFQwen2(TransformersFormat):
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg = read_json(src / "config.json")
-        if cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {}).get("rope_type", "default") != "default":
-            raise CheckpointError(f"{src / 'config.json'}: rope scaling (YaRN) is not supported for Qwen2 yet")
-        fields = decoder_fields(cfg, norm_eps=1e-6, max_seq_len=32768)
+        fields = decoder_fields(cfg, src / "config.json", norm_eps=1e-6, max_seq_len=32768)
         fields.update(intermediate_size=cfg["intermediate_size"], rope_theta=rope_theta(cfg, 1e6))
         return fields, generation_extra(src, cfg)
 

@@ -165,3 +165,16 @@ def test_a_verified_file_is_not_hashed_again_until_it_changes(native_dir, monkey
     with pytest.raises(CheckpointError, match="sha256 mismatch"):
         zoo.load(native_dir)
     assert calls
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}, "rope scaling"),
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+])
+def test_config_features_the_decoder_lacks_are_refused_naming_the_config(hf_dir, tmp_path, change, message):
+    path = hf_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(CheckpointError, match=rf"config\.json: {message}"):
+        zoo.convert(hf_dir, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
