@@ -1,0 +1,94 @@
+"""BitLinear, the only kind of linear layer in the MatMul-free LM (Zhu et al. 2024, arXiv 2406.02528; the
+BitNet b1.58 recipe of Ma et al. 2024): every projection normalises its input, rounds it to 8 bits per token,
+and multiplies by a ternary weight matrix, so the "matmul" is additions and subtractions of int8 values.
+
+    x_n  = RMSNorm_g(x)                                       own weight g, eps 1e-6, in fp32
+    s_x  = 127 / max(max_k |x_n[k]|, 1e-5)                    one scale per token (row)
+    x_q  = clamp(round(x_n * s_x), -128, 127)                 int8 codes, round half to even
+    a    = max(mean |W|, 1e-5)                                one scale per weight tensor (absmean)
+    t    = clamp(round(W / a), -1, 1)                         ternary codes {-1, 0, +1}
+    y    = (x_q / s_x) @ (t * a)^T  =  (x_q @ t^T) * a / s_x
+
+This module holds the plain PyTorch reference of each step, the 2-bit packing of ternary codes (4 per byte),
+and `bitlinear`, the dispatch: the fused Triton kernel (bitlinear_triton.py: normalise, quantise, ternary
+matmul on the packed bytes, rescale, in one launch) for CUDA tensors, the reference otherwise. No triton
+import here, so `import zoo` stays fast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACT_MIN = 1e-5  # floor of a token's absmax before 127 / absmax (an all-zero token quantises to zeros)
+WEIGHT_MIN = 1e-5  # floor of a weight tensor's mean |W|
+CODES_PER_BYTE = 4  # ternary codes, 2 bits each
+
+
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or wider if it already is (fp64 runs everything in fp64: the tests' exact comparison)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight, all in fp32 (the published fused kernel normalises and scales in fp32)."""
+    x = widen(x)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8: (codes in [-128, 127] as fp32, scale [..., 1]); x ~ codes / scale."""
+    x = widen(x)
+    scale = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=ACT_MIN)
+    return (x * scale).round().clamp(-128, 127), scale
+
+
+def ternarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor absmean ternary: (codes int8 in {-1, 0, 1}, scale [1], fp32 or wider); w ~ codes * scale.
+
+    Computed in fp32 whatever the stored dtype, so latent and packed weights give the same codes."""
+    w = widen(w)
+    scale = w.abs().mean().clamp(min=WEIGHT_MIN).reshape(1)
+    codes = (w * (1.0 / scale)).round().clamp(-1, 1).to(torch.int8)  # times the inverse, as published
+    return codes, scale
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """int8 ternary codes [out, in] -> uint8 [out, ceil(in / 4)].
+
+    Column k goes to byte k // 4, bits 2*(k % 4) .. 2*(k % 4) + 1, as code + 1 (0: -1, 1: 0, 2: +1);
+    the padding columns of a last partial byte hold the code for 0."""
+    out_f, in_f = codes.shape
+    pad = -in_f % CODES_PER_BYTE
+    biased = (F.pad(codes.to(torch.int16), (0, pad)) + 1).to(torch.uint8).view(out_f, -1, CODES_PER_BYTE)
+    shifts = torch.arange(0, 2 * CODES_PER_BYTE, 2, dtype=torch.uint8, device=codes.device)
+    return (biased << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 [out, ceil(in / 4)] -> int8 ternary codes [out, in] (pack_ternary read backwards)."""
+    shifts = torch.arange(0, 2 * CODES_PER_BYTE, 2, dtype=torch.uint8, device=packed.device)
+    fields = (packed[..., None] >> shifts) & 3
+    return (fields.to(torch.int8) - 1).reshape(packed.shape[0], -1)[:, :in_features]
+
+
+def bitlinear_reference(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, codes: torch.Tensor,
+                        scale: torch.Tensor) -> torch.Tensor:
+    """BitLinear from ternary codes [out, in] and their scale, step by step; output in x's dtype.
+
+    As the published model does, the dequantised activations and weights are cast to x's dtype and
+    multiplied there (exact codes, so in fp32 only the summation order differs from integer arithmetic)."""
+    x_q, s_x = quantize_activations(rms_norm(x, norm_weight, eps))
+    weight = (codes.to(scale.dtype) * scale).to(x.dtype)
+    return F.linear((x_q / s_x).to(x.dtype), weight)
+
+
+def bitlinear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, packed: torch.Tensor,
+              scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """BitLinear on packed ternary weights: the fused Triton kernel for CUDA tensors, else the reference
+    (which unpacks this one layer's weights for the call and drops them after)."""
+    if x.is_cuda:
+        from zoo.architectures.kernels.bitlinear_triton import bitlinear_triton
+
+        return bitlinear_triton(x, norm_weight, eps, packed, scale)
+    return bitlinear_reference(x, norm_weight, eps, unpack_ternary(packed, in_features), scale)
