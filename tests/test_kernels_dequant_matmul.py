@@ -37,6 +37,18 @@ def test_int4_packing_puts_even_columns_in_the_high_nibble_and_sign_extends():
     assert torch.equal(unpack_int4(packed), codes)
     every = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)  # all 16 values in both nibbles
     assert torch.equal(unpack_int4(pack_int4(every)), every)
+    assert torch.equal(unpack_int4(pack_int4(every).view(torch.int8)), every)  # the same bits stored as int8
+
+
+def test_signed_byte_storage_gives_the_same_products():
+    """quant.py's int4-row scheme stores the packed bytes as int8 with a 1-D per-row scale: same bits, same results."""
+    q, scale = quantize(rand(37, 96, seed=1) * 0.05, 4)
+    x = rand(2, 96, seed=2)
+    expected = dequant_matmul_reference(x, q, scale, 4)
+    q_signed, scale_1d = q.view(torch.int8), scale.reshape(-1)
+    assert torch.equal(dequant_matmul_reference(x, q_signed, scale_1d, 4), expected)
+    assert max_abs_diff(dequant_matvec(x[:1], q_signed, scale_1d, 4), expected[:1]) < 1e-5
+    assert max_abs_diff(dequant_matmul_triton(x, q_signed, scale_1d, 4), expected) < 1e-5
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (8, 16), (4, None), (4, 32)])

@@ -48,10 +48,17 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return ((c[:, 0::2] << 4) | c[:, 1::2]).to(torch.uint8)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [out, in / 2] -> int8 codes [out, in] (pack_int4 read backwards; (v ^ 8) - 8 sign-extends a nibble)."""
+def nibbles(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed (high, low) nibbles of bytes stored as uint8 or int8 (the same bits), as int16.
+
+    (v ^ 8) - 8 sign-extends a 4-bit value."""
     b = packed.to(torch.int16)
-    hi, lo = ((b >> 4) ^ 8) - 8, ((b & 15) ^ 8) - 8
+    return (((b >> 4) & 15) ^ 8) - 8, ((b & 15) ^ 8) - 8
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[out, in / 2] bytes -> int8 codes [out, in] (pack_int4 read backwards)."""
+    hi, lo = nibbles(packed)
     return torch.stack([hi, lo], dim=-1).reshape(packed.shape[0], -1).to(torch.int8)
 
 
@@ -60,7 +67,7 @@ def codes_of(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes (packed for int4) and scale [out, groups] -> fp32 weight [out, in]."""
+    """codes (int4: packed bytes, uint8 or int8) and scale [out, groups] or [out] -> fp32 weight [out, in]."""
     codes = codes_of(q, bits)
     out_f, in_f = codes.shape
     s = scale.float().reshape(out_f, -1)
@@ -86,8 +93,7 @@ def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: 
         xg = xf.reshape(*x.shape[:-1], 1, s.shape[1], -1)
         y = (q.float().view(out_f, s.shape[1], -1) * xg).sum(-1)
     else:
-        b = q.to(torch.int16)
-        hi, lo = ((b >> 4) ^ 8) - 8, ((b & 15) ^ 8) - 8
+        hi, lo = nibbles(q)
         xe = xf[..., 0::2].reshape(*x.shape[:-1], 1, s.shape[1], -1)
         xo = xf[..., 1::2].reshape(*x.shape[:-1], 1, s.shape[1], -1)
         y = (hi.float().view(out_f, s.shape[1], -1) * xe + lo.float().view(out_f, s.shape[1], -1) * xo).sum(-1)
