@@ -10,13 +10,14 @@ they pass those in rather than copying the skeleton.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate
-from zoo.architectures.layers import Attention, KVCache, RMSNorm, Rotary
+from zoo.architectures.layers import Attention, RMSNorm, Rotary
+from zoo.architectures.state import KVCache, State
 
 
 class Block(nn.Module):
@@ -59,20 +60,23 @@ class DecoderLM(nn.Module):
 
     def new_state(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
         """The generation state for this model: a KV cache."""
-        return KVCache(max_len, pad)
+        return KVCache(batch, max_len, pad)
 
-    def forward(self, input_ids: torch.Tensor, state: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] for token ids [B, T]; with a state, continues from what it holds."""
+    def forward(self, input_ids: torch.Tensor, state: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T]; with a state, continues from what it holds.
+        last_only: score only the last position ([B, 1, vocab]), all a decoding step needs."""
         B, T = input_ids.shape
-        cache = state if state is not None else KVCache(T)
-        positions = cache.positions(B, T, input_ids.device)
-        mask = cache.mask(T, input_ids.device)
+        book = state if state is not None else State(B, T)  # positions and masks of a stateless call
+        positions = book.positions(T, input_ids.device)
+        mask = book.attention_mask(T, input_ids.device)
         h = self.embed(input_ids)
-        cos, sin = self.rotary(positions, h.dtype, cache.length + T)
+        cos, sin = self.rotary(positions, h.dtype, book.length + T)
         for block in self.layers:
             h = block(h, cos, sin, state, mask)
         if state is not None:
             state.advance(T)
+        if last_only:
+            h = h[:, -1:]
         h = self.norm(h)
         return self.lm_head(h) if self.lm_head is not None else tied_head(h, self.embed.weight)
 
@@ -80,7 +84,11 @@ class DecoderLM(nn.Module):
 def tied_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Logits against the embedding matrix. Under tensor parallelism the embedding is split by vocabulary
     (a DTensor): each rank scores its slice of the vocabulary and the slices are gathered."""
-    if isinstance(weight, DTensor):
+    # A DTensor exists only once torch.distributed.tensor is imported (0.5 s): never import it just to ask.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(weight, dtensor.DTensor):
+        from torch.distributed.tensor import DTensor, Replicate
+
         h = DTensor.from_local(h, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim, run_check=False)
         return F.linear(h, weight).full_tensor()
     return F.linear(h, weight)
@@ -89,7 +97,7 @@ def tied_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # Megatron-style tensor-parallel plan of this skeleton: column-parallel in, row-parallel out (one all-reduce
 # after attention, one after the MLP); the embedding and the output head are split by vocabulary, which
 # benchmarks/bench_tp.py measured faster and leaner than keeping them whole on every rank (BENCHMARKS.md).
-# A tied head reuses the vocab-split embedding (tied_head). Words: zoo/distributed.py.
+# A tied head reuses the vocab-split embedding (tied_head). Words: zoo/tensor_parallel.py.
 TP_PLAN = {
     "embed": "vocab",
     "layers.*.attn.q_proj": "colwise",

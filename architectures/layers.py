@@ -1,10 +1,11 @@
-"""Layers shared by the decoder-only language models, and the KV cache behind their generation."""
+"""Layers shared by the decoder-only language models (the KV cache behind their generation is in state.py)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures.state import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -60,59 +61,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rot, rest = x[..., :d], x[..., d:]
     rot = rot * cos + rotate_half(rot) * sin
     return torch.cat([rot, rest], dim=-1) if rest.shape[-1] else rot
-
-
-class KVCache:
-    """Keys and values of every layer for a batch, preallocated to `max_len` positions.
-
-    It is the generation state of attention models: the engine creates it through the model's
-    `new_state`, the model reads `length`/`positions`/`mask` from it and `advance`s it after a step.
-    Left-padded batches record each row's pad count, which shifts positions and masks pad keys.
-    Buffers are allocated on first use from the key's own shape, so a tensor-parallel rank stores only
-    its local heads.
-    """
-
-    def __init__(self, max_len: int, pad: torch.Tensor | None = None):
-        self.max_len = max_len
-        self.length = 0
-        self.pad = pad  # [B] number of left-pad tokens per row, or None
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-
-    def positions(self, batch: int, steps: int, device: torch.device) -> torch.Tensor:
-        pos = torch.arange(self.length, self.length + steps, device=device)[None].expand(batch, steps)
-        if self.pad is not None:
-            pos = (pos - self.pad.to(device)[:, None]).clamp(min=0)
-        return pos
-
-    def mask(self, steps: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean [B, 1, steps, length+steps] (True = attend), or None when plain causal suffices."""
-        if self.pad is None and (self.length == 0 or steps == 1):
-            return None  # plain causal prefill, or one new token that sees everything cached
-        q = torch.arange(self.length, self.length + steps, device=device)[:, None]
-        k = torch.arange(self.length + steps, device=device)[None, :]
-        allowed = (k <= q)[None]
-        if self.pad is not None:
-            # pad queries see only themselves, so no softmax row is empty
-            allowed = allowed & ((k >= self.pad.to(device)[:, None, None]) | (k == q))
-        return allowed[:, None]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, kv_heads, T, hd] at the current position; return everything cached so far."""
-        steps = k.shape[2]
-        end = self.length + steps
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; step would reach {end}")
-        if layer not in self.k:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, steps: int) -> None:
-        self.length += steps
 
 
 class Attention(nn.Module):

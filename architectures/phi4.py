@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from zoo.architectures.decoder import TP_PLAN, DecoderLM
-from zoo.architectures.layers import GatedMLP, KVCache, Rotary
+from zoo.architectures.layers import GatedMLP, Rotary
+from zoo.architectures.state import KVCache
 
 from zoo.family import Family
 from zoo.registry import Entry, Source
@@ -104,9 +105,12 @@ class LongRoPE(Rotary):
 class TokenKVCache(KVCache):
     """A KV cache that also keeps the token ids it holds, so the model can rebuild it from scratch."""
 
-    def __init__(self, max_len: int, pad: torch.Tensor | None = None):
-        super().__init__(max_len, pad)
+    def __init__(self, batch: int, max_len: int, pad: torch.Tensor | None = None):
+        super().__init__(batch, max_len, pad)
         self.ids: torch.Tensor | None = None  # [B, max_len], filled up to `length`
+
+    def tensors(self) -> list[torch.Tensor]:
+        return super().tensors() + ([self.ids] if self.ids is not None else [])
 
 
 class Phi4LM(DecoderLM):
@@ -123,11 +127,11 @@ class Phi4LM(DecoderLM):
         self.original_max_len = original_max_len
 
     def new_state(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> TokenKVCache:
-        return TokenKVCache(max_len, pad)
+        return TokenKVCache(batch, max_len, pad)
 
-    def forward(self, input_ids: torch.Tensor, state: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, state: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         if not isinstance(state, TokenKVCache):
-            return super().forward(input_ids, state)
+            return super().forward(input_ids, state, last_only)
         B, T = input_ids.shape
         past = state.length
         if state.ids is None:
@@ -135,8 +139,8 @@ class Phi4LM(DecoderLM):
         state.ids[:, past : past + T] = input_ids
         if 0 < past <= self.original_max_len < past + T:  # the cached keys carry the short rotation: rebuild
             state.length = 0
-            return super().forward(state.ids[:, : past + T], state)[:, -T:]
-        return super().forward(input_ids, state)
+            return super().forward(state.ids[:, : past + T], state, last_only)[:, -(1 if last_only else T):]
+        return super().forward(input_ids, state, last_only)
 
 
 def longrope_attention_factor(c: Phi4Config) -> float:
@@ -238,4 +242,5 @@ FAMILY = Family(
     card_template="phi4.md",
     # Phi-4-mini ends a turn with <|end|>, Phi-4 (14B) with <|im_end|>; whichever the tokenizer has
     stop_tokens=("<|end|>", "<|im_end|>", "<|endoftext|>"),
+    extrapolates=True,
 )

@@ -115,4 +115,5 @@ FAMILY = Family(
     tp_plan=TP_PLAN,
     card_template="qwen2.md",
     stop_tokens=("<|im_end|>", "<|endoftext|>"),
+    extrapolates=True,
 )

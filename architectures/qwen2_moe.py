@@ -187,4 +187,5 @@ FAMILY = Family(
     },
     card_template="qwen2_moe.md",
     stop_tokens=("<|im_end|>", "<|endoftext|>"),
+    extrapolates=True,
 )

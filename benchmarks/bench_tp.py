@@ -50,7 +50,7 @@ def worker(a) -> None:
     from torch.distributed.tensor import parallel  # noqa: F401  (imported before the baseline)
 
     import zoo
-    from zoo.distributed import load_tensor_parallel
+    from zoo.tensor_parallel import load_tensor_parallel
 
     torch.set_num_threads(a.threads)
     distributed = "WORLD_SIZE" in os.environ

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from zoo.conversion.engine import AtomicDirectory, check_against_model, plan_jobs, run_jobs_meta, stream_write
+from zoo.architectures.quant import get_scheme, linear_paths, pack_linears
+from zoo.conversion.engine import (
+    AtomicDirectory,
+    check_against_model,
+    pack_jobs,
+    plan_jobs,
+    run_jobs_meta,
+    stream_write,
+)
 from zoo.conversion.rules import KeyMap, pattern_regex
 from zoo.conversion.sources import SafetensorsSource, TensorSource, open_source
 from zoo.weights.format import (
@@ -67,6 +75,14 @@ class Format:
         """Tensors that stay in their stored dtype when --dtype converts the rest."""
         return False
 
+    def source_info(self, src: Path) -> dict[str, Any]:
+        """Facts about the published weights every conversion records (license, paper), when the layout knows them."""
+        return {}
+
+    def quantization(self, src: Path) -> dict[str, Any]:
+        """For a layout published with packed weights: {"scheme": name, "modules": [native module paths]}."""
+        return {}
+
 
 _FORMATS: dict[str, Format] = {}
 _loaded = False
@@ -77,10 +93,8 @@ def formats() -> dict[str, Format]:
     global _loaded
     if not _loaded:
         _loaded = True
-        import zoo.conversion as pkg
-
-        for mod in pkgutil.iter_modules(pkg.__path__):
-            module = importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):  # this package's modules
+            module = importlib.import_module(f"{__package__}.{mod.name}")
             for fmt in getattr(module, "FORMATS", ()):
                 _FORMATS[fmt.name] = fmt
     return dict(_FORMATS)
@@ -124,8 +138,11 @@ def published_names(keymap: KeyMap):
     return name
 
 
-def expected_state(family: Family, config: Any) -> dict[str, torch.Tensor]:
-    return dict(family.build_meta(config).state_dict())
+def expected_state(family: Family, config: Any, quantization: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    module = family.build_meta(config)
+    if quantization:
+        pack_linears(module, quantization["scheme"], list(quantization["modules"]))
+    return dict(module.state_dict())
 
 
 def _stored_dtype(planned: dict[str, torch.Tensor], dtype: torch.dtype | None) -> str:
@@ -146,8 +163,12 @@ def convert(
     max_shard_bytes: int = 5 * 2**30,
     progress: bool = True,
     command: str | None = None,
+    quantize: str | None = None,
 ) -> Path:
-    """Convert a published checkpoint into the native format, streaming tensor by tensor."""
+    """Convert a published checkpoint into the native format, streaming tensor by tensor.
+
+    quantize: store every linear layer's weight packed ("int8", "int4" or a scheme of zoo.architectures.quant),
+    quantised tensor by tensor on the way."""
     from zoo.cards import write_card
 
     src, out = Path(src), Path(out)
@@ -165,7 +186,17 @@ def convert(
     jobs = plan_jobs(tensors.keys(), fmt.keymap(config), where)
     planned = run_jobs_meta(jobs, tensors)
     keymap = fmt.keymap(config)
-    check_against_model(planned, expected_state(family, config), str(src), published_names(keymap))
+    quantization = fmt.quantization(src)
+    if quantize is not None:
+        if quantization:
+            raise CheckpointError(f"{src}: already published quantized ({quantization['scheme']}); drop --quantize")
+        scheme = get_scheme(quantize)
+        check_against_model(planned, expected_state(family, config), str(src), published_names(keymap))
+        paths = linear_paths(family.build_meta(config))
+        jobs = pack_jobs(jobs, paths, scheme)
+        planned = run_jobs_meta(jobs, tensors)
+        quantization = {"scheme": scheme.name, "modules": paths}
+    check_against_model(planned, expected_state(family, config, quantization), str(src), published_names(keymap))
     target = parse_dtype(dtype)
     native = NativeConfig(
         family=family.name,
@@ -173,8 +204,9 @@ def convert(
         name=name or out.name,
         task=family.task,
         dtype=_stored_dtype(planned, target),
-        source={"path": str(src), "layout": fmt.name, **(source or {})},
+        source={"path": str(src), "layout": fmt.name, **fmt.source_info(src), **(source or {})},
         extra=extra,
+        quantization=quantization,
     )
     command = command or " ".join(["zoo", "convert", *sys.argv[1:]]) if Path(sys.argv[0]).name == "zoo" else command
     with AtomicDirectory(out, overwrite) as tmp:
@@ -193,6 +225,9 @@ def export(model_dir: str | Path, out: str | Path, to: str = "hf", overwrite: bo
     """Write a native checkpoint back in a published layout (the key map read backwards)."""
     model_dir, out = Path(model_dir), Path(out)
     native = read_config(model_dir)
+    if native.quantization:
+        raise CheckpointError(f"{model_dir}: stored quantized ({native.quantization.get('scheme')}); export needs the "
+                              "float weights: convert the published checkpoint again without --quantize")
     family = get_family(native.family)
     config = family.config_from_dict(native.config)
     matches = [f for f in formats().values() if f.family == family.name and f.exports_as == to]

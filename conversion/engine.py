@@ -123,6 +123,29 @@ def stream_write(
     return write_tensors(directory, specs, produce, max_shard_bytes=max_shard_bytes, progress=progress)
 
 
+def pack_jobs(jobs: list[Job], paths: list[str], scheme) -> list[Job]:
+    """The same jobs, except that the weight of each linear layer at `paths` comes out packed by `scheme`
+    (zoo.architectures.quant), as the tensors the scheme stores: quantising while converting, tensor by tensor."""
+    names = {f"{p}.weight": p for p in paths}
+    stored = list(scheme.tensors(2, 2))  # the names of what the scheme stores per weight
+    out = []
+    for job in jobs:
+        if not any(d in names for d in job.dst):
+            out.append(job)
+            continue
+
+        def forward(ts, rule=job.rule, dsts=job.dst):
+            results = []
+            for d, t in zip(dsts, rule.forward(ts)):
+                packed = scheme.pack(t) if d in names else None
+                results += [packed[n] for n in stored] if packed is not None else [t]
+            return results
+
+        dst = tuple(x for d in job.dst for x in ([f"{names[d]}.{n}" for n in stored] if d in names else [d]))
+        out.append(Job(job.src, dst, Rule(job.rule.src, dst, forward, doc=f"{job.rule.doc} packed {scheme.name}")))
+    return out
+
+
 class AtomicDirectory:
     """Write into a temporary sibling directory; rename into place only when the block completes."""
 

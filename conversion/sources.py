@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from zoo.weights.format import CODE_DTYPES, CheckpointError
@@ -75,17 +77,33 @@ class SafetensorsSource(TensorSource):
         return out
 
 
-def load_pickle(path: Path) -> dict:
-    """Open a pickled checkpoint without running any code it may carry."""
+def load_pickle(path: Path, allow: Sequence[Any] = ()) -> Any:
+    """Open a pickled checkpoint without running any code it may carry.
+
+    torch.load(weights_only=True) rebuilds only tensors and plain containers; `allow` names the few extra
+    plain-data types a published format needs (numpy scalars, say), and nothing else is let in. Files are
+    memory-mapped (the zip format); a legacy-format file is read without the map.
+    """
+    def load(mmap: bool) -> Any:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return load(mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            return load(mmap=False)
     except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it names {found.group(1)}, which is not plain data" if found else str(e).splitlines()[0]
         raise CheckpointError(
-            f"{path}: refused: this pickle needs more than plain tensors to load ({str(e).splitlines()[0]}). "
+            f"{path}: refused: this pickle needs more than plain tensors to load ({what}). "
             "zoo never runs code from a checkpoint; re-save it as tensors only (or as safetensors)."
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
 
 
 class StateDictSource(TensorSource):

@@ -107,7 +107,7 @@ def from_name(name: str, patch: int, stages: int) -> dict[str, Any] | None:
 
 
 def label_names(num_classes: int) -> list[str] | None:
-    from zoo.vision import label_set
+    from zoo.labels import label_set
 
     known = {1000: "imagenet-1k", 21841: "imagenet-22k"}
     return label_set(known[num_classes]) if num_classes in known else None

@@ -36,7 +36,7 @@ KINETICS = {400: "kinetics-400", 600: "kinetics-600", 700: "kinetics-700", 710: 
 
 
 def kinetics_labels(n: int) -> list[str] | None:
-    from zoo.vision import label_set
+    from zoo.labels import label_set
 
     return label_set(KINETICS[n]) if n in KINETICS else None
 

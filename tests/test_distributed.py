@@ -21,15 +21,10 @@ import zoo
 from tests import helpers
 from tests.helpers import max_abs_diff
 from tests.tp_worker import write_random_native
-from zoo.distributed import (
-    TORCHRUN_ENV,
-    DistributedConfigError,
-    check_device,
-    memory_limits,
-    parse_size,
-    plan_device_map,
-)
+from zoo.device_map import check_device, memory_limits, parse_size, plan_device_map
 from zoo.family import families
+from zoo.loading import DistributedConfigError
+from zoo.tensor_parallel import TORCHRUN_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20

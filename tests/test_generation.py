@@ -85,7 +85,7 @@ def test_chat_template_may_live_in_its_own_file(model, tmp_path):
     import json
     import shutil
 
-    from zoo.tasks import Tokenizer
+    from zoo.tasks.text import Tokenizer
 
     directory = tmp_path / "m"
     shutil.copytree(model.directory, directory)
@@ -94,3 +94,105 @@ def test_chat_template_may_live_in_its_own_file(model, tmp_path):
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
     messages = [{"role": "user", "content": "hi"}]
     assert Tokenizer(directory).apply_chat_template(messages) == model.tokenizer.apply_chat_template(messages)
+
+
+# -- every argument is checked where it enters, and the error names it ------------------------------------------
+
+
+@pytest.mark.parametrize("prompt,words", [
+    ([999999], ["999999", "0..4095"]),
+    ([-5], ["-5"]),
+    ([[1, 2], []], ["empty"]),
+    ([], ["prompt"]),
+    ([1.5, 2], ["integers", "1.5"]),
+    (torch.randn(1, 3), ["prompt", "float32"]),
+])
+def test_bad_prompts_are_refused_by_name(model, prompt, words):
+    with pytest.raises(ValueError) as e:
+        model.generate(prompt, max_new_tokens=2)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(top_k=-3), ["top_k=-3", ">= 1"]),
+    (dict(top_k=0), ["top_k=0"]),
+    (dict(temperature=float("nan")), ["temperature=nan", "finite"]),
+    (dict(temperature=-1), ["temperature=-1", ">= 0"]),
+    (dict(temperature=float("inf")), ["temperature=inf"]),
+    (dict(temperature=1.0, top_p=0.0), ["top_p=0.0", "0 < top_p <= 1"]),
+    (dict(temperature=1.0, top_p=1.5), ["top_p=1.5"]),
+    (dict(max_new_tokens=-3), ["max_new_tokens=-3", ">= 0"]),
+    (dict(max_new_tokens=2.5), ["max_new_tokens=2.5"]),
+    (dict(seed=-1), ["seed=-1"]),
+    (dict(stop=""), ["stop"]),
+])
+def test_bad_sampling_arguments_are_refused_by_name(model, kwargs, words):
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError) as e:
+        model.generate("x = 1", **kwargs)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_zero_new_tokens_is_an_empty_answer(model):
+    assert model.generate("x = 1", max_new_tokens=0) == ""
+    assert model.generate([1, 2, 3], max_new_tokens=0) == []
+
+
+def test_prompt_past_the_context_warns_for_a_rotary_model(model):
+    with pytest.warns(UserWarning, match="exceeds this model's context of 1024 tokens"):
+        model.generate([5] * 1020, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("ids,words", [
+    (torch.randn(1, 3), ["input_ids", "float32"]),
+    (torch.tensor([1, 2, 3]), ["input_ids", "[batch, time]", "(3,)"]),
+    (torch.tensor([[1, 5000]]), ["5000", "0..4095"]),
+    ([[1, 2]], ["input_ids", "list"]),
+])
+def test_model_call_checks_its_input(model, ids, words):
+    with pytest.raises(ValueError) as e:
+        model(ids)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_cli_bad_argument_is_one_line_without_traceback(capsys):
+    from zoo.cli import main
+
+    assert main(["generate", "qwen2-tiny-stdlib", "x", "--max-new-tokens", "-3"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "max_new_tokens=-3" in err and "Traceback" not in err
+
+
+# -- the state protocol: positions, pads and masks, computed in one place for every family ------------------------
+
+
+def test_state_masks_left_pads_and_a_bidirectional_prefix():
+    from zoo.architectures.state import State
+
+    s = State(2, 8, pad=torch.tensor([2, 0]))
+    s.prefix = torch.tensor([2, 3])
+    m = s.attention_mask(5, torch.device("cpu"))[:, 0].int()
+    # row 0: pads at 0-1 see only themselves; the prefix 2-3 sees itself both ways; 4 is causal
+    assert m[0].tolist() == [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    assert m[1].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert s.positions(5, torch.device("cpu")).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert s.valid(5, torch.device("cpu")).tolist() == [[False, False, True, True, True], [True] * 5]
+    s.advance(5)
+    assert s.valid(1, torch.device("cpu")) is None  # past the pads nothing is masked
+    assert s.positions(1, torch.device("cpu")).tolist() == [[3], [5]]
+
+
+def test_kv_cache_is_allocated_once_and_does_not_grow(model):
+    state = model.module.new_state(1, 40)
+    model.module(torch.tensor([[1, 2, 3, 4]]), state, last_only=True)
+    size = state.nbytes()
+    for t in range(20):
+        model.module(torch.tensor([[t + 5]]), state, last_only=True)
+    assert state.nbytes() == size and state.length == 24
+    with pytest.raises(ValueError, match="holds 40 positions"):
+        model.module(torch.ones(1, 17, dtype=torch.long), state)
+
+
+def test_last_only_scores_only_the_last_position(model):
+    ids = torch.tensor([model.tokenizer.encode("import os\nimport sys\n")])
+    assert torch.allclose(model.module(ids, last_only=True), model.module(ids)[:, -1:], atol=1e-5, rtol=0)

@@ -34,10 +34,9 @@ def write_random_native(directory: Path, family: str, config: dict, seed: int = 
     from zoo.weights.writer import TensorSpec, write_tensors
 
     from zoo.family import get_family
-    from zoo.loading import build_on_meta
 
     fam = get_family(family)
-    module = build_on_meta(fam, fam.config_from_dict(config))
+    module = fam.build_meta(fam.config_from_dict(config))
     specs = [TensorSpec(k, tuple(v.shape), torch.float32) for k, v in module.state_dict().items()]
     gen = torch.Generator().manual_seed(seed)
 

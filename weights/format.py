@@ -69,6 +69,8 @@ class NativeConfig:
     dtype: str = "float32"
     source: dict[str, Any] = field(default_factory=dict)  # repo, revision, layout, license
     extra: dict[str, Any] = field(default_factory=dict)  # preprocessing, labels, generation defaults
+    # packed weights (zoo.architectures.quant): {"scheme": "int8-row", "modules": ["layers.0.attn.q_proj", ...]}
+    quantization: dict[str, Any] = field(default_factory=dict)
     zoo_schema: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

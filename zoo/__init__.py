@@ -6,7 +6,8 @@
     print(model.generate("def fibonacci(n):", max_new_tokens=64))
 """
 
-from zoo.loading import load, resolve
+from zoo.api import load
+from zoo.loading import resolve
 from zoo.registry import list_models, model_info
 
 

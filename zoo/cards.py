@@ -2,7 +2,7 @@
 
 Every conversion writes one (README.md in the native directory); `zoo info` prints it; `zoo push` uploads it.
 Templates see the facts of `card_facts` (name, description, family, task, dtype, repo, revision, layout, path,
-command, license, license_link, paper, params, load_ref) plus `card_data`, the YAML front matter.
+command, license, license_link, paper, params, load_ref, extra) plus `card_data`, the YAML front matter.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def card_facts(native: NativeConfig) -> dict[str, Any]:
         "path": src.get("path", ""),
         "dtype": native.dtype,
         "load_ref": native.name if entry is not None else f"path/to/{native.name or 'checkpoint'}",
+        "extra": dict(native.extra),  # the converter's facts (preprocessing, labels, training data) for templates
     }
 
 

@@ -34,11 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="", help="model name recorded in config.json and the card")
     s.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard (default 5)")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--quantize", help="store linear weights packed: int8 | int4 (weight-only, per output row)")
 
-    s = add("generate", "Generate text from a prompt (streams to stdout).",
-            'zoo generate qwen2-tiny-stdlib "def fibonacci(n):"')
+    s = add("generate", "Generate from a prompt: text (streamed to stdout), or a 3D shape from a condition file.",
+            'zoo generate qwen2-tiny-stdlib "def fibonacci(n):"\n'
+            "zoo generate wala-sv-1b chair.png --out chair.obj --preview chair.png")
     s.add_argument("model", help="registry name, native directory or hf://org/name@rev")
-    s.add_argument("prompt")
+    s.add_argument("prompt", help="the text prompt; for a shape model, the condition (image, point cloud, ...)")
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--temperature", type=float, help="0 = greedy; default: the checkpoint's generation config")
     s.add_argument("--top-k", type=int)
@@ -46,15 +48,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    s.add_argument("--out", help="write the result here (a mesh file: .obj, .ply, .glb)")
+    s.add_argument("--preview", help="also render the result to this picture (.png)")
+    s.add_argument("--steps", type=int, help="diffusion steps (default: the model's recommended)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     s.add_argument("--dtype", help="compute dtype (default: as stored)")
+    s.add_argument("--quantize", help="weight-only quantisation while loading: int8 | int4")
     s.add_argument("--device", default="cpu")
     s.add_argument("--tp", type=int, help="tensor-parallel degree (inside torchrun)")
 
-    s = add("predict", "Classify an image or a video and print the top-k labels.",
-            "zoo predict swinv2-tiny-w8-256-in1k cat.jpg --top-k 5")
+    s = add("predict", "Classify an image or a video (top-k labels), or segment an image (a mask).",
+            "zoo predict swinv2-tiny-w8-256-in1k cat.jpg --top-k 5\nzoo predict ./my-dinounet scan.png --out mask.png")
     s.add_argument("model")
     s.add_argument("file", help="image or video file")
     s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--out", help="write the result here (segmentation: the label mask as a PNG, plus an overlay)")
     s.add_argument("--device", default="cpu")
 
     s = add("push", "Upload a native checkpoint directory to the Hugging Face Hub in one commit.",
@@ -120,7 +128,7 @@ def _cmd_convert(a) -> None:
         out = zoo.export(a.src, a.out, to=a.to, overwrite=a.overwrite)
     else:
         out = zoo.convert(a.src, a.out, format=a.format, dtype=a.dtype, overwrite=a.overwrite, name=a.name,
-                          max_shard_bytes=int(a.max_shard_size * 2**30),
+                          max_shard_bytes=int(a.max_shard_size * 2**30), quantize=a.quantize,
                           command="zoo convert " + " ".join(sys.argv[2:]))
     print(f"wrote {out}", file=sys.stderr)
 
@@ -128,28 +136,13 @@ def _cmd_convert(a) -> None:
 def _cmd_generate(a) -> None:
     import zoo
 
-    model = zoo.load(a.model, dtype=a.dtype, device=a.device, tp=a.tp)
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-              seed=a.seed, stop=a.stop, stream=True)
-    pieces = model.chat([{"role": "user", "content": a.prompt}], **kw) if a.chat else model.generate(a.prompt, **kw)
-    from zoo.distributed import is_main_process
-
-    main = is_main_process()
-    if main and not a.chat:
-        print(a.prompt, end="", flush=True)
-    for piece in pieces:
-        if main:
-            print(piece, end="", flush=True)
-    if main:
-        print()
+    zoo.load(a.model, dtype=a.dtype, device=a.device, tp=a.tp, quantize=a.quantize).cli_generate(a)
 
 
 def _cmd_predict(a) -> None:
     import zoo
 
-    model = zoo.load(a.model, device=a.device)
-    for label, score in model.predict(a.file, top_k=a.top_k):
-        print(f"{score:7.4f}  {label}")
+    zoo.load(a.model, device=a.device).cli_predict(a)
 
 
 def _cmd_push(a) -> None:

@@ -1,13 +1,11 @@
 """The plug-in contract between the core and an architecture family.
 
 Each module in zoo.architectures exports `FAMILY = Family(...)`. The core finds families by name
-(the "family" field of a native config.json) and never branches on which one it is.
+(the "family" field of a native config.json; zoo.registry discovers them) and never branches on which one it is.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -16,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from zoo.registry import Entry, register
+from zoo.registry import Entry, families, get_family, register_family
 
 
 @dataclass(frozen=True)
@@ -24,15 +22,22 @@ class Family:
     name: str
     config_cls: type  # a dataclass holding the published numbers
     build: Callable[[Any], nn.Module]  # config -> module; called under a meta device context
-    task: str  # key into zoo.tasks.TASKS: "text-generation", "image-classification", ...
+    task: str  # a task registered in zoo.tasks: "text-generation", "image-classification", ...
     entries: tuple[Entry, ...] = ()
-    # Tensor-parallel plan: module-path pattern -> "colwise" | "rowwise" | "vocab" | "colwise_rep" (zoo.distributed).
+    # Tensor-parallel plan (zoo.tensor_parallel): module-path glob -> "colwise" | "rowwise" | "vocab" | "colwise_rep"
     tp_plan: dict[str, str] = field(default_factory=dict)
     card_template: str = ""  # file name in model_cards/
     # Text families: extra stop token strings besides the tokenizer's eos (e.g. a chat end marker).
     stop_tokens: tuple[str, ...] = ()
     # Key patterns (native names) that may be absent in a checkpoint because they are tied to another.
     tied: dict[str, str] = field(default_factory=dict)
+    # Text families: the tokenizer class (default: tokenizer.json through the tokenizers library; the class has
+    # available(directory) -> bool and encode/decode/special/token_id), and prompt rules: an object with
+    # encode(tokenizer, text) -> ids and decode(tokenizer, prompt, new_ids) -> text (default: plain text).
+    tokenizer: Any = None
+    prompt: Any = None
+    # Past its trained context (config.max_seq_len) the model still runs (rotary positions): warn, not refuse.
+    extrapolates: bool = False
 
     def build_meta(self, config: Any) -> nn.Module:
         """The module with shapes only (meta device), its weights to come from a checkpoint."""
@@ -65,39 +70,15 @@ def _skip_init() -> Iterator[None]:
             setattr(nn.init, name, fn)
 
 
-_FAMILIES: dict[str, Family] = {}
-_loaded = False
+def init_derived_buffers(module: nn.Module, device: str | torch.device) -> None:
+    """Non-persistent buffers (position tables, masks) are computed, not loaded: ask their modules."""
+    for name, sub in module.named_modules():
+        if any(b.is_meta for b in sub.buffers(recurse=False)):
+            init = getattr(sub, "init_buffers", None)
+            if init is None:
+                raise RuntimeError(f"{type(sub).__name__} at {name or '<root>'} has derived buffers but no "
+                                   "init_buffers(device) to compute them")
+            init(torch.device(device))
 
 
-def register_family(family: Family) -> Family:
-    _FAMILIES[family.name] = family
-    register(*family.entries)
-    return family
-
-
-def load_families() -> None:
-    """Import every module of zoo.architectures that declares a FAMILY."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import zoo.architectures as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        module = importlib.import_module(f"{pkg.__name__}.{mod.name}")
-        family = getattr(module, "FAMILY", None)
-        if isinstance(family, Family):
-            register_family(family)
-
-
-def get_family(name: str) -> Family:
-    load_families()
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown architecture family {name!r}; known: {sorted(_FAMILIES)}") from None
-
-
-def families() -> dict[str, Family]:
-    load_families()
-    return dict(_FAMILIES)
+__all__ = ["Family", "families", "get_family", "init_derived_buffers", "register_family"]

@@ -1,4 +1,8 @@
-"""zoo.load: name | directory | hf://org/name@rev  ->  native directory  ->  module on meta  ->  mmap'd weights."""
+"""The pieces of loading: name | directory | hf://org/name@rev -> native directory -> module on meta -> mmap'd weights.
+
+zoo.api.load puts them together (and hands tensor parallelism and device maps, which build on these
+pieces, to zoo.tensor_parallel and zoo.device_map). Nothing here imports the distributed code.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from zoo.family import Family, get_family
-from zoo.registry import get_entry
-from zoo.tasks import TASKS, ZooModel
-from zoo.weights.format import CheckpointError, parse_dtype, read_config
+from zoo.architectures.quant import PackedLinear, linear_paths, pack_linears
+from zoo.family import Family
+from zoo.registry import get_entry, get_family
+from zoo.weights.format import CheckpointError, NativeConfig
 from zoo.weights.reader import Checkpoint, VerifiedFiles
+
+
+class DistributedConfigError(ValueError):
+    """A tensor-parallel degree, device map or memory limit that cannot work; raised before loading."""
 
 
 def zoo_home() -> Path:
@@ -58,32 +66,66 @@ def check_keys(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint, what: str) 
             raise CheckpointError(f"{what}: tensor {k} has shape {ckpt.shape(k)}, the config needs {shape}")
 
 
+def build_model(native: NativeConfig, quantize: str | None = None) -> tuple[Family, nn.Module]:
+    """The family's module on the meta device, with packed linear layers where the checkpoint stores them
+    (its quantization record) or where `quantize` asks for them (every nn.Linear, packed while loading)."""
+    family = get_family(native.family)
+    module = family.build_meta(family.config_from_dict(native.config))
+    stored = native.quantization
+    if quantize is not None and stored:
+        raise ValueError(f"quantize={quantize!r}: this checkpoint is already stored quantized "
+                         f"({stored.get('scheme')}); load it without quantize")
+    if stored:
+        pack_linears(module, stored["scheme"], list(stored["modules"]))
+    elif quantize is not None:
+        pack_linears(module, quantize, linear_paths(module))
+    return family, module
+
+
+def expected_shapes(module: nn.Module, native: NativeConfig) -> dict[str, tuple[int, ...]]:
+    """What the checkpoint must hold: the module's tensors, except that a layer packed while loading (not
+    stored packed) is read as its float weight [out, in]."""
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if native.quantization:
+        return shapes
+    for path, sub in module.named_modules():
+        if isinstance(sub, PackedLinear):
+            for name in sub.stored:
+                del shapes[f"{path}.{name}"]
+            shapes[f"{path}.weight"] = (sub.out_features, sub.in_features)
+    return shapes
+
+
 def materialize(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None, device: str | torch.device,
-                what: str, keys: list[str] | None = None) -> None:
+                what: str, keys: list[str] | None = None, native: NativeConfig | None = None) -> None:
     """Assign checkpoint tensors to a module built on the meta device (no init, no second copy).
 
     Tensors are memory-mapped from safetensors; with no dtype/device change they stay mapped.
     `keys` assigns only those (a device map places parts one device at a time; it checks the whole first).
+    A PackedLinear whose checkpoint holds a float weight (quantising while loading) is packed one layer at a
+    time, so the float model never exists whole.
     """
+    native = native or NativeConfig(family="", config={})
+    shapes = expected_shapes(module, native)
     if keys is None:
-        check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, ckpt, what)
-    state = {}
-    for k in module.state_dict() if keys is None else keys:
-        t = ckpt.get(k)
+        check_keys(shapes, ckpt, what)
+    wanted = list(shapes) if keys is None else keys
+    packing = {} if native.quantization else {
+        path: sub for path, sub in module.named_modules() if isinstance(sub, PackedLinear)}
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
         target = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
-        state[k] = t.to(device=device, dtype=target)
+        return t.to(device=device, dtype=target)
+
+    state = {}
+    for k in wanted:
+        owner, _, attr = k.rpartition(".")
+        if owner in packing and attr == "weight":
+            for name, t in packing[owner].scheme.pack(cast(ckpt.get(k))).items():
+                state[f"{owner}.{name}"] = cast(t)
+        else:
+            state[k] = cast(ckpt.get(k))
     module.load_state_dict(state, strict=keys is None, assign=True)
-
-
-def init_derived_buffers(module: nn.Module, device: str | torch.device) -> None:
-    """Non-persistent buffers (position tables, masks) are computed, not loaded: ask their modules."""
-    for name, sub in module.named_modules():
-        if any(b.is_meta for b in sub.buffers(recurse=False)):
-            init = getattr(sub, "init_buffers", None)
-            if init is None:
-                raise RuntimeError(f"{type(sub).__name__} at {name or '<root>'} has derived buffers but no "
-                                   "init_buffers(device) to compute them")
-            init(torch.device(device))
 
 
 def open_checkpoint(directory: Path, verify: bool = True) -> Checkpoint:
@@ -91,42 +133,8 @@ def open_checkpoint(directory: Path, verify: bool = True) -> Checkpoint:
     return Checkpoint(directory, verify=verify, verified=VerifiedFiles(zoo_home() / "verified.json"))
 
 
-def build_on_meta(family: Family, config) -> nn.Module:
-    return family.build_meta(config)
-
-
-def load(
-    name_or_path: str | os.PathLike,
-    dtype: str | torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    revision: str | None = None,
-    verify: bool = True,
-    tp: int | None = None,
-    device_map: str | dict | None = None,
-    max_memory: dict | None = None,
-) -> ZooModel:
-    """Load a model by registry name, native directory or "hf://org/name@revision".
-
-    dtype: None keeps the stored dtype. verify: check every file's sha256 against the index.
-    tp: tensor-parallel degree inside a torchrun job. device_map/max_memory: place blocks on devices.
-    """
-    if tp is not None and tp > 1 and device_map is not None:
-        raise ValueError("tp and device_map are two ways to split a model; pass one of them")
-    if tp is not None and tp > 1:
-        from zoo.distributed import load_tensor_parallel
-
-        return load_tensor_parallel(name_or_path, tp=tp, dtype=dtype, revision=revision, verify=verify)
-    if device_map is not None:
-        from zoo.distributed import load_with_device_map
-
-        return load_with_device_map(name_or_path, device_map=device_map, max_memory=max_memory, dtype=dtype,
-                                    revision=revision, verify=verify)
-    directory = resolve(name_or_path, revision)
-    native = read_config(directory)
-    family = get_family(native.family)
-    config = family.config_from_dict(native.config)
-    module = build_on_meta(family, config)
-    materialize(module, open_checkpoint(directory, verify), parse_dtype(dtype), device, str(directory))
-    init_derived_buffers(module, device)
-    module.eval()
-    return TASKS[family.task](module, native, family, directory)
+def set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` in as parameter `name` ("layers.0.attn.q_proj.weight"), replacing what is there."""
+    owner, _, attr = name.rpartition(".")
+    param = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+    (module.get_submodule(owner) if owner else module).register_parameter(attr, param)

@@ -1,12 +1,16 @@
-"""The model registry: published entries, declared by each family next to its architecture.
+"""The model registry: published entries and the families that declare them.
 
-The core only looks entries up; families add them with `register`. Nothing here knows any family.
+Families live in zoo.architectures (one module each, exporting FAMILY); they are discovered here on
+first use, so the core only looks things up. This module imports nothing else of zoo's: everything
+else may depend on it.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
+import pkgutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +46,8 @@ class Entry:
 
 
 _ENTRIES: dict[str, Entry] = {}
+_FAMILIES: dict[str, Any] = {}  # name -> zoo.family.Family
+_discovered = False
 
 
 class UnknownModelError(KeyError):
@@ -56,10 +62,39 @@ def register(*entries: Entry) -> None:
         _ENTRIES[entry.name] = entry
 
 
-def _ensure_loaded() -> None:
-    from zoo.family import load_families
+def register_family(family: Any) -> Any:
+    """Add a family (zoo.family.Family) and the entries it declares."""
+    _FAMILIES[family.name] = family
+    register(*family.entries)
+    return family
 
-    load_families()
+
+def _ensure_loaded() -> None:
+    """Import every module of zoo.architectures that declares a FAMILY (once)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    pkg = importlib.import_module("zoo.architectures")
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        family = getattr(module, "FAMILY", None)
+        if family is not None:
+            register_family(family)
+
+
+def families() -> dict[str, Any]:
+    """Every architecture family by name."""
+    _ensure_loaded()
+    return dict(_FAMILIES)
+
+
+def get_family(name: str) -> Any:
+    _ensure_loaded()
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture family {name!r}; known: {sorted(_FAMILIES)}") from None
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -10,10 +10,8 @@ Images and frames are resized with PIL, as torchvision's Resize does for PIL ima
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import math
 from collections.abc import Sequence
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +19,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from zoo.family import init_derived_buffers
 from zoo.tasks import ZooModel, register_task
 
 INTERPOLATION = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
-
-
-def label_set(name: str) -> list[str]:
-    """A label list shipped in zoo/data/labels (imagenet-1k, imagenet-22k, kinetics-400/600/700/710)."""
-    root = files("zoo").joinpath("data", "labels")
-    for fname in (f"{name}.txt", f"{name}.txt.gz"):
-        path = root.joinpath(fname)
-        if path.is_file():
-            data = path.read_bytes()
-            text = (gzip.decompress(data) if fname.endswith(".gz") else data).decode()
-            return text.splitlines()
-    raise ValueError(f"unknown label set {name!r}")
 
 
 # -- images ----------------------------------------------------------------------------------------------------
@@ -167,6 +154,10 @@ class VisionModel(ZooModel):
                zip(scores, ids)]
         return out[0] if single else out
 
+    def cli_predict(self, args: Any) -> None:
+        for label, score in self.predict(args.file, top_k=args.top_k):
+            print(f"{score:7.4f}  {label}")
+
     def features(self, inputs: Any, pooled: bool = True) -> torch.Tensor:
         """Backbone features: pooled [B, D] (the classifier's input), or the final tokens / feature map."""
         x, _ = self.to_batch(inputs)
@@ -175,14 +166,12 @@ class VisionModel(ZooModel):
     def reconfigure(self, **changes: Any) -> VisionModel:
         """The same weights under other config values (e.g. a Swin V2 img_size / window_size / pretrained windows,
         a VideoMAE num_frames); derived tables are recomputed. Returns a new model."""
-        from zoo.loading import build_on_meta, init_derived_buffers
-
         unknown = set(changes) - set(self.native.config)
         if unknown:
             raise ValueError(f"{self.family.name} config has no fields {sorted(unknown)}")
         fields = {**self.native.config, **changes}
         config = self.family.config_from_dict(fields)
-        module = build_on_meta(self.family, config)
+        module = self.family.build_meta(config)
         try:
             module.load_state_dict(self.module.state_dict(), strict=True, assign=True)
         except RuntimeError as e:

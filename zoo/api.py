@@ -1,0 +1,52 @@
+"""zoo.load: the one entry point that turns a name, a directory or an hf:// address into a ready model."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from zoo.family import init_derived_buffers
+from zoo.loading import build_model, materialize, open_checkpoint, resolve
+from zoo.tasks import ZooModel, get_task
+from zoo.weights.format import parse_dtype, read_config
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    verify: bool = True,
+    tp: int | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    quantize: str | None = None,
+) -> ZooModel:
+    """Load a model by registry name, native directory or "hf://org/name@revision".
+
+    dtype: None keeps the stored dtype. verify: check every file's sha256 against the index.
+    tp: tensor-parallel degree inside a torchrun job. device_map/max_memory: place blocks on devices.
+    quantize: "int8" | "int4" (or a scheme name of zoo.architectures.quant): weight-only quantisation of every
+        linear layer while loading, one layer at a time; a checkpoint stored quantized loads packed by itself.
+    """
+    if tp is not None and tp > 1 and device_map is not None:
+        raise ValueError("tp and device_map are two ways to split a model; pass one of them")
+    if quantize is not None and ((tp is not None and tp > 1) or device_map is not None):
+        raise ValueError(f"quantize={quantize!r} with tp or device_map is not supported yet; quantize on one device")
+    if tp is not None and tp > 1:
+        from zoo.tensor_parallel import load_tensor_parallel
+
+        return load_tensor_parallel(name_or_path, tp=tp, dtype=dtype, revision=revision, verify=verify)
+    if device_map is not None:
+        from zoo.device_map import load_with_device_map
+
+        return load_with_device_map(name_or_path, device_map=device_map, max_memory=max_memory, dtype=dtype,
+                                    revision=revision, verify=verify)
+    directory = resolve(name_or_path, revision)
+    native = read_config(directory)
+    family, module = build_model(native, quantize)
+    materialize(module, open_checkpoint(directory, verify), parse_dtype(dtype), device, str(directory), native=native)
+    init_derived_buffers(module, device)
+    module.eval()
+    return get_task(family.task)(module, native, family, directory)
