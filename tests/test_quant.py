@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from zoo.architectures.quant import PackedLinear, get_scheme, nibbles, unnibble
 
 import zoo
 from tests.helpers import max_abs_diff, tiny_qwen2
-from zoo.architectures.quant import PackedLinear, get_scheme, nibbles, unnibble
 
 
 def test_int4_packs_two_signed_nibbles_per_byte_high_nibble_first():
