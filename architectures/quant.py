@@ -15,6 +15,7 @@ then multiply); a scheme may route to a fused or library kernel where one pays.
 from __future__ import annotations
 
 import fnmatch
+import re
 
 import torch
 import torch.nn as nn
@@ -46,22 +47,36 @@ class RowwiseInt(Scheme):
     """Symmetric integers with one scale per output row: w ~ q * scale[row], scale = max|w[row]| / qmax.
 
     This is GLM-130B's weight-only scheme (docs/quantization.md) and the usual int8 weight-only one.
-    q = round(w / scale) (half to even), so the largest weight of a row maps to exactly +-qmax."""
+    q = round(w / scale) (half to even), so the largest weight of a row maps to exactly +-qmax.
+    With groups > 1 (scheme "<name>-g<groups>") each row has one scale per group of in/groups consecutive
+    columns: GLM-130B's published INT8/INT4 files merged from their tensor-parallel ranks keep one scale per row
+    per rank for the row-parallel weights."""
 
-    def __init__(self, name: str, bits: int):
-        self.name, self.bits, self.qmax = name, bits, 2 ** (bits - 1) - 1
+    def __init__(self, name: str, bits: int, groups: int = 1):
+        self.name, self.bits, self.qmax, self.groups = name, bits, 2 ** (bits - 1) - 1, groups
 
     def columns(self, in_features: int) -> int:
         return in_features
 
     def tensors(self, out_features: int, in_features: int) -> TensorPlan:
-        return {"weight": ((out_features, self.columns(in_features)), torch.int8),
-                "weight_scale": ((out_features,), None)}
+        if in_features % self.groups:
+            raise ValueError(f"{self.name}: in_features {in_features} is not a multiple of {self.groups} groups")
+        scale = (out_features,) if self.groups == 1 else (out_features, self.groups)
+        return {"weight": ((out_features, self.columns(in_features)), torch.int8), "weight_scale": (scale, None)}
 
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = weight.abs().amax(dim=1) / self.qmax
-        q = torch.round(weight.float() / scale.float().clamp(min=torch.finfo(torch.float32).tiny)[:, None])
-        return q.clamp(-self.qmax, self.qmax).to(torch.int8), scale
+        out, n = weight.shape
+        if n % self.groups:
+            raise ValueError(f"{self.name}: {n} columns are not a multiple of {self.groups} groups")
+        # fp16 weights are quantised in fp16 arithmetic, as GLM-130B's quantization/layers.py and
+        # tools/convert_tp.py do it (w / scale rounds to fp16 before round()): the published bytes, exactly
+        work = weight if weight.dtype == torch.float16 else weight.float()
+        w = work.reshape(out, self.groups, n // self.groups)
+        scale = w.abs().amax(dim=2) / self.qmax
+        q = torch.round(w / scale.clamp(min=torch.finfo(work.dtype).tiny)[..., None])
+        q = q.clamp(-self.qmax, self.qmax).to(torch.int8).reshape(out, n)
+        scale = scale.to(weight.dtype)
+        return q, scale[:, 0] if self.groups == 1 else scale
 
     def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         q, scale = self.quantize(weight)
@@ -71,7 +86,11 @@ class RowwiseInt(Scheme):
         return t["weight"]
 
     def unpack(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return self.integers(t).to(dtype) * t["weight_scale"].to(dtype)[:, None]
+        q, scale = self.integers(t).to(dtype), t["weight_scale"].to(dtype)
+        if scale.dim() == 1:
+            return q * scale[:, None]
+        out, n = q.shape
+        return (q.view(out, scale.shape[1], n // scale.shape[1]) * scale[:, :, None]).view(out, n)
 
 
 class NibbleInt4(RowwiseInt):
@@ -119,6 +138,10 @@ def get_scheme(name: str | Scheme) -> Scheme:
     if isinstance(name, Scheme):
         return name
     key = ALIASES.get(name, name)
+    grouped = re.fullmatch(r"(.+)-g([1-9][0-9]*)", key)
+    if key not in SCHEMES and grouped and isinstance(SCHEMES.get(grouped[1]), RowwiseInt):
+        base = SCHEMES[grouped[1]]  # "int4-row-g8": the rowwise scheme with 8 scale groups per row
+        register_scheme(type(base)(key, base.bits, groups=int(grouped[2])))
     if key not in SCHEMES:
         raise ValueError(f"quantize={name!r}: unknown scheme; use one of {sorted({*ALIASES, *SCHEMES})}")
     return SCHEMES[key]

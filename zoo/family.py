@@ -33,7 +33,9 @@ class Family:
     tied: dict[str, str] = field(default_factory=dict)
     # Text families: the tokenizer class (default: tokenizer.json through the tokenizers library; the class has
     # available(directory) -> bool and encode/decode/special/token_id), and prompt rules: an object with
-    # encode(tokenizer, text) -> ids and decode(tokenizer, prompt, new_ids) -> text (default: plain text).
+    # encode(tokenizer, text) -> ids and decode(tokenizer, prompt, new_ids) -> text (default: plain text), and
+    # optionally complete(tokenizer, prompt, new_ids) -> the final text of a finished generation and
+    # echoes_prompt(tokenizer, prompt) -> bool (the output holds the prompt, e.g. a blank filled inside it).
     tokenizer: Any = None
     prompt: Any = None
     # Past its trained context (config.max_seq_len) the model still runs (rotary positions): warn, not refuse.

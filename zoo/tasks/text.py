@@ -244,7 +244,7 @@ class TextModel(ZooModel):
         else:
             pieces = self.generate(args.prompt, **kw)
         main = is_main_process()
-        if main and not args.chat:
+        if main and not args.chat and not self.echoes_prompt(args.prompt):
             print(args.prompt, end="", flush=True)
         for piece in pieces:
             if main:
@@ -259,9 +259,21 @@ class TextModel(ZooModel):
         rule = self.family.prompt
         return rule.encode(self.tokenizer, text) if rule is not None else self.tokenizer.encode(text)
 
-    def _finish_text(self, prompt: str, ids: list[int], stops: list[str]) -> tuple[str, bool]:
+    def echoes_prompt(self, prompt: str) -> bool:
+        """Whether generated text already holds the prompt (a prompt rule that fills a blank inside it)."""
         rule = self.family.prompt
-        text = rule.decode(self.tokenizer, prompt, ids) if rule is not None else self.tokenizer.decode(ids)
+        return bool(getattr(rule, "echoes_prompt", lambda tokenizer, text: False)(self.tokenizer, prompt))
+
+    def _finish_text(self, prompt: str, ids: list[int], stops: list[str], final: bool = False) -> tuple[str, bool]:
+        """The text for the new ids so far; `final`: of a finished generation (a prompt rule's `complete`, if it
+        has one, may then add what follows, e.g. the rest of a prompt whose blank was filled)."""
+        rule = self.family.prompt
+        if rule is None:
+            text = self.tokenizer.decode(ids)
+        elif final and hasattr(rule, "complete"):
+            text = rule.complete(self.tokenizer, prompt, ids)
+        else:
+            text = rule.decode(self.tokenizer, prompt, ids)
         for s in stops:
             if s in text:
                 return text[: text.index(s)], True
@@ -288,7 +300,7 @@ class TextModel(ZooModel):
         self._check_rows(rows)
         self._check_context(max(len(r) for r in rows), max_new_tokens)
         stop_ids = self.stop_ids()
-        return [self._finish_text(p, [t for t in ids if t not in stop_ids], stops)[0]
+        return [self._finish_text(p, [t for t in ids if t not in stop_ids], stops, final=True)[0]
                 for p, ids in zip(prompts, self._collect(rows, max_new_tokens, sampling))]
 
     def _stream_text(self, prompt, ids, max_new_tokens, sampling, stops) -> Iterator[str]:
@@ -311,6 +323,6 @@ class TextModel(ZooModel):
             if len(ready) > len(sent):
                 yield ready[len(sent):]
                 sent = ready
-        text, _ = self._finish_text(prompt, new, stops)
+        text, _ = self._finish_text(prompt, new, stops, final=True)
         if len(text) > len(sent):
             yield text[len(sent):]
