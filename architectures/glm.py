@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.decoder import tied_head
+from zoo.architectures.glm_tokenizer import GLMPrompt, GLMTokenizer
 from zoo.architectures.layers import rotate_half
 from zoo.architectures.state import KVCache, State
 
@@ -437,4 +438,8 @@ FAMILY = Family(
     entries=tuple(_entries()),
     tp_plan=TP_PLAN,
     card_template="glm.md",
+    stop_tokens=("<eop>",),  # and the tokenizer's eos (</s>, 20002 for GLM-130B)
+    tokenizer=GLMTokenizer,
+    prompt=GLMPrompt(),
+    extrapolates=True,  # rotary positions: past 2048 it runs (fp16 angles grow coarse), with a warning
 )

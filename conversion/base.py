@@ -54,6 +54,9 @@ class Format:
     description: str = ""
     exports_as: str | None = None  # `zoo convert --to NAME` target this format serves ("hf"), if any
     copy_files: tuple[str, ...] = TOKENIZER_FILES
+    # A layout published without a config (GLM-130B's SAT release) takes one from the user (`--config FILE`):
+    # native_config(src, config=dict) is then called with it.
+    takes_config: bool = False
 
     def detect(self, src: Path) -> bool:
         raise NotImplementedError
@@ -82,6 +85,11 @@ class Format:
     def quantization(self, src: Path) -> dict[str, Any]:
         """For a layout published with packed weights: {"scheme": name, "modules": [native module paths]}."""
         return {}
+
+    def write_export(self, model_dir: Path, out: Path, overwrite: bool, progress: bool, **options: Any) -> Path:
+        """A layout that is more than the key map read backwards (e.g. split over tensor-parallel ranks) writes
+        itself here; formats that do not override it get the generic export, which takes no options."""
+        raise NotImplementedError
 
 
 _FORMATS: dict[str, Format] = {}
@@ -129,10 +137,11 @@ def published_names(keymap: KeyMap):
     reverse = keymap.reversed()
 
     def name(native_key: str) -> str:
-        for rule in reverse.rules:
-            m = pattern_regex(rule.src[0]).match(native_key) if len(rule.src) == 1 else None
-            if m:
-                return " + ".join(p.format(**m.groupdict()) for p in rule.dst)
+        for rule in reverse.rules:  # a published tensor split into several native ones names each of them
+            for pattern in rule.src:
+                m = pattern_regex(pattern).match(native_key)
+                if m and (len(rule.src) == 1 or len(rule.dst) == 1):
+                    return " + ".join(p.format(**m.groupdict()) for p in rule.dst)
         return native_key
 
     return name
@@ -164,11 +173,14 @@ def convert(
     progress: bool = True,
     command: str | None = None,
     quantize: str | None = None,
+    config: str | Path | dict[str, Any] | None = None,
 ) -> Path:
     """Convert a published checkpoint into the native format, streaming tensor by tensor.
 
     quantize: store every linear layer's weight packed ("int8", "int4" or a scheme of zoo.architectures.quant),
-    quantised tensor by tensor on the way."""
+    quantised tensor by tensor on the way.
+    config: for a layout published without a config (Format.takes_config): a JSON file (or dict) of its numbers,
+    in the names the layout's own code uses."""
     from zoo.cards import write_card
 
     src, out = Path(src), Path(out)
@@ -176,7 +188,15 @@ def convert(
         raise FileExistsError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
     fmt = detect_format(src, format)
     family = get_family(fmt.family)
-    fields, extra = fmt.native_config(src)
+    if config is None:
+        fields, extra = fmt.native_config(src)
+    elif not fmt.takes_config:
+        raise CheckpointError(f"{src}: layout {fmt.name} carries its own config; --config is not used for it")
+    else:
+        given = config if isinstance(config, dict) else read_json(Path(config))
+        if not isinstance(given, dict):
+            raise CheckpointError(f"{config}: expected a JSON object of config values")
+        fields, extra = fmt.native_config(src, config=given)
     try:
         config = family.config_from_dict(fields)
     except (TypeError, ValueError) as e:
@@ -221,8 +241,9 @@ def convert(
 
 
 def export(model_dir: str | Path, out: str | Path, to: str = "hf", overwrite: bool = False,
-           progress: bool = True) -> Path:
-    """Write a native checkpoint back in a published layout (the key map read backwards)."""
+           progress: bool = True, **options: Any) -> Path:
+    """Write a native checkpoint back in a published layout (the key map read backwards, or the format's own
+    writer, which may take options such as tp=N)."""
     model_dir, out = Path(model_dir), Path(out)
     native = read_config(model_dir)
     if native.quantization:
@@ -234,6 +255,10 @@ def export(model_dir: str | Path, out: str | Path, to: str = "hf", overwrite: bo
     if not matches:
         raise CheckpointError(f"{model_dir}: family {family.name} has no exporter to {to!r}")
     fmt = matches[0]
+    if type(fmt).write_export is not Format.write_export:
+        return fmt.write_export(model_dir, out, overwrite=overwrite, progress=progress, **options)
+    if options:
+        raise CheckpointError(f"export to {to!r} takes no options; got {', '.join(sorted(options))}")
     files = sorted(model_dir.glob("*.safetensors"))
     tensors = SafetensorsSource(files)
     jobs = plan_jobs(tensors.keys(), fmt.keymap(config).reversed(), lambda k: str(tensors.file_of(k)))

@@ -466,6 +466,7 @@ class SATGLM(Format):
     family = "glm"
     description = "SwissArmyTransformer tensor-parallel checkpoint of GLM-130B (DIR/latest, DIR/<iter>/mp_rank_*)"
     takes_config = True
+    exports_as = "sat"  # zoo convert --to sat NATIVE OUT --tp N
     copy_files = ("ice_text.model",)
 
     def detect(self, src: Path) -> bool:
@@ -498,6 +499,10 @@ class SATGLM(Format):
 
     def keymap(self, c: GLMConfig) -> KeyMap:
         return glm_keymap(c, quantized=False)
+
+    def write_export(self, model_dir: Path, out: Path, overwrite: bool, progress: bool, tp: int = 1,
+                     iteration: str | None = None) -> Path:
+        return export_sat(model_dir, out, tp=tp, iteration=iteration, overwrite=overwrite, progress=progress)
 
 
 def _quantized_bits(shapes: dict[str, tuple[int, ...]], fields: dict[str, Any]) -> int:

@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="", help="model name recorded in config.json and the card")
     s.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard (default 5)")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--config", help="JSON file of the model's numbers, for a layout published without a config "
+                   "(GLM-130B's SAT release: SAT argument names, e.g. num_layers, hidden_size)")
+    s.add_argument("--tp", type=int, help="with --to: the tensor-parallel degree of a layout split over ranks "
+                   "(--to sat)")
     s.add_argument("--quantize", help="store linear weights packed: int8 | int4 (weight-only, per output row)")
 
     s = add("generate", "Generate from a prompt: text (streamed to stdout), or a 3D shape from a condition file.",
@@ -125,10 +129,12 @@ def _cmd_convert(a) -> None:
     import zoo
 
     if a.to:
-        out = zoo.export(a.src, a.out, to=a.to, overwrite=a.overwrite)
+        out = zoo.export(a.src, a.out, to=a.to, overwrite=a.overwrite, **({"tp": a.tp} if a.tp else {}))
     else:
+        if a.tp:
+            raise ValueError("--tp applies to an export (--to); a conversion reads every rank the checkpoint has")
         out = zoo.convert(a.src, a.out, format=a.format, dtype=a.dtype, overwrite=a.overwrite, name=a.name,
-                          max_shard_bytes=int(a.max_shard_size * 2**30), quantize=a.quantize,
+                          max_shard_bytes=int(a.max_shard_size * 2**30), quantize=a.quantize, config=a.config,
                           command="zoo convert " + " ".join(sys.argv[2:]))
     print(f"wrote {out}", file=sys.stderr)
 
