@@ -20,6 +20,7 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures.kernels.bitlinear import pack_ternary, ternarize, unpack_ternary
 
 TensorPlan = dict[str, tuple[tuple[int, ...], torch.dtype | None]]  # name -> (shape, dtype; None = float)
 
@@ -121,6 +122,26 @@ def unnibble(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).reshape(packed.shape[0], -1)
 
 
+class Ternary(Scheme):
+    """BitNet b1.58 / MatMul-free LM weights: codes {-1, 0, +1} and one absmean scale per matrix,
+    w ~ codes * mean|w|; the codes 2 bits each, 4 per byte (zoo.architectures.kernels.bitlinear)."""
+
+    name = "ternary"
+
+    def tensors(self, out_features: int, in_features: int) -> TensorPlan:
+        return {"weight": ((out_features, -(-in_features // 4)), torch.uint8), "weight_scale": ((1,), None)}
+
+    def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        if weight.shape[1] % 4:
+            raise ValueError(f"ternary packs four columns per byte; in_features {weight.shape[1]} is not a "
+                             "multiple of 4")
+        codes, scale = ternarize(weight)
+        return {"weight": pack_ternary(codes), "weight_scale": scale}
+
+    def unpack(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return unpack_ternary(t["weight"], t["weight"].shape[1] * 4, dtype) * t["weight_scale"].to(dtype)
+
+
 SCHEMES: dict[str, Scheme] = {}
 
 
@@ -131,6 +152,7 @@ def register_scheme(scheme: Scheme) -> Scheme:
 
 register_scheme(RowwiseInt("int8-row", 8))
 register_scheme(NibbleInt4("int4-row", 4))
+register_scheme(Ternary())
 ALIASES = {"int8": "int8-row", "int4": "int4-row"}  # what zoo.load(quantize=...) and --quantize accept
 
 

@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(GLM-130B's SAT release: SAT argument names, e.g. num_layers, hidden_size)")
     s.add_argument("--tp", type=int, help="with --to: the tensor-parallel degree of a layout split over ranks "
                    "(--to sat)")
-    s.add_argument("--quantize", help="store linear weights packed: int8 | int4 (weight-only, per output row)")
+    s.add_argument("--quantize", help="store linear weights packed: int8 | int4 (weight-only, per output row) | "
+                   "ternary (2 bits, for ternary-trained models: MatMul-free LM)")
 
     s = add("generate", "Generate from a prompt: text (streamed to stdout), or a 3D shape from a condition file.",
             'zoo generate qwen2-tiny-stdlib "def fibonacci(n):"\n'

@@ -43,14 +43,15 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x * scale).round().clamp(-128, 127), scale
 
 
-def ternarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor absmean ternary: (codes int8 in {-1, 0, 1}, scale [1], fp32 or wider); w ~ codes * scale.
+def ternarize(w: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor absmean ternary: (codes in {-1, 0, 1} as `dtype`, scale [1], fp32 or wider); w ~ codes * scale.
 
-    Computed in fp32 whatever the stored dtype, so latent and packed weights give the same codes."""
+    Computed in fp32 whatever the stored dtype (as in training, on fp32 master weights), so latent and packed
+    weights give the same codes."""
     w = widen(w)
-    scale = w.abs().mean().clamp(min=WEIGHT_MIN).reshape(1)
-    codes = (w * (1.0 / scale)).round().clamp(-1, 1).to(torch.int8)  # times the inverse, as published
-    return codes, scale
+    scale = (torch.linalg.vector_norm(w, 1) / w.numel()).clamp(min=WEIGHT_MIN).reshape(1)
+    codes = (w * (1.0 / scale)).round_().clamp_(-1, 1)  # times the inverse, as published
+    return codes.to(dtype), scale
 
 
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
@@ -65,22 +66,32 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     return (biased << shifts).sum(-1, dtype=torch.uint8)
 
 
-def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """uint8 [out, ceil(in / 4)] -> int8 ternary codes [out, in] (pack_ternary read backwards)."""
-    shifts = torch.arange(0, 2 * CODES_PER_BYTE, 2, dtype=torch.uint8, device=packed.device)
-    fields = (packed[..., None] >> shifts) & 3
-    return (fields.to(torch.int8) - 1).reshape(packed.shape[0], -1)[:, :in_features]
+def unpack_ternary(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """uint8 [out, ceil(in / 4)] -> ternary codes [out, in] as `dtype` (pack_ternary read backwards).
+
+    One table lookup per byte: byte value -> its 4 codes, so a layer unpacks in a single pass."""
+    table = _UNPACK_TABLE.to(device=packed.device, dtype=dtype)
+    codes = F.embedding(packed.to(torch.int32), table).reshape(packed.shape[0], -1)
+    return codes if codes.shape[1] == in_features else codes[:, :in_features]
+
+
+_UNPACK_TABLE = ((torch.arange(256)[:, None] >> torch.arange(0, 2 * CODES_PER_BYTE, 2)) & 3) - 1  # [256, 4]
 
 
 def bitlinear_reference(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, codes: torch.Tensor,
                         scale: torch.Tensor) -> torch.Tensor:
     """BitLinear from ternary codes [out, in] and their scale, step by step; output in x's dtype.
 
-    As the published model does, the dequantised activations and weights are cast to x's dtype and
-    multiplied there (exact codes, so in fp32 only the summation order differs from integer arithmetic)."""
+    Both scales fold into the activations, (x_q * a / s_x) @ t^T: the codes are exact in any float dtype, and
+    the multiply runs in x's dtype as the published model's does."""
     x_q, s_x = quantize_activations(rms_norm(x, norm_weight, eps))
-    weight = (codes.to(scale.dtype) * scale).to(x.dtype)
-    return F.linear((x_q / s_x).to(x.dtype), weight)
+    return F.linear((x_q * (scale / s_x)).to(x.dtype), codes.to(x.dtype))
+
+
+def bitlinear_latent(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
+    """BitLinear on the latent (trained, full-precision) weight, ternarised for this call."""
+    codes, scale = ternarize(weight, x.dtype)
+    return bitlinear_reference(x, norm_weight, eps, codes, scale)
 
 
 def bitlinear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, packed: torch.Tensor,
@@ -91,4 +102,4 @@ def bitlinear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, packed: to
         from zoo.architectures.kernels.bitlinear_triton import bitlinear_triton
 
         return bitlinear_triton(x, norm_weight, eps, packed, scale)
-    return bitlinear_reference(x, norm_weight, eps, unpack_ternary(packed, in_features), scale)
+    return bitlinear_reference(x, norm_weight, eps, unpack_ternary(packed, in_features, x.dtype), scale)
