@@ -46,13 +46,13 @@ def mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tenso
     m_new = torch.maximum(log_f + m, i)
     forget = torch.exp(log_f + m - m_new)  # the forget gate, stabilised
     inp = torch.exp(i - m_new)  # the exponential input gate, stabilised
-    c.mul_(forget[..., None, None])
-    B, NH, dqk, dv = c.shape
-    c.view(B * NH, dqk, dv).baddbmm_((inp[..., None] * k).reshape(B * NH, dqk, 1), v.reshape(B * NH, 1, dv))
+    # Elementwise forms, not batched matmuls: one row per head is a few hundred flops, and a batched matmul would
+    # start the thread pool for each (milliseconds on a busy machine); these only go parallel when large.
+    c.mul_(forget[..., None, None]).addcmul_((inp[..., None] * k)[..., :, None], v[..., None, :])
     n.mul_(forget[..., None]).add_(inp[..., None] * k)
     m.copy_(m_new)
-    q = q * dqk**-0.5
-    numerator = (q[..., None, :] @ c).squeeze(-2)
+    q = q * q.shape[-1] ** -0.5
+    numerator = (q[..., :, None] * c).sum(-2)
     denominator = torch.maximum((q * n).sum(-1).abs(), torch.exp(-m_new)) + eps
     return (numerator / denominator[..., None]).to(dtype)
 
