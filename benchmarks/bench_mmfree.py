@@ -3,6 +3,7 @@
     python benchmarks/bench_mmfree.py --size 370m                       # CPU: memory and decode tokens/s
     python benchmarks/bench_mmfree.py --size 370m --device cuda --kernels --write   # GPU, kernel timings too
     python benchmarks/bench_mmfree.py --size tiny --new-tokens 8        # a smoke run in seconds
+    python benchmarks/bench_mmfree.py --memory                          # checkpoint sizes only, instant
 
 Random weights in the published shapes (nothing is downloaded): MatMul-free LM 370M / 1.3B / 2.7B with its
 16-bit latent weights ("latent": ternarised on every call, as the published model runs) and with the same model's
@@ -124,6 +125,32 @@ def kernel_rows(c: mmfree.MMfreeConfig, dtype: torch.dtype) -> list[str]:
     return rows
 
 
+def checkpoint_bytes(c: mmfree.MMfreeConfig) -> tuple[int, int]:
+    """(fp16 latent checkpoint, packed checkpoint) bytes from the shapes alone (meta build, nothing allocated):
+    packed stores each BitLinear weight as uint8 [out, in / 4] plus an fp32 scale, the rest in 16 bits."""
+    with torch.device("meta"):
+        model = mmfree.build(c)
+    latent = sum(t.numel() * 2 for t in model.state_dict().values())
+    packed = latent
+    for m in model.modules():
+        if isinstance(m, mmfree.BitLinear):
+            out_f, in_f = m.linear.weight.shape
+            packed += out_f * -(-in_f // 4) + 4 - out_f * in_f * 2
+    return latent, packed
+
+
+def memory_table() -> list[str]:
+    """Checkpoint bytes of every published size, latent vs packed, next to the Qwen2 of similar size (bf16)."""
+    rows = ["| model | fp16 latent checkpoint (MiB) | packed ternary (MiB) | packed / fp16 | Qwen2 of similar size, "
+            "bf16 (MiB) |", "|---|---:|---:|---:|---:|"]
+    for size in ("370m", "1.3b", "2.7b"):
+        c, qc, qname = SIZES[size]
+        latent, packed = checkpoint_bytes(c)
+        rows.append(f"| MatMul-free {size} | {latent / 2**20:,.0f} | {packed / 2**20:,.0f} | {packed / latent:.3f} | "
+                    f"{qwen2.count_params(qc) * 2 / 2**20:,.0f} ({qname}) |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="370m")
@@ -133,7 +160,12 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--kernels", action="store_true", help="time the Triton kernels too (CUDA only)")
     ap.add_argument("--write", action="store_true", help="write the tables into BENCHMARKS.md")
+    ap.add_argument("--memory", action="store_true", help="only the checkpoint sizes of every published size "
+                    "(from the shapes; instant)")
     args = ap.parse_args()
+    if args.memory:
+        print("\n".join(memory_table()))
+        return
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "bfloat16"))
     mm_config, qwen_config, qwen_name = SIZES[args.size]
     dev = torch.device(args.device)
@@ -178,6 +210,10 @@ def main() -> None:
         "peak CUDA (MiB) |",
         "|---|---:|---:|---:|---:|---:|",
         *rows,
+        "",
+        "Checkpoint sizes of the published models (from their shapes: `python benchmarks/bench_mmfree.py --memory`):",
+        "",
+        *memory_table(),
     ]
     if args.kernels:
         if dev.type != "cuda":
