@@ -298,4 +298,5 @@ FAMILY = Family(
     entries=tuple(_entries()),
     card_template="mmfree.md",
     prompt=LlamaBosPrompt(),
+    extrapolates=True,  # a recurrence has no position limit: past the trained 2048 tokens, warn, not refuse
 )
