@@ -100,11 +100,36 @@ class MultiHeadLayerNorm(nn.Module):
         return self.weight * x.to(h.dtype).flatten(-2)
 
 
+class XLSTMState(State):
+    """The generation state of xLSTM: every layer's mLSTM memory (C, n, m), float32, allocated once.
+
+    Per layer C [B, heads, dqk, dv], n [B, heads, dqk], m [B, heads]; the layer updates them in place, so the size
+    never changes (no per-token growth, unlike a KV cache)."""
+
+    def __init__(self, batch: int, max_len: int, pad: torch.Tensor | None, c: XLSTMConfig,
+                 device: torch.device | str | None = None):
+        super().__init__(batch, max_len, pad)
+        dqk, dv = c.qk_dim // c.n_heads, c.v_dim // c.n_heads
+        cells = [new_cell_state(batch, c.n_heads, dqk, dv, device) for _ in range(c.n_layers)]
+        self.c, self.n, self.m = (list(t) for t in zip(*cells))  # stabilisers m start at 0
+
+    def memory(self, layer: int, device: torch.device) -> CellState:
+        """This layer's memory on `device`. A layer placed on another device than the embedding (a device map) gets
+        its memory moved there once, at its first call, and updated there in place from then on."""
+        if self.c[layer].device != device:
+            self.c[layer], self.n[layer], self.m[layer] = (t[layer].to(device) for t in (self.c, self.n, self.m))
+        return self.c[layer], self.n[layer], self.m[layer]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return super().tensors() + self.c + self.n + self.m
+
+
 class MLSTMLayer(nn.Module):
     """The mLSTM token mixer: projections, soft-capped gates, the cell, the per-head norm, the output gate."""
 
-    def __init__(self, c: XLSTMConfig):
+    def __init__(self, c: XLSTMConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.n_heads = c.n_heads
         self.gate_soft_cap = c.gate_soft_cap
         self.cell_eps = c.cell_eps
@@ -118,9 +143,9 @@ class MLSTMLayer(nn.Module):
         self.head_norm = MultiHeadLayerNorm(c.n_heads, c.v_dim // c.n_heads, c.norm_eps)
         self.out_proj = nn.Linear(c.v_dim, c.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, memory: CellState | None, valid: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, dim]; memory: this layer's (C, n, m), updated in place (None: start empty, keep nothing);
-        valid: [B, T] False on left-pad tokens, which must leave the memory untouched."""
+    def forward(self, x: torch.Tensor, state: XLSTMState | None, valid: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, dim]; state: holds this layer's memory (C, n, m), updated in place (None: start empty, keep
+        nothing); valid: [B, T] False on left-pad tokens, which must leave the memory untouched."""
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         i = soft_cap(self.i_gate(x), self.gate_soft_cap).float().transpose(1, 2)  # [B, heads, T], log input gate
@@ -128,7 +153,9 @@ class MLSTMLayer(nn.Module):
         if valid is not None:  # a pad token: input gate exp(-inf) = 0, forget gate exp(0) = 1
             i = i.masked_fill(~valid[:, None], float("-inf"))
             log_f = log_f.masked_fill(~valid[:, None], 0.0)
-        if memory is None:
+        if state is not None:
+            memory = state.memory(self.layer, x.device)
+        else:
             memory = new_cell_state(B, self.n_heads, q.shape[-1], v.shape[-1], x.device)
         if T == 1:
             h = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], log_f[..., 0], memory, self.cell_eps)
@@ -140,37 +167,16 @@ class MLSTMLayer(nn.Module):
 
 
 class XLSTMBlock(nn.Module):
-    def __init__(self, c: XLSTMConfig):
+    def __init__(self, c: XLSTMConfig, layer: int):
         super().__init__()
         self.mlstm_norm = RMSNorm(c.dim, c.norm_eps)
-        self.mlstm = MLSTMLayer(c)
+        self.mlstm = MLSTMLayer(c, layer)
         self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
         self.ffn = GatedMLP(c.dim, c.ffn_dim)  # down(silu(gate(x)) * up(x))
 
-    def forward(self, x: torch.Tensor, memory: CellState | None, valid: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.mlstm(self.mlstm_norm(x), memory, valid)
+    def forward(self, x: torch.Tensor, state: XLSTMState | None, valid: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.mlstm(self.mlstm_norm(x), state, valid)
         return x + self.ffn(self.ffn_norm(x))
-
-
-class XLSTMState(State):
-    """The generation state of xLSTM: every layer's mLSTM memory (C, n, m), float32, allocated once.
-
-    C [layers, B, heads, dqk, dv], n [layers, B, heads, dqk], m [layers, B, heads]; the layers update their slice
-    in place, so the size never changes (no per-token growth, unlike a KV cache)."""
-
-    def __init__(self, batch: int, max_len: int, pad: torch.Tensor | None, c: XLSTMConfig,
-                 device: torch.device | str | None = None):
-        super().__init__(batch, max_len, pad)
-        dqk, dv = c.qk_dim // c.n_heads, c.v_dim // c.n_heads
-        self.c = torch.zeros(c.n_layers, batch, c.n_heads, dqk, dv, device=device)
-        self.n = torch.zeros(c.n_layers, batch, c.n_heads, dqk, device=device)
-        self.m = torch.zeros(c.n_layers, batch, c.n_heads, device=device)  # stabilisers start at 0
-
-    def memory(self, layer: int) -> CellState:
-        return self.c[layer], self.n[layer], self.m[layer]
-
-    def tensors(self) -> list[torch.Tensor]:
-        return super().tensors() + [self.c, self.n, self.m]
 
 
 class XLSTM(nn.Module):
@@ -178,7 +184,7 @@ class XLSTM(nn.Module):
         super().__init__()
         self.config = c
         self.embed = nn.Embedding(c.vocab_size, c.dim)
-        self.layers = nn.ModuleList(XLSTMBlock(c) for _ in range(c.n_layers))
+        self.layers = nn.ModuleList(XLSTMBlock(c, n) for n in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
 
@@ -193,8 +199,8 @@ class XLSTM(nn.Module):
         T = input_ids.shape[1]
         valid = state.valid(T, input_ids.device) if state is not None else None
         h = self.embed(input_ids)
-        for n, block in enumerate(self.layers):
-            h = block(h, state.memory(n) if state is not None else None, valid)
+        for block in self.layers:
+            h = block(h, state, valid)
         if state is not None:
             state.advance(T)
         if last_only:

@@ -32,8 +32,9 @@ CellState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C [B, NH, dqk, dv
 
 def new_cell_state(batch: int, heads: int, dqk: int, dv: int, device: torch.device | str | None = None) -> CellState:
     """An empty memory: C = 0, n = 0 and the stabiliser m = 0 (the published models start from zeros, not -inf)."""
-    return (torch.zeros(batch, heads, dqk, dv, device=device), torch.zeros(batch, heads, dqk, device=device),
-            torch.zeros(batch, heads, device=device))
+    f32 = dict(device=device, dtype=torch.float32)
+    return (torch.zeros(batch, heads, dqk, dv, **f32), torch.zeros(batch, heads, dqk, **f32),
+            torch.zeros(batch, heads, **f32))
 
 
 def mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, log_f: torch.Tensor,
