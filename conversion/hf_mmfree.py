@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from zoo.architectures.mmfree import MMfreeConfig
+from zoo.architectures.mmfree import LICENSE, PAPER, MMfreeConfig
 from zoo.conversion.base import read_json
 from zoo.conversion.hf_decoder import TransformersFormat, generation_extra
 from zoo.conversion.rules import KeyMap, rename
@@ -58,6 +58,9 @@ class HFMMfree(TransformersFormat):
             max_seq_len=cfg.get("max_position_embeddings", 2048),
         )
         return fields, generation_extra(src, cfg)
+
+    def source_info(self, src: Path) -> dict[str, Any]:
+        return {"license": LICENSE, "paper": PAPER}
 
     def keymap(self, c: MMfreeConfig) -> KeyMap:
         block = "model.layers.{i}."
