@@ -7,8 +7,12 @@ write: one job at a time into a temporary directory, renamed into place when com
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ import torch
 from zoo.conversion.rules import KeyMap, Rule, pattern_regex
 from zoo.conversion.sources import TensorSource
 from zoo.weights.format import CheckpointError
+from zoo.weights.locks import ProcessLock
 from zoo.weights.writer import TensorSpec, write_tensors
 
 
@@ -146,31 +151,157 @@ def pack_jobs(jobs: list[Job], paths: list[str], scheme) -> list[Job]:
     return out
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a filesystem without it: rename in two steps
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root to disk, so a crash after the rename cannot leave a complete
+    looking directory with empty files (the rename reaches the disk no earlier than its contents)."""
+    for path in [*sorted(root.rglob("*")), root]:
+        if path.is_symlink():
+            continue
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class AtomicDirectory:
-    """Write into a temporary sibling directory; rename into place only when the block completes."""
+    """Write into a temporary sibling directory; put it in place only when the block completes.
+
+    OUT is never half-written: it is either absent, the previous complete directory, or the new complete one.
+    - The swap of a new directory for an existing OUT is one renameat2(RENAME_EXCHANGE) step on Linux (elsewhere
+      two renames, with a moment in which OUT is absent), after every file has been fsync'ed.
+    - A lock file beside OUT (.NAME.lock) makes two processes writing the same OUT take turns; the second then
+      finds OUT present and refuses it (or, with overwrite, replaces it in turn).
+    - The temporary directory is named .NAME.partial-HOST-PID-XXXX; one left by a killed process on this host
+      (its PID gone) is removed by the next writer of OUT, under the lock.
+    - A write that fails (a full disk, a file size limit) raises OSError naming OUT and the file, after the
+      temporary directory is removed.
+    """
 
     def __init__(self, out: str | Path, overwrite: bool = False):
         self.out = Path(out)
         self.overwrite = overwrite
         if self.out.exists() and not overwrite:
             raise FileExistsError(f"{self.out}: already exists; pass --overwrite (overwrite=True) to replace it")
+        self._lock = None
+
+    @property
+    def _host(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+    def _clean_stale(self) -> None:
+        prefix = f".{self.out.name}."
+        for path in self.out.parent.iterdir():
+            m = re.fullmatch(r"(?:partial|old)-(.+)-(\d+)-[A-Za-z0-9_]+", path.name[len(prefix):]) \
+                if path.name.startswith(prefix) else None
+            if m and m.group(1) == self._host and not _alive(int(m.group(2))):
+                _remove(path)
 
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        self.tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+        self._lock = ProcessLock(self.out.parent / f".{self.out.name}.lock")
+        if not self._lock.acquire(blocking=False):
+            print(f"{self.out}: another process is writing it; waiting for it to finish", file=sys.stderr,
+                  flush=True)
+            self._lock.acquire()
+        try:
+            if self.out.exists() and not self.overwrite:  # written by the process we waited for
+                raise FileExistsError(f"{self.out}: already exists; pass --overwrite (overwrite=True) to replace it")
+            self._clean_stale()
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-{self._host}-{os.getpid()}-",
+                                             dir=self.out.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            self.tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+        except BaseException:
+            self._lock.release()
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.rename(self.out, old)
-            os.rename(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.out)
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+                    raise self._write_error(exc) from None
+                return
+            try:
+                _fsync_tree(self.tmp)
+                if self.out.exists() or self.out.is_symlink():
+                    if _exchange(self.tmp, self.out):  # OUT is the new directory; tmp holds the old one
+                        _remove(self.tmp)
+                    else:
+                        old = self.tmp.with_name(self.tmp.name.replace(".partial-", ".old-", 1))
+                        os.rename(self.out, old)
+                        os.rename(self.tmp, self.out)
+                        _remove(old)
+                else:
+                    os.rename(self.tmp, self.out)
+                _fsync_tree_dir(self.out.parent)
+            except OSError as e:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise self._write_error(e) from None
+        finally:
+            self._lock.release()
+
+    def _write_error(self, e: OSError) -> OSError:
+        where = e.filename if e.filename else ""
+        try:
+            where = Path(where).relative_to(self.tmp).as_posix() if where else ""
+        except ValueError:
+            pass
+        what = f" writing {where}" if where else ""
+        return WriteError(e.errno, f"{self.out}: failed{what} ({e.strerror or e}); nothing was written: "
+                       f"{self.out} is {'as it was' if self.out.exists() else 'absent'}", str(self.out))
+
+
+class WriteError(OSError):
+    """Writing a checkpoint failed (a full disk, a quota, a file size limit); the message names where."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+def _fsync_tree_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -48,12 +48,17 @@ class CheckpointError(ValueError):
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """None, or a floating dtype by name ("bfloat16", "bf16", ...) or as a torch.dtype; anything else is refused."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype}: weights are stored and computed in a floating dtype; "
+                             f"use one of {sorted(DTYPE_NAMES)}")
         return dtype
-    try:
-        return DTYPE_NAMES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_NAMES)}") from None
+    if not isinstance(dtype, str) or dtype.strip().lower().removeprefix("torch.") not in DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r}: unknown dtype; use one of {sorted(DTYPE_NAMES)}")
+    return DTYPE_NAMES[dtype.strip().lower().removeprefix("torch.")]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from zoo.weights.format import CODE_DTYPES, INDEX_FILE, CheckpointError
+from zoo.weights.locks import ProcessLock
 
 _digests: dict[tuple[str, int, int], str] = {}
 
@@ -59,14 +60,25 @@ class VerifiedFiles:
     Hashing a 15 GB model on every load costs more than loading it; like git's index, a file whose size
     and modification time have not changed since it matched its hash is taken as still matching.
     Anything that rewrites a file (a truncation, a flipped byte, a new download) changes its mtime.
+
+    Several processes may load (and record) at once: a record is added under a lock (PATH.lock), merged
+    into what is on disk at that moment, and written to a temporary file that replaces PATH in one rename,
+    so the file is always whole, valid JSON, and no process loses another's records. A damaged record
+    file is treated as empty (files are hashed again) and rewritten.
     """
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path = Path(path)
+        self.records: dict[str, list] = self._read()
+
+    def _read(self) -> dict[str, list]:
         try:
-            self.records: dict[str, list] = json.loads(path.read_text())
+            data = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            self.records = {}
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 3}
 
     @staticmethod
     def _stamp(file: Path, sha256: str) -> list:
@@ -77,12 +89,22 @@ class VerifiedFiles:
         return self.records.get(str(file.resolve())) == self._stamp(file, sha256)
 
     def add(self, file: Path, sha256: str) -> None:
-        self.records[str(file.resolve())] = self._stamp(file, sha256)
+        key, stamp = str(file.resolve()), self._stamp(file, sha256)
+        self.records[key] = stamp
         try:  # best effort: a read-only cache only means hashing again next time
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(self.records))
-            os.replace(tmp, self.path)
+            with ProcessLock(self.path.with_name(self.path.name + ".lock")):
+                records = {**self._read(), key: stamp}  # what other processes recorded meanwhile, plus ours
+                tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                try:
+                    with open(tmp, "w") as f:
+                        f.write(json.dumps(records))
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, self.path)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                self.records = records
         except OSError:
             pass
 

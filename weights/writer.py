@@ -62,6 +62,29 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+class _Output:
+    """A file being written whose write errors name it: a full disk, a quota or a file size limit otherwise
+    surfaces as a bare "No space left on device"."""
+
+    def __init__(self, f, path: Path, need: int):
+        self.f, self.path, self.need = f, path, need
+
+    def _failed(self, e: OSError) -> OSError:
+        return OSError(e.errno, f"{e.strerror or e} (a file of {self.need} bytes)", str(self.path))
+
+    def write(self, data) -> None:
+        try:
+            self.f.write(data)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            raise self._failed(e) from None
+
+
 def write_tensors(
     directory: str | Path,
     specs: Iterable[TensorSpec],
@@ -72,6 +95,8 @@ def write_tensors(
 ) -> dict:
     """Write tensors as safetensors shards plus the index; `produce(spec)` returns one tensor at a time."""
     directory = Path(directory)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: must be a whole number of bytes > 0")
     specs = list(specs)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -87,9 +112,12 @@ def write_tensors(
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         hasher = hashlib.sha256()
         header = _header(shard, meta)
-        with open(directory / fname, "wb") as f:
+        path = directory / fname
+        need = sum(s.nbytes for s in shard) + len(header) + 8
+        with open(path, "wb") as f:
+            out = _Output(f, path, need)
             for chunk in (struct.pack("<Q", len(header)), header):
-                f.write(chunk)
+                out.write(chunk)
                 hasher.update(chunk)
             for spec in shard:
                 t = produce(spec)
@@ -98,11 +126,12 @@ def write_tensors(
                         f"tensor {spec.name}: produced {tuple(t.shape)} {t.dtype}, planned {spec.shape} {spec.dtype}"
                     )
                 data = _as_bytes(t.cpu())
-                f.write(data)
+                out.write(data)
                 hasher.update(data)
                 bar.update(spec.nbytes)
                 weight_map[spec.name] = fname
                 del t, data
+            out.flush()
         sha256[fname] = hasher.hexdigest()
     bar.close()
     index = {

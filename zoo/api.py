@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from zoo.checks import check_bool, check_device, check_int, check_memory_map, check_name_or_path, check_quantize
 from zoo.family import init_derived_buffers
 from zoo.loading import build_model, materialize, open_checkpoint, resolve
 from zoo.tasks import ZooModel, get_task
@@ -30,6 +31,24 @@ def load(
     quantize: "int8" | "int4" (or a scheme name of zoo.architectures.quant): weight-only quantisation of every
         linear layer while loading, one layer at a time; a checkpoint stored quantized loads packed by itself.
     """
+    # every argument is checked before anything is read or downloaded; errors name the argument and value
+    name_or_path = check_name_or_path(name_or_path)
+    dtype = parse_dtype(dtype)
+    verify = check_bool(verify, "verify")
+    tp = check_int(tp, "tp", minimum=1, allow_none=True)
+    quantize = check_quantize(quantize)
+    check_memory_map(device_map, max_memory)
+    if device_map is None:
+        device = check_device(device)
+    elif str(device) != "cpu":
+        raise ValueError(f"device={device!r} with device_map: the map places every part; pass one of them")
+    if revision is not None:
+        from zoo.hub import validate_revision
+
+        if not name_or_path.startswith("hf://"):
+            raise ValueError(f"revision={revision!r}: applies to 'hf://org/name' addresses only, not to "
+                             f"{name_or_path!r}")
+        validate_revision(revision)
     if tp is not None and tp > 1 and device_map is not None:
         raise ValueError("tp and device_map are two ways to split a model; pass one of them")
     if quantize is not None and ((tp is not None and tp > 1) or device_map is not None):
@@ -46,7 +65,7 @@ def load(
     directory = resolve(name_or_path, revision)
     native = read_config(directory)
     family, module = build_model(native, quantize)
-    materialize(module, open_checkpoint(directory, verify), parse_dtype(dtype), device, str(directory), native=native)
+    materialize(module, open_checkpoint(directory, verify), dtype, device, str(directory), native=native)
     init_derived_buffers(module, device)
     module.eval()
     return get_task(family.task)(module, native, family, directory)

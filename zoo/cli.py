@@ -8,8 +8,20 @@ import sys
 import textwrap
 
 
+class UsageError(Exception):
+    """A command line argparse could not read (unknown option, a word where a number goes, ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line on stderr (what is wrong and where to look), not a
+    usage block and a SystemExit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zoo", description="A PyTorch model zoo and checkpoint hub.")
+    p = _Parser(prog="zoo", description="A PyTorch model zoo and checkpoint hub.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, help: str, example: str) -> argparse.ArgumentParser:
@@ -92,9 +104,16 @@ def _cmd_list(a) -> None:
     import zoo
     from zoo.registry import get_entry
 
+    rows = []
     for name in zoo.list_models(a.pattern):
         e = get_entry(name)
-        print(f"{name:32s} {e.family:10s} {e.task:22s} {e.params / 1e9:8.2f}B  {e.source.repo}")
+        rows.append((name, e.family, e.task, f"{e.params / 1e9:.2f}B", e.source.repo))
+    if not rows:
+        print(f"no registered model matches {a.pattern!r}" if a.pattern else "the registry is empty", file=sys.stderr)
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]  # columns as wide as their longest value
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
 
 
 def _cmd_info(a) -> None:
@@ -129,7 +148,13 @@ def _cmd_info(a) -> None:
 def _cmd_convert(a) -> None:
     import zoo
 
+    if not a.max_shard_size > 0 or a.max_shard_size == float("inf"):
+        raise ValueError(f"--max-shard-size {a.max_shard_size}: must be a finite number of GiB > 0")
     if a.to:
+        ignored = [f"--{k.replace('_', '-')}" for k in ("format", "dtype", "quantize", "config") if getattr(a, k)]
+        if ignored:
+            raise ValueError(f"--to exports a native checkpoint as it is; {', '.join(ignored)} applies to "
+                             "converting a published one")
         out = zoo.export(a.src, a.out, to=a.to, overwrite=a.overwrite, **({"tp": a.tp} if a.tp else {}))
     else:
         if a.tp:
@@ -149,6 +174,8 @@ def _cmd_generate(a) -> None:
 def _cmd_predict(a) -> None:
     import zoo
 
+    if a.top_k < 1:
+        raise ValueError(f"--top-k {a.top_k}: must be an integer >= 1")
     zoo.load(a.model, device=a.device).cli_predict(a)
 
 
@@ -165,19 +192,47 @@ def _cmd_pull(a) -> None:
     print(pull(a.repo, local_dir=a.local_dir, token=a.token))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from zoo.registry import UnknownModelError
-    from zoo.weights.format import CheckpointError
+def _one_line(e: BaseException) -> str:
+    """An error message on one line (library messages may span several)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 2000 else text[:2000] + " …"
 
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause, each with a message that names the cause: bad arguments and input (ValueError,
+    of which CheckpointError and DistributedConfigError are kinds), names (UnknownModelError), files, disks and
+    the network (OSError: FileNotFoundError, FileExistsError, PermissionError, ConnectionError, ENOSPC, ...),
+    a missing optional dependency (ImportError), and memory (MemoryError, torch.OutOfMemoryError)."""
+    import torch
+
+    from zoo.registry import UnknownModelError
+
+    return (ValueError, UnknownModelError, OSError, ImportError, MemoryError, torch.OutOfMemoryError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; an expected error is printed on one line to stderr with exit status 2 (130 on ^C)."""
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as e:
+        print(_one_line(e), file=sys.stderr)
+        return 2
     try:
         globals()[f"_cmd_{args.command}"](args)
-    except (CheckpointError, UnknownModelError, FileExistsError, FileNotFoundError, ValueError, PermissionError,
-            ConnectionError) as e:  # PermissionError, ConnectionError: the Hub refused or could not be reached
-        print(f"zoo {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        print(f"zoo {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `zoo list | head`: the reader left early; nothing went wrong here
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented recipe
+        return 0
+    except _expected_errors() as e:
+        package = (getattr(e, "name", None) or "").split(".")[0]
+        if isinstance(e, ImportError) and package and package != "zoo":
+            e = ImportError(f"{e}; this needs the optional package {package!r} (pip install {package})")
+        print(f"zoo {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -47,22 +47,17 @@ def parse_size(size: int | float | str) -> int:
 
 def check_device(name: str) -> str:
     """A device map value that exists here: "cpu", "disk", "cuda:N" (N < visible GPUs), "mps"."""
-    text = str(name).strip().lower()
-    if text in ("cpu", "disk"):
-        return text
-    if text == "cuda":
-        text = "cuda:0"
-    n_cuda = torch.cuda.device_count()
-    m = re.fullmatch(r"cuda:(\d+)", text)
-    if m:
-        if int(m.group(1)) < n_cuda:
-            return text
-        raise DistributedConfigError(f"device {name!r} does not exist: this machine has {n_cuda} CUDA device(s)"
-                                     + (f" (cuda:0..cuda:{n_cuda - 1})" if n_cuda else ""))
-    if text == "mps" and torch.backends.mps.is_available():
-        return text
-    raise DistributedConfigError(f"unknown device {name!r}; a device map uses 'cpu', 'disk' or 'cuda:N' "
-                                 f"(this machine has {n_cuda} CUDA device(s))")
+    from zoo.checks import check_device as check
+
+    if isinstance(name, str) and name.strip().lower() == "disk":
+        return "disk"
+    try:
+        d = check(name, "device")
+    except ValueError as e:
+        why = str(e).split(": ", 1)[-1]
+        raise DistributedConfigError(f"device {name!r} does not exist here: {why} (a device map also takes "
+                                     "'disk')") from None
+    return "cuda:0" if d.type == "cuda" and d.index is None else str(d)
 
 
 def _free_memory(device: str) -> int:
@@ -253,7 +248,9 @@ def load_with_device_map(
         main = next((d for d in used if d != "cpu"), "cpu")
 
     ckpt = open_checkpoint(directory, verify)
-    check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, ckpt, str(directory))
+    state = module.state_dict()
+    check_keys({k: tuple(v.shape) for k, v in state.items()}, ckpt, str(directory),
+               {k: v.dtype for k, v in state.items()})
     placement = {**{h: head_dev for h in head}, **block_devs}
     keys_on: dict[str, list[str]] = {}
     for part, dev in placement.items():

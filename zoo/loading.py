@@ -39,6 +39,9 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Pat
     path = Path(text).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise FileNotFoundError(f"{path}: is a file, not a model directory; a published checkpoint file is "
+                                f"converted first: `zoo convert {path} OUT`")
     if os.sep in text or text.startswith("."):
         raise FileNotFoundError(f"{path}: no such model directory")
     entry = get_entry(text)  # raises with close-name suggestions
@@ -52,8 +55,10 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Pat
     return fetch_and_convert(entry, local)
 
 
-def check_keys(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint, what: str) -> None:
-    """The checkpoint holds exactly the tensors the model needs, in the shapes its config gives."""
+def check_keys(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint, what: str,
+               dtypes: dict[str, torch.dtype] | None = None) -> None:
+    """The checkpoint holds exactly the tensors the model needs, in the shapes its config gives (and, given
+    `dtypes`, floating where the model computes in floating point: integer weights would run as garbage)."""
     missing = [k for k in shapes if k not in ckpt]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -64,6 +69,11 @@ def check_keys(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint, what: str) 
     for k, shape in shapes.items():
         if ckpt.shape(k) != shape:
             raise CheckpointError(f"{what}: tensor {k} has shape {ckpt.shape(k)}, the config needs {shape}")
+    if dtypes:
+        for k, want in dtypes.items():
+            if ckpt.dtype(k).is_floating_point != want.is_floating_point:
+                raise CheckpointError(f"{what}: tensor {k} is stored as {ckpt.dtype(k)}, the model needs a "
+                                      f"{'floating' if want.is_floating_point else 'integer'} tensor ({want})")
 
 
 def build_model(native: NativeConfig, quantize: str | None = None) -> tuple[Family, nn.Module]:
@@ -107,11 +117,13 @@ def materialize(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None, 
     """
     native = native or NativeConfig(family="", config={})
     shapes = expected_shapes(module, native)
-    if keys is None:
-        check_keys(shapes, ckpt, what)
-    wanted = list(shapes) if keys is None else keys
     packing = {} if native.quantization else {
         path: sub for path, sub in module.named_modules() if isinstance(sub, PackedLinear)}
+    if keys is None:
+        dtypes = {k: v.dtype for k, v in module.state_dict().items() if k in shapes}
+        dtypes.update({f"{path}.weight": torch.float32 for path in packing})  # packed here from a float weight
+        check_keys(shapes, ckpt, what, {k: dtypes.get(k, torch.float32) for k in shapes})
+    wanted = list(shapes) if keys is None else keys
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         target = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype

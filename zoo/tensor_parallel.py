@@ -227,7 +227,9 @@ def load_tensor_parallel(
     plan = family.tp_plan if plan is None else plan
     check_tensor_parallel(module, plan, tp)
     ckpt = open_checkpoint(directory, verify=False)  # the ranks share the hashing below
-    check_keys({k: tuple(v.shape) for k, v in module.state_dict().items()}, ckpt, str(directory))
+    state = module.state_dict()
+    check_keys({k: tuple(v.shape) for k, v in state.items()}, ckpt, str(directory),
+               {k: v.dtype for k, v in state.items()})
 
     device = _init_process_group()
     if verify:  # the ranks share the hashing: file i is checked by rank i % tp, and all hear of any failure

@@ -1,0 +1,122 @@
+"""Checks for the arguments a user passes in: each error names the argument, the value, and what is allowed.
+
+zoo.load, zoo.convert and the CLI call these before any file is read or any request is made, so a typo costs
+nothing. The checks depend on torch only (and on zoo.architectures.quant for scheme names, imported when asked).
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Any
+
+import torch
+
+
+def check_int(value: Any, arg: str, minimum: int | None = None, allow_none: bool = False) -> int | None:
+    """An integer (not a bool, not a float), at least `minimum`."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{arg}={value!r}: must be an integer" + (f" >= {minimum}" if minimum is not None else ""))
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{arg}={value!r}: must be an integer >= {minimum}")
+    return int(value)
+
+
+def check_bool(value: Any, arg: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{arg}={value!r}: must be True or False")
+    return value
+
+
+def check_name_or_path(value: Any, arg: str = "name_or_path") -> str:
+    """A registry name, a directory or an hf:// address: a non-empty string or path."""
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError(f"{arg}={value!r}: expected a registry name, a native directory or 'hf://org/name@rev' "
+                         f"(a string or path), got {type(value).__name__}")
+    text = os.fspath(value)
+    if not str(text).strip():
+        raise ValueError(f"{arg}={value!r}: empty; give a registry name (`zoo list`), a native directory or "
+                         "'hf://org/name@rev'")
+    return str(text)
+
+
+def _accelerator_available(kind: str) -> bool:
+    backend = getattr(torch, kind, None)
+    is_available = getattr(backend, "is_available", None)
+    return bool(is_available()) if callable(is_available) else False
+
+
+def check_device(device: Any, arg: str = "device") -> torch.device:
+    """A device that exists on this machine: 'cpu', 'cuda', 'cuda:N' (N < the visible GPUs), 'mps', ...
+
+    An integer N means cuda:N, as in torch. The meta device holds no data, so it is refused.
+    """
+    if isinstance(device, bool):
+        raise ValueError(f"{arg}={device!r}: not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if isinstance(device, torch.device):
+        d = device
+    elif isinstance(device, numbers.Integral):
+        if device < 0:
+            raise ValueError(f"{arg}={device!r}: a device index is >= 0")
+        d = torch.device("cuda", int(device))
+    elif isinstance(device, str) and device.strip():
+        try:
+            d = torch.device(device.strip().lower())
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{arg}={device!r}: not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    else:
+        raise ValueError(f"{arg}={device!r}: not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if d.type == "cpu":
+        return d
+    if d.type == "meta":
+        raise ValueError(f"{arg}={device!r}: the meta device holds no data; use 'cpu', 'cuda' or 'cuda:N'")
+    if d.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            why = "torch was built without CUDA" if not torch.backends.cuda.is_built() else "no GPU is visible"
+            raise ValueError(f"{arg}={device!r}: this machine has no CUDA device ({why}); use 'cpu'")
+        if d.index is not None and d.index >= n:
+            raise ValueError(f"{arg}={device!r}: this machine has {n} CUDA device(s): cuda:0..cuda:{n - 1}")
+        return d
+    if d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{arg}={device!r}: MPS (Apple GPU) is not available here; use 'cpu'")
+        return d
+    if not _accelerator_available(d.type):
+        raise ValueError(f"{arg}={device!r}: no {d.type} device is available here; use 'cpu' or 'cuda:N'")
+    return d
+
+
+def check_quantize(name: Any, arg: str = "quantize") -> str | None:
+    """None, or a scheme name zoo.architectures.quant knows ("int8", "int4", "int8-row", "int4-row-g8", ...)."""
+    if name is None:
+        return None
+    from zoo.architectures.quant import ALIASES, SCHEMES, get_scheme
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{arg}={name!r}: must be a scheme name, one of {sorted({*ALIASES, *SCHEMES})}")
+    try:
+        get_scheme(name)
+    except ValueError:
+        raise ValueError(f"{arg}={name!r}: unknown scheme; use one of {sorted({*ALIASES, *SCHEMES})}") from None
+    return name
+
+
+def check_memory_map(device_map: Any, max_memory: Any) -> None:
+    """device_map is 'auto' or {part: device}; max_memory {device: size} goes with device_map only."""
+    if device_map is not None and not (device_map == "auto" or isinstance(device_map, dict)):
+        raise ValueError(f"device_map={device_map!r}: must be 'auto' or a dict {{part: device}}")
+    if isinstance(device_map, dict):
+        if not device_map:
+            raise ValueError("device_map={}: empty; give {'': 'cpu'} to place everything on one device, or 'auto'")
+        for key in device_map:
+            if not isinstance(key, str):
+                raise ValueError(f"device_map key {key!r}: must be a module path (a string, '' for everything)")
+    if max_memory is not None:
+        if device_map is None:
+            raise ValueError("max_memory is used with device_map='auto'; pass device_map='auto' as well")
+        if not isinstance(max_memory, dict) or not max_memory:
+            raise ValueError(f"max_memory={max_memory!r}: must be a non-empty dict {{device: size}}, "
+                             "e.g. {'cuda:0': '10GiB', 'cpu': '16GiB'}")
