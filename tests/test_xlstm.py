@@ -147,8 +147,10 @@ def test_pad_tokens_leave_the_recurrent_memory_untouched(model):
 
 
 def test_export_to_transformers_layout_round_trips_to_identical_logits(converted, tmp_path):
+    from zoo.cli import main
+
     ref, root = converted
-    zoo.export(root / "native", tmp_path / "back", to="hf", progress=False)
+    assert main(["convert", "--to", "hf", str(root / "native"), str(tmp_path / "back")]) == 0
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())
     assert cfg["architectures"] == ["xLSTMForCausalLM"] and cfg["weight_mode"] == "single"
     back = hf_classes()[1].from_pretrained(tmp_path / "back").eval()
@@ -214,6 +216,26 @@ def test_conflicting_or_unsupported_config_is_refused(converted, tmp_path):
         (src / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(CheckpointError, match=message):
             zoo.convert(src, tmp_path / f"out{len(message)}", progress=False)
+
+
+def test_published_config_json_converts_to_the_registered_config():
+    """The fields of NX-AI/xLSTM-7b's config.json (after its PR #5) read by the converter give the registry's config."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from zoo.conversion.hf_xlstm import xlstm_fields
+
+    published = {
+        "architectures": ["xLSTMForCausalLM"], "model_type": "xlstm", "embedding_dim": 4096, "num_blocks": 32,
+        "num_heads": 8, "vocab_size": 50304, "qk_dim_factor": 0.5, "v_dim_factor": 1.0, "head_dim": 512,
+        "ffn_proj_factor": 2.667, "ffn_round_up_to_multiple_of": 64, "mlstm_round_up_to_multiple_of": 64,
+        "gate_soft_cap": 15.0, "output_logit_soft_cap": 30.0, "norm_eps": 1e-6, "cell_norm_eps": 1e-6,
+        "norm_reduction_force_float32": True, "use_bias": False, "add_out_norm": True, "tie_word_embeddings": False,
+        "chunkwise_kernel": "chunkwise--triton_xl_chunk", "sequence_kernel": "native_sequence__triton",
+        "step_kernel": "triton", "chunk_size": 64, "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+    assert xlstm_fields(published, Path("config.json")) == asdict(XLSTM_7B)
 
 
 def test_registry_entry_carries_the_published_config(converted):
