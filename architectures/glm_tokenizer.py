@@ -75,7 +75,11 @@ class GLMTokenizer:
         return (Path(directory) / MODEL_FILE).is_file()
 
     def __init__(self, directory: Path):
-        import sentencepiece as spm
+        try:
+            import sentencepiece as spm
+        except ImportError:
+            raise ImportError("GLM's tokenizer needs sentencepiece: pip install 'zoo[glm]' (or pass token ids)") \
+                from None
 
         directory = Path(directory)
         path = directory / MODEL_FILE

@@ -90,7 +90,7 @@ def _placements(layout: str, piece: tuple[int, ...], tp: int) -> list[list[tuple
 
 def merged_shape(key: str, piece: tuple[int, ...], tp: int) -> tuple[int, ...]:
     layout = tp_layout(key)
-    if layout == "replicated":
+    if layout == "replicated" or tp == 1:
         return piece
     if layout in ("column", "glu"):
         if layout == "glu" and piece[0] % 2:
@@ -105,6 +105,8 @@ def merged_shape(key: str, piece: tuple[int, ...], tp: int) -> tuple[int, ...]:
 def merge_ranks(key: str, pieces: list[torch.Tensor]) -> torch.Tensor:
     """One tensor from its rank pieces (in memory; the streaming reader places pieces the same way)."""
     tp = len(pieces)
+    if tp == 1:
+        return pieces[0].clone()
     shape = merged_shape(key, tuple(pieces[0].shape), tp)
     out = torch.empty(shape, dtype=pieces[0].dtype)
     for r, places in enumerate(_placements(tp_layout(key), tuple(pieces[0].shape), tp)):
@@ -116,7 +118,7 @@ def merge_ranks(key: str, pieces: list[torch.Tensor]) -> torch.Tensor:
 def rank_piece_shape(key: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
     """The shape of one rank's piece of a merged tensor of `shape` (ValueError if it does not split)."""
     layout = tp_layout(key)
-    if layout == "replicated":
+    if layout == "replicated" or tp == 1:
         return shape
     if layout in ("column", "glu"):
         if shape[0] % (2 * tp if layout == "glu" else tp):
@@ -134,6 +136,8 @@ def rank_piece_shape(key: str, shape: tuple[int, ...], tp: int) -> tuple[int, ..
 def split_rank(key: str, tensor: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     """Rank `rank`'s piece of a merged tensor (a contiguous copy): the inverse of merge_ranks."""
     piece = rank_piece_shape(key, tuple(tensor.shape), tp)
+    if tp == 1:
+        return tensor.clone()
     out = torch.empty(piece, dtype=tensor.dtype)
     for src, dst in _placements(tp_layout(key), piece, tp)[rank] or [((), ())]:
         out[src].copy_(tensor[dst].reshape(out[src].shape))
@@ -306,6 +310,9 @@ class SATSource(TensorSource):
             if missing or extra:
                 what = f"lacks tensor {missing[0]}" if missing else f"has tensor {extra[0]}, which rank 0 lacks"
                 raise CheckpointError(f"{rank.path}: {what} ({self.files[0].name} and this file differ)")
+        # A quantised release: every packed weight gets one scale per row per rank (the row-parallel ones have
+        # that already, the column-parallel ones repeat their one scale), so one "-g<tp>" scheme fits all four.
+        self.scale_groups = self.tp if self.tp > 1 and any(k.endswith(".weight_scale") for k in keys0) else 1
         self._shapes: dict[str, tuple[int, ...]] = {}
         for key in keys0:
             piece = tuple(self.ranks[0].meta(key).shape)
@@ -317,6 +324,8 @@ class SATSource(TensorSource):
                 self._shapes[key] = merged_shape(key, piece, self.tp)
             except ValueError as e:
                 raise CheckpointError(f"{self.files[0]}: tensor {key}: {e}") from None
+            if self._repeats_scale(key):
+                self._shapes[key] = (*self._shapes[key], self.scale_groups)
             self._where[key] = (self.files[0], None)
 
     def meta(self, key: str) -> torch.Tensor:
@@ -325,14 +334,34 @@ class SATSource(TensorSource):
     def piece_shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.ranks[0].meta(key).shape)
 
+    def _repeats_scale(self, key: str) -> bool:
+        return self.scale_groups > 1 and key.endswith(".weight_scale") and tp_layout(key) in ("column", "glu")
+
+    def bits(self) -> int | None:
+        """8 or 4 for a quantised release (INT4 packs two columns per byte), None for a float one."""
+        if not any(k.endswith(".weight_scale") for k in self.keys()):
+            return None
+        hidden = self._shapes["transformer.word_embeddings.weight"][1]
+        qkv = self._shapes["transformer.layers.0.attention.query_key_value.weight"]
+        return 4 if qkv[1] * 2 == hidden else 8
+
     def get(self, key: str) -> torch.Tensor:
+        if self._repeats_scale(key):
+            merged = self._merge(key, self._shapes[key][:-1])
+            return merged[:, None].expand(-1, self.scale_groups).contiguous()
+        return self._merge(key, self._shapes[key])
+
+    def _merge(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         piece = self.piece_shape(key)
-        out = torch.empty(self._shapes[key], dtype=self.ranks[0].meta(key).dtype)
+        out = torch.empty(shape, dtype=self.ranks[0].meta(key).dtype)
+        if self.tp == 1:
+            self.ranks[0].read_into(key, out)
+            return out
         layout = tp_layout(key)
         for r, places in enumerate(_placements(layout, piece, self.tp)):
             for src, dst in places:
                 self.ranks[r].read_into(key, out[dst], src)
-        if layout == "replicated" and self.check_replicated and self.tp > 1:
+        if layout == "replicated" and self.check_replicated:
             other = torch.empty_like(out)
             for rank in self.ranks[1:]:
                 rank.read_into(key, other)
@@ -491,23 +520,27 @@ class SATGLM(Format):
         n_heads = fields.get("n_heads")
         if n_heads and n_heads % source.tp:
             raise CheckpointError(f"{src}: {n_heads} attention heads do not split over the {source.tp} rank files")
-        quantized = any(k.endswith(".weight_scale") for k in shapes)
         extra: dict[str, Any] = {"tensor_parallel_source": source.tp, "iteration": source.iteration}
-        if quantized:
-            extra["quantized_source"] = _quantized_bits(shapes, fields)
         return fields, extra
 
     def keymap(self, c: GLMConfig) -> KeyMap:
-        return glm_keymap(c, quantized=False)
+        return glm_keymap(c, quantized=True)  # the weight_scale rules only match a quantised release
+
+    def quantization(self, src: Path) -> dict[str, Any]:
+        source = SATSource(src, check_replicated=False)
+        bits = source.bits()
+        if bits is None:
+            return {}
+        n_layers = len({k.split(".")[2] for k in source.keys() if k.startswith("transformer.layers.")})
+        paths = [f"layers.{i}.{p}" for i in range(n_layers)
+                 for p in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.up_proj", "mlp.gate_proj",
+                           "mlp.down_proj")]
+        groups = f"-g{source.scale_groups}" if source.scale_groups > 1 else ""
+        return {"scheme": f"int{bits}-row{groups}", "modules": paths}
 
     def write_export(self, model_dir: Path, out: Path, overwrite: bool, progress: bool, tp: int = 1,
                      iteration: str | None = None) -> Path:
         return export_sat(model_dir, out, tp=tp, iteration=iteration, overwrite=overwrite, progress=progress)
-
-
-def _quantized_bits(shapes: dict[str, tuple[int, ...]], fields: dict[str, Any]) -> int:
-    w = shapes.get("transformer.layers.0.attention.query_key_value.weight")
-    return 4 if w is not None and w[1] * 2 == fields.get("dim") else 8
 
 
 FORMATS = [SATGLM()]

@@ -256,7 +256,8 @@ def chatglm_greedy(sd, num_layers, num_heads, ids: list[int], steps: int, bos: i
 
 
 def random_sat_shards(num_layers: int, hidden: int, inner: int, num_heads: int, vocab: int, tp: int,
-                      seed: int = 0, dtype=torch.float32, std: float = 0.08) -> list[dict[str, torch.Tensor]]:
+                      seed: int = 0, dtype=torch.float32, std: float = 0.08,
+                      embed_std: float = 0.5) -> list[dict[str, torch.Tensor]]:
     """Per-rank state dicts in the released GLM-130B layout (names, per-rank shapes, rank-local GLU halves),
     including the per-layer rotary inv_freq buffer the release may carry."""
     g = torch.Generator().manual_seed(seed)
@@ -268,7 +269,7 @@ def random_sat_shards(num_layers: int, hidden: int, inner: int, num_heads: int, 
     hn = hidden // num_heads
     inv_freq = (1.0 / (10000 ** (torch.arange(0, hn, 2).float() / hn))).half()
     for r in range(tp):
-        shards[r]["transformer.word_embeddings.weight"] = rnd(vocab // tp, hidden, s=0.5)
+        shards[r]["transformer.word_embeddings.weight"] = rnd(vocab // tp, hidden, s=embed_std)
     for name in ("final_layernorm",):
         w, b = (1 + rnd(hidden, s=0.1)), rnd(hidden, s=0.1)
         for sd in shards:
@@ -356,3 +357,104 @@ def write_chatglm_checkpoint(directory, sd: dict[str, torch.Tensor], config: dic
         weight_map.update({k: name for k in part})
     (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (directory / "config.json").write_text(json.dumps(config))
+
+
+# -- SAT 0.2.x GLM130BTokenizer text handling (icetk_glm_130B/ice_tokenizer.py) ------------------------------
+
+
+def sat_preprocess(text: str, max_len: int = 80) -> str:
+    """_preprocess: newline -> <n>, then _encode_whitespaces: tab -> <|tab|>, runs of max_len..2 spaces ->
+    <|blank_k|> (longest first)."""
+    text = text.replace("\n", "<n>")
+    text = text.replace("\t", "<|tab|>")
+    for i in range(max_len, 1, -1):
+        text = text.replace(" " * i, f"<|blank_{i}|>")
+    return text
+
+
+def sat_postprocess(text: str, max_len: int = 80) -> str:
+    """decode's replacements after SentencePiece."""
+    text = text.replace("<n>", "\n")
+    text = text.replace("<|tab|>", "\t")
+    for i in range(2, max_len + 1):
+        text = text.replace(f"<|blank_{i}|>", " " * i)
+    return text
+
+
+def sat_generation_context(tokenize, command, raw_text: str) -> tuple[list[int], str, bool]:
+    """generate.py fill_blanks up to the first model call: (seq without <sop>, the mask kind, use_gmask)."""
+    import re
+
+    generation_mask = "[gMASK]"
+    if "[MASK]" in raw_text:
+        generation_mask = "[MASK]"
+    elif "[sMASK]" in raw_text:
+        generation_mask = "[sMASK]"
+    use_gmask = "[MASK]" not in raw_text and "[sMASK]" not in raw_text
+    mask_pattern = r"\[[sg]?MASK\]"
+    text_list = re.split(mask_pattern, raw_text)
+    pattern_list = re.compile(mask_pattern).findall(raw_text)
+    seq = []
+    for i in range(len(pattern_list)):
+        seq.extend(tokenize(text_list[i]))
+        seq.append(command(pattern_list[i]))
+    seq.extend(tokenize(text_list[-1]))
+    if "MASK]" not in raw_text:
+        seq += [command(generation_mask)]
+        raw_text += " " + generation_mask
+    if not raw_text.endswith("MASK]"):
+        seq = seq + [command("eos")]
+    return seq, generation_mask, use_gmask
+
+
+# -- GLM-130B weight-only quantisation (tools/convert_tp.py, quantization/layers.py, cuda/quantization.cu) -------
+
+QUANTIZED_LAYERS = ("attention.dense.weight", "attention.query_key_value.weight", "mlp.dense_h_to_4h.weight",
+                    "mlp.dense_4h_to_h.weight")
+
+
+def published_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """merge_weights' quantisation of one (fp16) rank tensor: (int8 weight, possibly int4-compressed; fp16 scale)."""
+    weight_scale = (weight.abs().max(dim=-1).values / ((2 ** (bits - 1)) - 1)).half()
+    q = torch.round(weight / weight_scale[:, None]).to(torch.int8)
+    if bits == 4:  # int4WeightCompression: output[i] = (input[2i] << 4) | (input[2i+1] & 0b1111)
+        q = (q[:, 0::2] << 4) | (q[:, 1::2] & 0b00001111)
+    return q, weight_scale
+
+
+def published_dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype=torch.float32) -> torch.Tensor:
+    """int8/int4WeightExtraction: high = byte >> 4, low = (byte << 4) >> 4 (arithmetic shifts), each times the
+    row's scale; here in `dtype` (the kernel multiplies in the activation type)."""
+    if bits == 4:
+        high = q >> 4
+        low = (q << 4) >> 4
+        q = torch.stack([high, low], dim=-1).reshape(q.shape[0], -1)
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+def quantize_sat_shards(shards: list[dict[str, torch.Tensor]], bits: int) -> list[dict[str, torch.Tensor]]:
+    """The rank files convert_tp.py --quantization-bit-width writes: each rank's four linear weights quantised
+    per output row of that rank, `<key>_scale` beside each."""
+    out = []
+    for sd in shards:
+        q = {}
+        for key, t in sd.items():
+            if key.split(".", 3)[-1] in QUANTIZED_LAYERS:
+                q[key], q[key + "_scale"] = published_quantize(t.half(), bits)
+            else:
+                q[key] = t
+        out.append(q)
+    return out
+
+
+def dequantize_sat_shards(shards: list[dict[str, torch.Tensor]], bits: int, dtype=torch.float32):
+    """What the quantised ranks compute with: every packed weight dequantised, everything else as stored."""
+    out = []
+    for sd in shards:
+        d = {}
+        for key, t in sd.items():
+            if key.endswith("_scale"):
+                continue
+            d[key] = published_dequantize(t, sd[key + "_scale"], bits, dtype) if key + "_scale" in sd else t.to(dtype)
+        out.append(d)
+    return out

@@ -99,3 +99,16 @@ def tiny_tokenizer(path: Path, specials: dict[str, int], chat_template: str, eos
     tok.add_special_tokens([AddedToken(s, special=True) for s in [*reserved[1:], *specials]])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template, "eos_token": eos_token}))
+
+
+def tiny_glm(path: Path, seed: int = 0):
+    """A random GLM-130B in its released layout (SAT, 2 tensor-parallel rank files, with the model_config.json
+    newer SAT versions save beside a checkpoint); see tests/glm_reference.py."""
+    from tests import glm_reference
+
+    shards = glm_reference.random_sat_shards(2, 64, 96, 4, 256, 2, seed=seed, std=0.25, embed_std=0.1)
+    glm_reference.write_sat_checkpoint(path, shards, model_config={
+        "num_layers": 2, "hidden_size": 64, "inner_hidden_size": 96, "num_attention_heads": 4, "vocab_size": 256,
+        "max_sequence_length": 512, "mask_token_id": 250, "gmask_token_id": 251, "smask_token_id": 252,
+        "sop_token_id": 254})
+    return shards

@@ -1,0 +1,112 @@
+"""GLM-130B's INT8/INT4 weight-only quantisation: the published quantised rank files convert packed, quantising
+fp16 weights reproduces the published bytes, and packed models (fp32 compute) match the reference run on the
+dequantised weights within 1e-3."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from zoo.architectures.quant import PackedLinear, get_scheme
+from zoo.conversion.sat_glm import merge_ranks
+
+import zoo
+from tests import glm_reference as R
+from tests.helpers import max_abs_diff
+
+L, H, INNER, HEADS, VOCAB = 2, 64, 96, 4, 256
+ARGS = {"num_layers": L, "hidden_size": H, "inner_hidden_size": INNER, "num_attention_heads": HEADS,
+        "vocab_size": VOCAB, "max_sequence_length": 512, "mask_token_id": 250, "gmask_token_id": 251,
+        "smask_token_id": 252, "sop_token_id": 254}
+GMASK, SOP = 251, 254
+
+
+def _shards(tp: int) -> list[dict[str, torch.Tensor]]:
+    return R.random_sat_shards(L, H, INNER, HEADS, VOCAB, tp, std=0.25, embed_std=0.1, dtype=torch.float16, seed=5)
+
+
+def _causal(n: int) -> torch.Tensor:
+    return ~torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+
+
+@pytest.mark.parametrize("bits,tp", [(8, 2), (4, 2), (8, 1)])
+def test_published_quantised_ranks_convert_packed_and_match_the_reference(tmp_path, bits, tp):
+    shards = R.quantize_sat_shards(_shards(tp), bits)  # what convert_tp.py --quantization-bit-width writes
+    R.write_sat_checkpoint(tmp_path / "sat", shards, model_config=ARGS)
+    native = zoo.convert(tmp_path / "sat", tmp_path / "native", progress=False)
+    record = json.loads((native / "config.json").read_text())["quantization"]
+    assert record["scheme"] == f"int{bits}-row" + (f"-g{tp}" if tp > 1 else "")  # one scale per row per rank
+    assert len(record["modules"]) == 7 * L
+    stored = load_file(native / "model.safetensors")
+    assert stored["layers.0.attn.q_proj.weight"].dtype == torch.int8
+    assert stored["layers.0.mlp.down_proj.weight"].shape == (H, INNER if bits == 8 else INNER // 2)
+    assert stored["layers.0.mlp.down_proj.weight_scale"].dtype == torch.float16
+
+    model = zoo.load(native, dtype=torch.float32)  # fp32 compute, weights stay packed
+    assert all(not isinstance(m, nn.Linear) for m in model.module.modules())
+    reference = R.dequantize_sat_shards(shards, bits)
+    ids = torch.randint(0, 200, (2, 48), generator=torch.Generator().manual_seed(0))
+    logits = model(ids)
+    assert logits.dtype == torch.float32
+    expected = R.sat_glm130b_forward(reference, L, HEADS, ids, torch.arange(48)[None].expand(2, 48), _causal(48))
+    assert max_abs_diff(logits, expected) < 1e-3
+
+    seq = ids[0, :20].tolist() + [GMASK, SOP]
+    greedy = model.generate(seq, max_new_tokens=12, temperature=0.0)
+    assert len(set(greedy)) > 4
+    assert greedy == R.sat_greedy(reference, L, HEADS, seq, 20, True, 12)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantising_fp16_weights_gives_the_published_bytes(bits):
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(bits)).half() * 0.05
+    packed = get_scheme(f"int{bits}").pack(w)
+    q, scale = R.published_quantize(w, bits)
+    assert torch.equal(packed["weight"], q) and torch.equal(packed["weight_scale"], scale)
+    assert torch.equal(get_scheme(f"int{bits}").unpack(packed, torch.float32), R.published_dequantize(q, scale, bits))
+
+
+def test_int4_nibble_order_is_the_published_one():
+    # row [0.7, -0.2]: scale 0.1, integers [7, -2] -> one byte, high nibble the even column: 0x7E
+    packed = get_scheme("int4").pack(torch.tensor([[0.7, -0.2]], dtype=torch.float16))
+    assert packed["weight"].tolist() == [[0x7E]]
+    q, _ = R.published_quantize(torch.tensor([[0.7, -0.2]], dtype=torch.float16), 4)
+    assert q.tolist() == [[0x7E]]
+
+
+@pytest.fixture(scope="module")
+def fp16(tmp_path_factory):
+    base = tmp_path_factory.mktemp("glmq")
+    shards = _shards(2)
+    R.write_sat_checkpoint(base / "sat", shards, model_config=ARGS)
+    return {"base": base, "shards": shards, "native": zoo.convert(base / "sat", base / "native", progress=False)}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantising_at_conversion_and_at_load_time_agree_and_match_the_reference(fp16, bits):
+    converted = zoo.convert(fp16["base"] / "sat", fp16["base"] / f"int{bits}", quantize=f"int{bits}",
+                            progress=False)
+    a = zoo.load(converted, dtype=torch.float32)
+    b = zoo.load(fp16["native"], dtype=torch.float16, quantize=f"int{bits}")  # packed layer by layer while loading
+    for (name, x), (_, y) in zip(a.module.state_dict().items(), b.module.state_dict().items()):
+        assert torch.equal(x.to(y.dtype), y), name  # the same packed bytes and scales
+    # the paper's scheme on the merged weights: one scale per full output row
+    merged = {k: merge_ranks(k, [sd[k] for sd in fp16["shards"]]) for k in fp16["shards"][0]}
+    reference = R.dequantize_sat_shards(R.quantize_sat_shards([merged], bits), bits)
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(2))
+    expected = R.sat_glm130b_forward(reference, L, HEADS, ids, torch.arange(40)[None], _causal(40))
+    assert max_abs_diff(a(ids), expected) < 1e-3
+
+
+def test_packed_models_hold_a_fraction_of_the_fp16_bytes(fp16):
+    def linear_bytes(model) -> int:
+        return sum(t.numel() * t.element_size() for m in model.module.modules()
+                   if isinstance(m, (nn.Linear, PackedLinear)) for t in (*m.parameters(), *m.buffers()))
+
+    full = linear_bytes(zoo.load(fp16["native"]))
+    int8 = linear_bytes(zoo.load(fp16["native"], quantize="int8"))
+    int4 = linear_bytes(zoo.load(fp16["native"], quantize="int4"))
+    assert 0.5 < int8 / full < 0.6 and 0.25 < int4 / full < 0.35  # weights 1 byte / half a byte, fp16 scales+bias
