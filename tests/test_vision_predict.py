@@ -147,7 +147,7 @@ def test_wrong_channels_and_resolution_say_what_the_model_takes(swin):
     with pytest.raises(ValueError, match="3-channel images; got 4 channels"):
         model(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match="needs 3 channels"):
-        model.predict(np.zeros((64, 64, 4), np.uint8))
+        model.predict(np.zeros((64, 64, 2), np.uint8))  # RGBA converts; 2 channels do not
     with pytest.raises(ValueError, match="takes 64x64 images .* got 48x48"):
         model.predict(torch.randn(3, 48, 48))
 
@@ -162,4 +162,4 @@ def test_video_model_says_which_clip_it_takes(tmp_path):
     with pytest.raises(ValueError, match="3-channel frames; got 1"):
         model(torch.randn(1, 1, n, s, s))
     with pytest.raises(ValueError, match="needs 3 channels"):
-        model.predict([np.zeros((40, 40, 4), np.uint8)] * 4)
+        model.predict([np.zeros((40, 40, 2), np.uint8)] * 4)

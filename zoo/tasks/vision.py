@@ -5,6 +5,20 @@ Preprocessing is the published one, stored in the native config's `extra` by the
   center crop; timm's eval transform) or resize="squash" (resize to resolution x resolution); video adds
   short_side (instead of crop_pct), num_frames and frame_stride. Class names are extra["labels"].
 Images and frames are resized with PIL, as torchvision's Resize does for PIL images.
+
+Inputs are checked where they enter, with errors that name the file or argument:
+- Image files: whatever PIL reads. Grayscale (L, 1, LA), palette and CMYK images are converted to RGB; RGBA
+  drops its alpha channel, as the published loaders do (PIL's convert("RGB")); 16-bit images (I;16, I) are
+  scaled to 8 bits (value / 257), which PIL's own convert would clip instead. 32-bit float images (F), whose
+  value range is unknown, are refused; so are unreadable, empty and truncated files, and images larger than
+  PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS, about 89 megapixels; raise it for files you
+  trust).
+- Arrays and tensors: HxW (grayscale), HxWx1/3/4 (or CxHxW tensors), uint8 pixels; uint16 is scaled to 8
+  bits; other integer arrays only if their values lie in 0..255. Float arrays are refused (0..1 or 0..255 is
+  a guess); a float torch tensor is taken as already preprocessed.
+- Videos: a file with no decodable frame, or an empty frame list, is refused. A video shorter than the clip
+  (num_frames x frame_stride) is accepted: its frames are spread evenly over the clip, so some repeat.
+  Only the frames of the clip are kept while decoding, so a long video does not fill memory.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from zoo.checks import check_int
 from zoo.family import init_derived_buffers
 from zoo.tasks import ZooModel, register_task
 
@@ -29,30 +44,83 @@ INTERPOLATION = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic"
 # -- images ----------------------------------------------------------------------------------------------------
 
 
+def to_rgb(img: Image.Image, what: str = "image") -> Image.Image:
+    """Any PIL image as 8-bit RGB (see the module docstring for what each mode becomes)."""
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"the {what} is empty ({img.width}x{img.height})")
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        a = np.asarray(img).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"the {what} is a 32-bit integer image with values {a.min()}..{a.max()}, outside a "
+                             "16-bit range; convert it to 8 bits first")
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        raise ValueError(f"the {what} holds 32-bit floats, whose value range is unknown; convert it to 8-bit RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
 def open_image(path: str | Path) -> Image.Image:
+    """An image file as RGB; errors name the file and say why it was refused."""
+    import warnings
+
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: not a readable image (the file is empty)")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        with warnings.catch_warnings():  # past MAX_IMAGE_PIXELS PIL only warns (errors at twice that): refuse
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img, f"image {path}")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path}: refused: {e} (PIL's decompression-bomb limit is PIL.Image.MAX_IMAGE_PIXELS = "
+                         f"{Image.MAX_IMAGE_PIXELS}; raise it only for a file you trust)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable image ({' '.join(str(e).split()) or type(e).__name__})") from None
 
 
 def as_pil(frame: Any, what: str = "image") -> Image.Image:
-    """A PIL image, an HxWxC uint8 array or tensor, or a CxHxW uint8 tensor -> RGB PIL image."""
+    """A PIL image, or pixels as an array/tensor: HxW, HxWxC or (tensor) CxHxW with C = 1, 3 or 4 -> RGB."""
     if isinstance(frame, Image.Image):
-        return frame.convert("RGB")
-    a = frame.numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)
-    if isinstance(frame, torch.Tensor) and a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-        a = a.transpose(1, 2, 0)  # CHW -> HWC
-    if a.ndim != 3 or a.dtype != np.uint8:
-        raise ValueError(f"the {what} must be HxWx3 uint8 pixels (or a PIL image); got shape {a.shape}, {a.dtype}")
-    if a.shape[-1] != 3:
-        raise ValueError(f"the {what} needs 3 channels (RGB); got {a.shape[-1]} (shape {a.shape})")
-    return Image.fromarray(a, "RGB")
+        return to_rgb(frame, what)
+    if isinstance(frame, (str, Path)):
+        return open_image(frame)
+    if isinstance(frame, torch.Tensor):
+        a = frame.detach().cpu().numpy()
+        if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+            a = a.transpose(1, 2, 0)  # CHW -> HWC
+    elif isinstance(frame, np.ndarray):
+        a = frame
+    else:
+        raise ValueError(f"the {what} must be a file path, a PIL image, or pixels as an HxWx3 uint8 array; got "
+                         f"{type(frame).__name__}")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        channels = f"; got {a.shape[-1]} channels" if a.ndim == 3 else ""
+        raise ValueError(f"the {what} must be HxW or HxWx3 pixels (RGB; 1 or 4 channels are converted), "
+                         f"and needs 3 channels{channels} (shape {a.shape})")
+    if a.size == 0:
+        raise ValueError(f"the {what} is empty (shape {a.shape})")
+    if a.dtype == np.uint16:
+        a = ((a.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"the {what} must hold uint8 pixels (0..255) or uint16 (0..65535); got {a.dtype} "
+                             f"(shape {a.shape}); a float tensor is taken as already preprocessed")
+        if a.min() < 0 or a.max() > 255:
+            raise ValueError(f"the {what} has {a.dtype} values {a.min()}..{a.max()}; give uint8 pixels (0..255) "
+                             "or uint16 (0..65535)")
+        a = a.astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")  # L, RGB or RGBA by shape
 
 
 def resize_short(img: Image.Image, size: int, interpolation: str) -> Image.Image:
@@ -102,21 +170,50 @@ def sample_indices(total: int, num_frames: int, stride: int) -> list[int]:
 
 
 def read_video(path: str | Path, num_frames: int, stride: int) -> list[Image.Image]:
-    import av  # optional dependency: pip install zoo[video]
+    """The clip's frames of a video file, as RGB images: counted first (from the container, or by reading its
+    packets), then decoded once keeping only the frames the clip takes."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("reading a video file needs PyAV: pip install 'zoo[video]' (or pip install av)",
+                          name="av") from None
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a video file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such video file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: not a readable video (the file is empty)")
+
+    def decode(wanted: set[int]) -> tuple[dict[int, Image.Image], int]:
+        kept, n = {}, 0
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                if n in wanted:
+                    kept[n] = to_rgb(frame.to_image(), f"frame {n} of {path}")
+                n += 1
+        return kept, n
+
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError(f"{path}: has no video stream")
-            frames = [f.to_image() for f in container.decode(video=0)]
-    except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable video ({e})") from None
-    if not frames:
-        raise ValueError(f"{path}: no video frames could be decoded")
-    return [frames[i].convert("RGB") for i in sample_indices(len(frames), num_frames, stride)]
+            stream = container.streams.video[0]
+            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        if total <= 0:
+            raise ValueError(f"{path}: the video has no frames")
+        indices = sample_indices(total, num_frames, stride)
+        kept, decoded = decode(set(indices))
+        if decoded != total:  # the container's count was off: choose again from what really decodes
+            if decoded == 0:
+                raise ValueError(f"{path}: no video frames could be decoded")
+            indices = sample_indices(decoded, num_frames, stride)
+            if not set(indices) <= set(kept):
+                kept, _ = decode(set(indices))
+    except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"{path}: not a readable video ({' '.join(str(e).split()) or type(e).__name__})") from None
+    return [kept[i] for i in indices]
 
 
 # -- task classes ----------------------------------------------------------------------------------------------
@@ -138,12 +235,22 @@ class VisionModel(ZooModel):
     def to_batch(self, inputs: Any) -> tuple[torch.Tensor, bool]:
         raise NotImplementedError
 
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Logits for a batch that is already preprocessed: a float tensor (predict() takes files and pixels)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else \
+                type(x).__name__
+            raise ValueError(f"model(x): x must be a preprocessed float tensor (see model.preprocess), got {what}; "
+                             "predict() and features() take image/video files, PIL images and uint8 pixels")
+        return self.module(x, *args, **kwargs)
+
     def _run(self, x: torch.Tensor, fn) -> torch.Tensor:
         with torch.inference_mode():
             return fn(x.to(device=self.device, dtype=self.dtype))
 
     def predict(self, inputs: Any, top_k: int = 5) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """Top-k (label, probability) pairs; a list of them per item for batched inputs."""
+        check_int(top_k, "top_k", minimum=1)
         if not getattr(self.config, "num_classes", 0):
             raise ValueError(f"{self.name or 'this model'} is a backbone without a classifier; use features()")
         x, single = self.to_batch(inputs)
@@ -170,7 +277,10 @@ class VisionModel(ZooModel):
         if unknown:
             raise ValueError(f"{self.family.name} config has no fields {sorted(unknown)}")
         fields = {**self.native.config, **changes}
-        config = self.family.config_from_dict(fields)
+        try:
+            config = self.family.config_from_dict(fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"reconfigure({', '.join(f'{k}={v!r}' for k, v in changes.items())}): {e}") from None
         module = self.family.build_meta(config)
         try:
             module.load_state_dict(self.module.state_dict(), strict=True, assign=True)
@@ -198,8 +308,13 @@ class ImageClassifier(VisionModel):
         if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
             if inputs.ndim == 3:
                 return inputs[None], True
+            if inputs.ndim != 4:
+                raise ValueError(f"a preprocessed image is a float tensor [3, H, W] or [batch, 3, H, W]; got shape "
+                                 f"{tuple(inputs.shape)}")
             return inputs, False
         if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                raise ValueError("inputs: an empty list; give at least one image")
             return torch.stack([self.preprocess(i) for i in inputs]), False
         return self.preprocess(inputs)[None], True
 
@@ -218,9 +333,12 @@ class VideoClassifier(VisionModel):
         if isinstance(video, (str, Path)):
             frames = read_video(video, num_frames, stride)
         else:
-            if isinstance(video, torch.Tensor) and video.ndim != 4:
+            if isinstance(video, (torch.Tensor, np.ndarray)) and video.ndim != 4:
                 raise ValueError(f"a raw video tensor is [frames, height, width, 3] uint8; got shape "
                                  f"{tuple(video.shape)}")
+            if not isinstance(video, (torch.Tensor, np.ndarray, list, tuple)):
+                raise ValueError(f"a video is a file path, a list of frames or a [frames, H, W, 3] uint8 tensor; "
+                                 f"got {type(video).__name__}")
             items = list(video)
             if not items:
                 raise ValueError("the video has no frames")
@@ -233,5 +351,8 @@ class VideoClassifier(VisionModel):
         if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
             if inputs.ndim == 4:
                 return inputs[None], True
+            if inputs.ndim != 5:
+                raise ValueError(f"a preprocessed video is a float tensor [3, T, H, W] or [batch, 3, T, H, W]; got "
+                                 f"shape {tuple(inputs.shape)}")
             return inputs, False
         return self.preprocess(inputs)[None], True
