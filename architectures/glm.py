@@ -418,7 +418,8 @@ def _entries() -> list[Entry]:
             name=f"glm-130b-int{bits}", config=glm, source=sat, params=count_params(GLM_130B), **base,
             description=f"GLM-130B with INT{bits} weight-only quantisation of the four linear weights of every "
                         "layer (per-row symmetric scales, as the GLM-130B repository does it)",
-            tags=("llm", "glm", "bilingual", f"int{bits}"), extra={**extra, "quantize": f"int{bits}-row"}))
+            tags=("llm", "glm", "bilingual", f"int{bits}"),
+            extra={**extra, "quantize": f"int{bits}-row", "convert_args": f"--quantize int{bits}"}))
     out.append(Entry(
         name="chatglm-6b", family="glm", config=asdict(CHATGLM_6B),
         source=Source(repo="THUDM/chatglm-6b", layout="hf-chatglm", file_format="bin"),

@@ -68,6 +68,12 @@ class HFChatGLM(Format):
     description = "transformers remote code of ChatGLM-6B (THUDM/chatglm-6b: config.json, pytorch_model-*.bin)"
     copy_files = ("ice_text.model", "tokenizer_config.json")
 
+    def source_info(self, src: Path) -> dict[str, Any]:
+        from zoo.architectures.glm import PAPER
+
+        return {"license": "chatglm-6b", "license_url": "https://huggingface.co/THUDM/chatglm-6b/blob/main/MODEL_LICENSE",
+                "paper": PAPER}
+
     def detect(self, src: Path) -> bool:
         if not (src.is_dir() and (src / "config.json").is_file()):
             return False

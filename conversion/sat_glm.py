@@ -498,6 +498,11 @@ class SATGLM(Format):
     exports_as = "sat"  # zoo convert --to sat NATIVE OUT --tp N
     copy_files = ("ice_text.model",)
 
+    def source_info(self, src: Path) -> dict[str, Any]:
+        from zoo.architectures.glm import GLM_130B_LICENSE, GLM_130B_LICENSE_URL, PAPER
+
+        return {"license": GLM_130B_LICENSE, "license_url": GLM_130B_LICENSE_URL, "paper": PAPER}
+
     def detect(self, src: Path) -> bool:
         try:
             rank_files(Path(src))

@@ -300,10 +300,71 @@ def test_a_config_that_does_not_fit_the_shapes_is_named(tmp_path):
 def test_merging_ranks_streams_in_about_one_merged_tensor_of_memory(tmp_path):
     """Peak RSS growth while converting a ~117 MiB checkpoint (2 rank files) whose largest merged tensor is 9 MiB."""
     script = ROOT / "benchmarks" / "bench_glm_merge.py"
-    proc = subprocess.run([sys.executable, str(script), "--sizes", "100", "--tp", "2", "--work", str(tmp_path), "--json"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+    args = ["--sizes", "100", "--tp", "2", "--work", str(tmp_path), "--json"]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(proc.stdout)
     assert row["total_bytes"] > 12 * row["largest_tensor_bytes"]
     assert row["peak_growth_bytes"] < 2.5 * row["largest_tensor_bytes"] + 8 * 2**20, row
+
+
+# -- registry, card, command line ------------------------------------------------------------------------------
+
+
+def test_registered_models_carry_the_published_configs_license_and_paper():
+    from zoo.registry import get_entry
+
+    glm = get_entry("glm-130b")
+    assert {k: glm.config[k] for k in ("n_layers", "dim", "n_heads", "inner_size", "vocab_size", "max_seq_len")} == \
+        {"n_layers": 70, "dim": 12288, "n_heads": 96, "inner_size": 32768, "vocab_size": 150528, "max_seq_len": 2048}
+    assert glm.config["mlp"] == "geglu" and glm.config["tie_embeddings"] and not glm.config["position_2d"]
+    assert abs(glm.params / 128.7e9 - 1) < 0.01  # 70 x 1.81B + the 150528 x 12288 embedding
+    assert glm.paper == "https://arxiv.org/abs/2210.02414" and glm.source.layout == "sat-glm"
+    for name in ("glm-130b", "glm-130b-int8", "glm-130b-int4"):
+        assert get_entry(name).license == "glm-130b"
+        assert get_entry(name).extra["license_url"].endswith("GLM-130B/blob/main/MODEL_LICENSE")
+    chat = get_entry("chatglm-6b")
+    assert {k: chat.config[k] for k in ("n_layers", "dim", "n_heads", "inner_size", "vocab_size", "sop_token_id")} \
+        == {"n_layers": 28, "dim": 4096, "n_heads": 32, "inner_size": 16384, "vocab_size": 130528,
+            "sop_token_id": 130004}
+    assert chat.config["position_2d"] and chat.config["mlp"] == "gelu_tanh" and chat.source.layout == "hf-chatglm"
+
+
+def test_zoo_info_shows_the_glm_130b_license(capsys):
+    from zoo.cli import main
+
+    assert main(["info", "glm-130b"]) == 0
+    out = capsys.readouterr().out
+    assert "license glm-130b" in out and "GLM-130B/blob/main/MODEL_LICENSE" in out and "2210.02414" in out
+
+
+def test_loading_a_model_given_out_on_request_says_how_to_get_and_convert_it():
+    with pytest.raises(FileNotFoundError, match=r"on request .*`zoo convert DOWNLOADED_DIR .*glm-130b-int4 --name "
+                                                r"glm-130b-int4 --quantize int4"):
+        zoo.load("glm-130b-int4")
+
+
+def test_the_card_states_the_license_and_the_memory_130b_needs(sat):
+    card = (sat["native"] / "README.md").read_text()
+    assert "The GLM-130B License" in card and "non-commercial research" in card
+    assert "257.4 GB" in card and "130.6 GB" in card and "67.2 GB" in card  # fp16, INT8, INT4
+    assert "license: other" in card and "GLM-130B/blob/main/MODEL_LICENSE" in card
+
+
+def test_cli_converts_with_a_config_file_and_exports_to_two_ranks(tmp_path):
+    from zoo.cli import main
+
+    shards = _small_sat(tmp_path / "sat")
+    config = json.loads((tmp_path / "sat" / "model_config.json").read_text())
+    (tmp_path / "sat" / "model_config.json").unlink()  # the release has none
+    (tmp_path / "args.json").write_text(json.dumps(config))
+    assert main(["convert", str(tmp_path / "sat"), str(tmp_path / "native"), "--config",
+                 str(tmp_path / "args.json")]) == 0
+    assert main(["convert", "--to", "sat", str(tmp_path / "native"), str(tmp_path / "tp2"), "--tp", "2"]) == 0
+    exported = [load_file(tmp_path / "tp2" / "49300" / f"mp_rank_{r:02d}_model_states.safetensors") for r in range(2)]
+    for key in exported[0]:  # the same pieces as the published ranks
+        assert all(torch.equal(exported[r][key], shards[r][key]) for r in range(2)), key
+    assert set(shards[0]) - set(exported[0]) == {"transformer.layers.0.attention.rotary_emb.inv_freq"}
+    with pytest.raises(CheckpointError, match="carries its own config; --config is not used"):
+        zoo.convert(tmp_path / "native", tmp_path / "x", format="hf-chatglm", config=tmp_path / "args.json")

@@ -65,7 +65,7 @@ def card_facts(native: NativeConfig) -> dict[str, Any]:
         "task": native.task,
         "description": entry.description if entry else src.get("description", ""),
         "license": lic,
-        "license_link": _license_link(repo, lic),
+        "license_link": (entry.extra if entry else src).get("license_url") or _license_link(repo, lic),
         "paper": entry.paper if entry else src.get("paper", ""),
         "params": entry.params if entry else src.get("params"),
         "repo": repo,

@@ -133,7 +133,11 @@ def _cmd_info(a) -> None:
         return
     print(f"{e.name}: {e.description}")
     print(f"  family {e.family} · task {e.task} · {e.params:,} parameters · license {e.license}")
+    if e.extra.get("license_url"):
+        print(f"  license text {e.extra['license_url']}")
     print(f"  source {e.source.host}:{e.source.repo}@{e.source.revision} (layout {e.source.layout})")
+    if e.extra.get("download"):
+        print(f"  weights given out on request: {e.extra['download']}")
     print(f"  paper  {e.paper}")
     print("  published config:")
     for k, v in e.config.items():

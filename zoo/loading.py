@@ -50,6 +50,13 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Pat
     local = zoo_home() / "models" / entry.name
     if local.is_dir():
         return local
+    if entry.source.host == "manual":  # the publisher hands the weights out on request: zoo cannot fetch them
+        how = entry.extra.get("download") or entry.source.repo
+        args = entry.extra.get("convert_args", "")
+        raise FileNotFoundError(
+            f"{entry.name}: its publisher distributes the weights on request ({how}); download them, then run "
+            f"`zoo convert DOWNLOADED_DIR {local} --name {entry.name}{' ' + args if args else ''}` "
+            f"and load {entry.name!r} again")
     from zoo.hub import fetch_and_convert
 
     return fetch_and_convert(entry, local)

@@ -22,7 +22,7 @@ class Source:
     repo: str  # "Qwen/Qwen2-7B" on the Hub, or a path inside the zoo package for embedded models
     layout: str  # conversion format name, e.g. "hf-qwen2"
     revision: str = "main"
-    host: str = "hf"  # "hf" (Hugging Face Hub) or "package" (ships inside zoo)
+    host: str = "hf"  # "hf" (Hugging Face Hub), "package" (ships inside zoo) or "manual" (given out on request)
     file_format: str = "safetensors"
     files: tuple[str, ...] = ()  # the weight files to fetch, when the repo holds more than this model
 
