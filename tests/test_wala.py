@@ -303,6 +303,7 @@ def test_inverse_wavelet_transform_matches_pywavelets_on_random_coefficients():
     np.testing.assert_allclose(published.numpy(), expected, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:Level value")  # pywt: 3 levels of an 18-tap filter on 128 samples
 def test_a_sphere_survives_wavelets_packing_inverse_and_marching_cubes():
     from zoo.architectures.wala_vqvae import WaveletTree
 
@@ -393,3 +394,29 @@ def test_all_eight_published_models_are_registered_with_license_and_paper():
         assert e.source.repo.startswith("ADSKAILab/WaLa-") and e.source.files == ("checkpoint.ckpt",)
         c = WaLaConfig(**e.config)
         assert e.params == count_params(c) == sum(p.numel() for p in fam.build_meta(c).parameters())
+
+
+def test_views_are_read_in_numbered_order_and_preprocessed_as_published(converted, tmp_path):
+    from PIL import Image
+
+    _, model, views, _ = converted["rgb4"]
+    rng = np.random.default_rng(0)
+    for n in (26, 3, 10, 6):  # training-view order is by view number: 3, 6, 10, 26
+        Image.fromarray(rng.integers(0, 255, (230, 260, 3), dtype=np.uint8)).save(tmp_path / f"{n}.png")
+    batch = model.preprocess(tmp_path)
+    assert batch.shape == (1, 4, 3, 224, 224)
+    first = model.preprocess([tmp_path / f"{n}.png" for n in (3, 6, 10, 26)])
+    torch.testing.assert_close(batch, first)
+    with pytest.raises(ValueError, match="4 views"):
+        model.preprocess([tmp_path / "3.png"])
+    # Resize(224) on the short side (bilinear), center crop 224, (x - 0.5) / 0.5, as the published transform
+    img = Image.open(tmp_path / "3.png").convert("RGB").resize((253, 224), Image.BILINEAR).crop((14, 0, 238, 224))
+    expected = (torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1) - 0.5) / 0.5
+    torch.testing.assert_close(batch[0, 0], expected)
+    # greyscale + alpha: multi-view sets go over white (the published load_image default), single images drop alpha
+    la = Image.fromarray(np.stack([np.full((224, 224), 10, np.uint8), np.zeros((224, 224), np.uint8)], -1), "LA")
+    la.save(tmp_path / "la.png")
+    from zoo.tasks.shapes import load_image
+
+    assert np.asarray(load_image(tmp_path / "la.png", None)).min() == 255
+    assert np.asarray(load_image(tmp_path / "la.png", False)).max() == 10
