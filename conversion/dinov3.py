@@ -174,6 +174,13 @@ class OfficialDINOv3(Format):
     copy_files = ()
 
     def detect(self, src: Path) -> bool:
+        from zoo.conversion.nnunet import checkpoint_file
+
+        try:
+            if src.is_dir() and checkpoint_file(src) is not None:
+                return False  # a Dino U-Net result folder that also holds its backbone .pth
+        except CheckpointError:
+            return False
         return weight_file_or_dir(src) and official_prefix(keys_of(src)) is not None
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
