@@ -137,6 +137,22 @@ class GLMTokenizer:
         piece = self.sp.PieceToId(token)
         return piece + self.offset if self.sp.IdToPiece(piece) == token else None
 
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """ChatGLM-6B's conversation format (its chat()): the last user message alone, or, with history,
+        "[Round i]\n问：{question}\n答：{answer}\n" per finished round and "[Round n]\n问：{question}\n答：" last."""
+        if self.style != "chatglm":
+            raise ValueError("GLM-130B is not a chat model: use generate() (blank infilling or [gMASK] continuation)")
+        turns = [m for m in messages if m["role"] in ("user", "assistant")]
+        if not turns or turns[-1]["role"] != "user":
+            raise ValueError("messages: the conversation must end with a user message")
+        history = list(zip(turns[0:-1:2], turns[1:-1:2]))
+        if any(q["role"] != "user" or a["role"] != "assistant" for q, a in history):
+            raise ValueError("messages: user and assistant messages must alternate, starting with the user")
+        if not history:
+            return turns[-1]["content"]
+        prompt = "".join(f"[Round {i}]\n问：{q['content']}\n答：{a['content']}\n" for i, (q, a) in enumerate(history))
+        return prompt + f"[Round {len(history)}]\n问：{turns[-1]['content']}\n答："
+
     def preprocess(self, text: str) -> str:
         text = text.replace("\n", "<n>").replace("\t", TAB)
         for n in range(self.max_blank, 1, -1):  # longest runs first

@@ -1,7 +1,8 @@
 """Peak memory of converting a GLM-130B-layout checkpoint (SAT tensor-parallel rank files) against its size.
 
     python benchmarks/bench_glm_merge.py                       # 256 MB, 1 GB, 4 GB synthetic checkpoints
-    python benchmarks/bench_glm_merge.py --sizes 190 --json    # what tests/test_glm.py runs
+    python benchmarks/bench_glm_merge.py --sizes 100 --tp 2 --json   # what tests/test_glm.py runs
+    python benchmarks/bench_glm_merge.py --quant 256           # INT8/INT4 bytes and logits error against fp16
 
 For each size a synthetic checkpoint is written in the exact published layout (DIR/latest,
 DIR/<iteration>/mp_rank_XX_model_states.pt holding {"module": state_dict}, fp16, GLM-130B's tensor names and
@@ -101,13 +102,59 @@ def measure(src: Path, out: Path, warm: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def quant_report(work: Path, size_mb: float) -> list[dict]:
+    """Weight bytes and logits error of INT8 / INT4 (GLM-130B's scheme, packed, fp32 compute) against fp16, on a
+    synthetic checkpoint of GLM-130B's proportions (random weights: the errors show the arithmetic, not quality)."""
+    import torch
+
+    import zoo
+
+    src = work / "quant-sat"
+    write_checkpoint(src, shape_for(size_mb, 2), 2)
+    native = zoo.convert(src, work / "quant-native", progress=False)
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    rows, reference = [], None
+    for quantize in (None, "int8", "int4"):
+        stored = zoo.load(native, quantize=quantize)  # fp16 as released (packed rows, fp16 scales and biases)
+        weights = sum(t.numel() * t.element_size() for name, t in stored.module.state_dict().items()
+                      if ".attn." in name or ".mlp." in name)
+        model = zoo.load(native, dtype=torch.float32, quantize=quantize)  # compute in fp32, weights packed
+        with torch.no_grad():
+            logits = model(ids)
+        reference = logits if reference is None else reference
+        err = (logits - reference).abs()
+        rows.append({"weights": quantize or "fp16", "linear_bytes": weights, "max_abs_err": float(err.max()),
+                     "mean_abs_err": float(err.mean()), "logit_scale": float(reference.abs().max()),
+                     "top1_agree": float((logits.argmax(-1) == reference.argmax(-1)).float().mean())})
+    shutil.rmtree(src)
+    shutil.rmtree(work / "quant-native")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=float, nargs="+", default=[256, 1024, 4096], help="checkpoint sizes in MB")
     p.add_argument("--tp", type=int, default=8, help="rank files (GLM-130B: 8)")
     p.add_argument("--work", help="scratch directory (default: a temporary one, removed afterwards)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    p.add_argument("--quant", type=float, metavar="MB", help="instead: INT8/INT4 weight bytes and logits error "
+                   "against fp16 on a synthetic checkpoint of about MB megabytes")
     a = p.parse_args()
+    if a.quant:
+        work = Path(a.work or tempfile.mkdtemp(prefix="bench_glm_quant-"))
+        rows = quant_report(work, a.quant)
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+        if a.json:
+            print(json.dumps(rows))
+            return
+        print("| weights | linear-layer bytes | vs fp16 | max abs logit error | mean abs error | top-1 agreement |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            ratio = r["linear_bytes"] / rows[0]["linear_bytes"]
+            print(f"| {r['weights']} | {r['linear_bytes'] / 2**20:,.1f} MiB | {ratio:.3f} | {r['max_abs_err']:.4f} "
+                  f"(logits up to {r['logit_scale']:.1f}) | {r['mean_abs_err']:.5f} | {r['top1_agree']:.3f} |")
+        return
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench_glm_merge-"))
     rows = []
     try:

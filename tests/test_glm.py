@@ -97,6 +97,19 @@ def test_fp16_rotary_angles_are_what_the_reference_computes_at_positions_in_the_
         assert max_abs_diff(fp32_angles(x), fp32_ref) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs_stay_close_to_fp32(sat, dtype):
+    x = torch.tensor([_prompt(200, GMASK)])
+    positions, context = glm_positions(x, sat["model"].config)
+    full = sat["model"](x, positions, context)
+    half = zoo.load(sat["native"], dtype=dtype)(x, positions, context)
+    assert half.dtype == dtype
+    # bf16 keeps 8 bits of mantissa to fp16's 11: this random model amplifies rounding, so it drifts further
+    tolerance, agree = (0.02, 0.9) if dtype == torch.float16 else (0.3, 0.75)
+    assert max_abs_diff(half, full) < tolerance * full.abs().max()
+    assert (half.float().argmax(-1) == full.argmax(-1)).float().mean() > agree
+
+
 @pytest.mark.parametrize("mode", ["gmask", "mask"])
 def test_greedy_tokens_equal_the_reference(sat, mode):
     seq = _prompt(40, GMASK) if mode == "gmask" else _prompt(40, MASK, at=25)

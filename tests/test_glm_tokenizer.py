@@ -168,3 +168,15 @@ def test_chatglm_prompts_end_with_gmask_and_sop(ice_text, tmp_path):
     assert chat.token_id("[MASK]") == PIECES and chat.token_id("<sop>") == PIECES + 4
     assert GLMPrompt().encode(chat, "hello") == [*chat.encode("hello"), chat.token_id("[gMASK]"), PIECES + 4]
     assert chat.special("eos_token") == "<eop>"
+
+
+def test_chatglm_conversations_use_its_round_format(ice_text, tok, tmp_path):
+    (tmp_path / "ice_text.model").write_bytes((ice_text / "ice_text.model").read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"position_2d": True, "vocab_size": 130528}}))
+    chat = GLMTokenizer(tmp_path)
+    assert chat.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"}]
+    assert chat.apply_chat_template(conversation) == "[Round 0]\n问：a\n答：b\n[Round 1]\n问：c\n答："
+    with pytest.raises(ValueError, match="GLM-130B is not a chat model"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
