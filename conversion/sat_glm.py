@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -178,9 +179,9 @@ class PickleTensors:
     bytes are read into a buffer the caller owns (falling back to a copy from the mapping where that is not
     possible, e.g. a non-contiguous view or no /proc)."""
 
-    def __init__(self, path: Path, unwrap: tuple[str, ...] = ("module",)):
+    def __init__(self, path: Path, unwrap: tuple[str, ...] = ("module",), allow: tuple = ()):
         self.path = Path(path)
-        obj = load_pickle(self.path)
+        obj = load_pickle(self.path, allow=allow)
         for k in unwrap:
             if isinstance(obj, dict) and isinstance(obj.get(k), dict):
                 obj = obj[k]
@@ -300,7 +301,10 @@ class SATSource(TensorSource):
         super().__init__()
         self.src = Path(src)
         self.iteration, self.files = rank_files(self.src)
-        self.ranks = [_SafetensorsRank(p) if p.suffix == ".safetensors" else PickleTensors(p) for p in self.files]
+        # Megatron/DeepSpeed-style rank files may carry the training arguments beside "module" (an
+        # argparse.Namespace: plain data); nothing else that needs a class is let in
+        self.ranks = [_SafetensorsRank(p) if p.suffix == ".safetensors" else PickleTensors(p, allow=(Namespace,))
+                      for p in self.files]
         self.tp = len(self.ranks)
         self.check_replicated = check_replicated
         keys0 = self.ranks[0].keys()

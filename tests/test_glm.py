@@ -284,6 +284,17 @@ def test_a_pickle_that_needs_code_is_refused(tmp_path):
         zoo.convert(tmp_path / "sat", tmp_path / "out", progress=False)
 
 
+def test_rank_files_carrying_training_arguments_convert(tmp_path):
+    from argparse import Namespace
+
+    shards = _small_sat(tmp_path / "sat")
+    for r, sd in enumerate(shards):  # as Megatron/DeepSpeed-style savers write them
+        torch.save({"module": sd, "iteration": 49300, "args": Namespace(num_layers=1, fp16=True)},
+                   tmp_path / "sat" / "49300" / f"mp_rank_{r:02d}_model_states.pt")
+    out = zoo.convert(tmp_path / "sat", tmp_path / "out", progress=False)
+    assert "embed.weight" in load_file(out / "model.safetensors")
+
+
 def test_latest_naming_a_missing_iteration_is_named(tmp_path):
     _small_sat(tmp_path / "sat")
     (tmp_path / "sat" / "latest").write_text("1000")
