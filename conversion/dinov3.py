@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from zoo.architectures.dinov3 import HEADS_BY_DIM, DINOv3Config, preprocessing, rope_periods
+from zoo.architectures.dinov3 import (
+    HEADS_BY_DIM,
+    LICENSE,
+    LICENSE_URL,
+    DINOv3Config,
+    preprocessing,
+    rope_periods,
+)
 from zoo.conversion.base import Format, read_json
 from zoo.conversion.hf_decoder import TransformersFormat
 from zoo.conversion.rules import Drop, KeyMap, Rule, rename
@@ -167,6 +174,11 @@ def data_of(name: str) -> str:
     return "sat493m" if "sat493m" in name.lower() else "lvd1689m"
 
 
+def dinov3_source_info(src: Path) -> dict[str, Any]:
+    """What every DINOv3 conversion records about the weights: Meta's license and the paper."""
+    return {"license": LICENSE, "license_url": LICENSE_URL, "paper": "https://arxiv.org/abs/2508.10104"}
+
+
 class OfficialDINOv3(Format):
     name = "dinov3-official"
     family = "dinov3"
@@ -174,13 +186,8 @@ class OfficialDINOv3(Format):
     copy_files = ()
 
     def detect(self, src: Path) -> bool:
-        from zoo.conversion.nnunet import checkpoint_file
-
-        try:
-            if src.is_dir() and checkpoint_file(src) is not None:
-                return False  # a Dino U-Net result folder that also holds its backbone .pth
-        except CheckpointError:
-            return False
+        if src.is_dir() and (any(src.glob("checkpoint_*.pth")) or any(src.glob("fold_*/checkpoint_*.pth"))):
+            return False  # an nnU-Net result folder (Dino U-Net) that also holds its backbone .pth
         return weight_file_or_dir(src) and official_prefix(keys_of(src)) is not None
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -192,6 +199,9 @@ class OfficialDINOv3(Format):
 
     def open(self, src: Path) -> TensorSource:
         return source(src)
+
+    def source_info(self, src: Path) -> dict[str, Any]:
+        return dinov3_source_info(src)
 
     def keymap(self, config: DINOv3Config) -> KeyMap:
         rules = [r for p in OFFICIAL_PREFIXES for r in official_rules(p, "", config)]
@@ -252,6 +262,9 @@ class TimmDINOv3(Format):
     def open(self, src: Path) -> TensorSource:
         return source(src)
 
+    def source_info(self, src: Path) -> dict[str, Any]:
+        return dinov3_source_info(src)
+
     def keymap(self, config: DINOv3Config) -> KeyMap:
         top = {"cls_token": "cls_token", "reg_token": "register_tokens", "patch_embed.proj.weight":
                "patch_embed.proj.weight", "patch_embed.proj.bias": "patch_embed.proj.bias",
@@ -308,6 +321,9 @@ class HFDINOv3(TransformersFormat):
         if not p.is_file():
             extra.update(preprocessing(data_of(src.name)), resolution=int(size))
         return fields, extra
+
+    def source_info(self, src: Path) -> dict[str, Any]:
+        return dinov3_source_info(src)
 
     def keymap(self, config: DINOv3Config) -> KeyMap:
         rules: list[Rule] = [

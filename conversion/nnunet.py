@@ -35,6 +35,7 @@ from typing import Any
 import numpy
 import torch
 from zoo.architectures.dinounet import TAPPED_BY_DEPTH, VARIANTS
+from zoo.architectures.dinov3 import LICENSE, LICENSE_URL
 from zoo.conversion.base import Format, read_json
 from zoo.conversion.dinov3 import official_drops, official_fields, official_rules
 from zoo.conversion.rules import Drop, KeyMap, Rule, rename
@@ -368,7 +369,7 @@ class NNUNetDinoUNet(Format):
         plans, dataset, _ = training_setup(ckpt, data)
         trained = dataset.get("name") or plans.get("dataset_name") or "the user's dataset"
         what = dataset.get("description")
-        return {"license": "dinov3-license", "paper": "https://arxiv.org/abs/2508.20909",
+        return {"license": LICENSE, "license_url": LICENSE_URL, "paper": "https://arxiv.org/abs/2508.20909",
                 "description": f"Dino U-Net ({data.get('trainer_name') or 'DinoUNetTrainer'}) trained on {trained}"
                                + (f": {what}" if what else "")}
 

@@ -110,6 +110,8 @@ def test_official_pth_with_masked_key_bias_and_bf16_periods_matches_timm_with_th
     zoo.convert(src, tmp_path / "native", progress=False)
     native = json.loads((tmp_path / "native" / "config.json").read_text())
     assert native["config"]["rope_periods"] == "bfloat16" and native["config"]["ffn"] == "swiglu"
+    assert native["source"]["license"] == "dinov3-license"
+    assert "license_name: dinov3-license" in (tmp_path / "native" / "README.md").read_text()
     stored = set(json.loads((tmp_path / "native" / "model.safetensors.index.json").read_text())["weight_map"])
     assert not any(k.endswith(("periods", "bias_mask", "mask_token")) or "local_cls_norm" in k for k in stored)
     model = zoo.load(tmp_path / "native")
