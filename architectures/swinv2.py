@@ -9,6 +9,14 @@ merging (2x2 neighbours concatenated, linearly reduced). V2 changes three things
   *pretrained* window size). Relative coordinate tables, indices and shifted-window masks are derived
   buffers: computed from the config, never loaded.
 Input size is fixed by the window partition (as in the official code): the config's img_size.
+
+How it runs (same math as the official code, fewer passes over memory): within a stage the tokens stay in
+window order, [B, tokens, C] with each window's tokens consecutive, because every operation except attention
+is per token. Going from one block's windows to the next (shifted) block's is then one gather with a
+precomputed index, instead of roll + partition + reverse + roll; the stage's last gather puts the tokens in
+2x2-neighbour order for patch merging (or back in row-major order). Attention is one fused
+scaled_dot_product_attention call: the per-head temperature is folded into the normalised queries, and the
+position bias and the shifted-window mask are one additive mask.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures.kernels.linear import gelu_mlp, linear
 from zoo.architectures.layers import Mlp
 
 from zoo.family import Family
@@ -93,11 +102,33 @@ def window_partition(x: torch.Tensor, w: int) -> torch.Tensor:
     return x.reshape(-1, w * w, C)
 
 
-def window_reverse(windows: torch.Tensor, w: int, H: int, W: int) -> torch.Tensor:
-    """[B * nW, w*w, C] -> [B, H, W, C]"""
-    C = windows.shape[-1]
-    x = windows.view(-1, H // w, W // w, w, w, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, H, W, C)
+def window_order(res: int, window: int, shift: int, device=None) -> torch.Tensor:
+    """[res*res]: the row-major grid index of each token when the grid, cyclically shifted by -shift, is cut
+    into windows (window-major, row-major inside a window): the token order a block's attention works in."""
+    grid = torch.arange(res * res, device=device).view(1, res, res, 1)
+    if shift:
+        grid = torch.roll(grid, (-shift, -shift), dims=(1, 2))
+    return window_partition(grid, window).reshape(-1)
+
+
+def merge_order(res: int, device=None) -> torch.Tensor:
+    """[res*res]: row-major grid index of the 2x2 neighbours of each merged token, merged tokens in row-major
+    order, neighbours in the published concatenation order (0,0), (1,0), (0,1), (1,1) as (row, col) offsets."""
+    r = torch.arange(0, res, 2, device=device)
+    top_left = (r[:, None] * res + r[None, :]).reshape(-1, 1)
+    return (top_left + torch.tensor([0, res, 1, res + 1], device=device)).reshape(-1)
+
+
+def gather_index(current: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor | None:
+    """Index that reorders tokens laid out as `current` (grid index of each position) into `wanted`;
+    None when the orders are the same."""
+    if torch.equal(current, wanted):
+        return None
+    return torch.argsort(current)[wanted]
+
+
+def to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
 
 
 def shifted_window_mask(res: int, window: int, shift: int, device=None) -> torch.Tensor:
@@ -141,16 +172,22 @@ class WindowAttention(nn.Module):
         return 16 * torch.sigmoid(bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: [windows, N, C], the windows of one image consecutive; mask: [windows per image, N, N] or None."""
         B, N, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        attn = attn * torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp() + self.position_bias()
-        if mask is not None:  # windows of one image are consecutive in the batch
+        qkv = linear(self.qkv, x, bias=bias).view(B, N, 3, self.heads, -1)
+        # cos(q, k) * temperature + bias: queries and keys scaled to unit length together (F.normalize's
+        # x / max(|x|, 1e-12), read in qkv's own layout), then the per-head temperature multiplies the queries
+        qk = qkv[:, :, :2]
+        q, k = (qk / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-12)).permute(2, 0, 3, 1, 4)
+        q = q * torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
+        v = qkv[:, :, 2].transpose(1, 2)
+        bias = self.position_bias()[None]  # 1, heads, N, N
+        if mask is not None:  # one additive mask per window of an image, repeated for each image
             nw = mask.shape[0]
-            attn = (attn.view(-1, nw, self.heads, N, N) + mask[None, :, None]).view(B, self.heads, N, N)
-        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj(x)
+            bias = (bias + mask[:, None]).expand(B // nw, nw, self.heads, N, N).reshape(B, self.heads, N, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
+        return linear(self.proj, x.transpose(1, 2).reshape(B, N, C))
 
 
 class SwinV2Block(nn.Module):
@@ -172,46 +209,69 @@ class SwinV2Block(nn.Module):
     def init_buffers(self, device: torch.device) -> None:
         self.attn_mask = shifted_window_mask(self.res, self.window, self.shift, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
-        B, H, W, C = x.shape
-        s = self.shift
-        y = torch.roll(x, (-s, -s), dims=(1, 2)) if s else x
+    def order(self, device=None) -> torch.Tensor:
+        """Grid index of each token in this block's window order."""
+        return window_order(self.res, self.window, self.shift, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, res*res, C] in this block's window order (see window_order); returns the same layout."""
+        B, L, C = x.shape
         mask = None if self.attn_mask is None else self.attn_mask.to(x.dtype)
-        y = window_reverse(self.attn(window_partition(y, self.window), mask), self.window, H, W)
-        y = torch.roll(y, (s, s), dims=(1, 2)) if s else y
+        y = self.attn(x.view(-1, self.window * self.window, C), mask).view(B, L, C)
         x = x + self.norm1(y)
-        return x + self.norm2(self.mlp(x))
+        return x + self.norm2(gelu_mlp(self.mlp, x))
 
 
 class PatchMerging(nn.Module):
-    """2x2 neighbours -> concat (order: (0,0), (1,0), (0,1), (1,1)) -> Linear(4C, 2C) -> LayerNorm(2C)."""
+    """2x2 neighbours concatenated (order: (0,0), (1,0), (0,1), (1,1)) -> Linear(4C, 2C) -> LayerNorm(2C).
+
+    The stage hands the neighbours over already side by side (merge_order), so the concatenation is a view."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(2 * dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.norm(self.reduction(x))
+    def forward(self, neighbours: torch.Tensor) -> torch.Tensor:  # [B, H/2, W/2, 4C]
+        return self.norm(linear(self.reduction, neighbours))
 
 
 class Stage(nn.Module):
     def __init__(self, c: SwinV2Config, i: int):
         super().__init__()
-        dim, res = c.dims()[i], c.resolutions()[i]
+        dim, self.res = c.dims()[i], c.resolutions()[i]
         self.blocks = nn.ModuleList(
-            SwinV2Block(dim, c.num_heads[i], res, c.window_size, j % 2 == 1, c.pretrained_window_sizes[i],
+            SwinV2Block(dim, c.num_heads[i], self.res, c.window_size, j % 2 == 1, c.pretrained_window_sizes[i],
                         c.mlp_ratio, c.norm_eps)
             for j in range(c.depths[i])
         )
         # merging ends a stage (the official layout; timm starts the next stage with it)
         self.downsample = PatchMerging(dim) if i < len(c.depths) - 1 else None
+        self.init_buffers(None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x if self.downsample is None else self.downsample(x)
+    def init_buffers(self, device: torch.device | None) -> None:
+        """Token gathers (derived buffers): into each block's window order, then out of the last one.
+
+        Computed on the CPU (they are small and data-dependent, which the meta device is not), then moved."""
+        device, cpu = device or torch.get_default_device(), torch.device("cpu")
+        current = torch.arange(self.res * self.res, device=cpu)  # row-major, as the stage receives them
+        for j, block in enumerate(self.blocks):
+            wanted = block.order(cpu)
+            self.register_buffer(f"gather_{j}", to(gather_index(current, wanted), device), persistent=False)
+            current = wanted
+        out = merge_order(self.res, cpu) if self.downsample is not None else torch.arange(self.res**2, device=cpu)
+        self.register_buffer("gather_out", to(gather_index(current, out), device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C] -> [B, H', W', C']
+        B, H, W, C = x.shape
+        x = x.reshape(B, H * W, C)
+        for j, block in enumerate(self.blocks):
+            index = getattr(self, f"gather_{j}")
+            x = block(x if index is None else x[:, index])
+        x = x if self.gather_out is None else x[:, self.gather_out]
+        if self.downsample is None:
+            return x.view(B, H, W, C)
+        return self.downsample(x.view(B, H // 2, W // 2, 4 * C))
 
 
 class PatchEmbed(nn.Module):
@@ -265,7 +325,7 @@ class SwinTransformerV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
-        return f if self.head is None else self.head(f)
+        return f if self.head is None else linear(self.head, f)
 
 
 def build(c: SwinV2Config) -> SwinTransformerV2:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures.kernels.linear import gelu_mlp, linear
 from zoo.architectures.layers import Mlp
 
 from zoo.family import Family
@@ -90,9 +91,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         bias = None if self.q_bias is None else torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(self.qkv, x, bias=bias).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return linear(self.proj, x.transpose(1, 2).reshape(B, N, C))
 
 
 class Block(nn.Module):
@@ -105,7 +106,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        return x + gelu_mlp(self.mlp, self.norm2(x))
 
 
 class VideoMAEv2(nn.Module):
@@ -156,7 +157,7 @@ class VideoMAEv2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
-        return f if self.head is None else self.head(f)
+        return f if self.head is None else linear(self.head, f)
 
 
 def build(c: VideoMAEv2Config) -> VideoMAEv2:
