@@ -173,6 +173,29 @@ def test_a_pickle_that_carries_code_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists() and not (tmp_path / "native").exists()
 
 
+def test_the_allow_list_is_the_narrowest_that_reads_numpy_2_and_numpy_1_checkpoints(tmp_path):
+    from zoo.conversion.nnunet import ALLOW
+    from zoo.conversion.sources import load_pickle
+
+    ckpt = tmp_path / "checkpoint_final.pth"
+    save_like_nnunet(ckpt, {"w": torch.ones(2)}, plans(), dataset_json())
+    data = load_pickle(ckpt, allow=ALLOW)
+    assert data["_best_ema"] == 0.65 and data["init_args"]["device"] == torch.device("cuda")
+    for name in [a for a in ALLOW if not isinstance(a, tuple)]:  # each of the four is needed
+        with pytest.raises(CheckpointError, match="refused"):
+            load_pickle(ckpt, allow=[a for a in ALLOW if a is not name])
+    # numpy 1.x pickled the scalar constructor as numpy.core.multiarray.scalar: the same file as numpy 1.x wrote it
+    with mock.patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
+        torch.save(data, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    old = (tmp_path / "legacy.pth").read_bytes()
+    assert old.count(b"numpy._core.multiarray\nscalar\n") == 1
+    (tmp_path / "numpy1.pth").write_bytes(old.replace(b"numpy._core.multiarray\nscalar\n",
+                                                      b"numpy.core.multiarray\nscalar\n"))
+    assert load_pickle(tmp_path / "numpy1.pth", allow=ALLOW)["_best_ema"] == 0.65
+    with pytest.raises(CheckpointError, match="numpy.core.multiarray.scalar"):
+        load_pickle(tmp_path / "numpy1.pth", allow=[a for a in ALLOW if not isinstance(a, tuple)])
+
+
 def test_head_only_checkpoint_is_assembled_with_the_backbone_file(tmp_path):
     ref = reference(seed=3)
     sd = ref.state_dict()
