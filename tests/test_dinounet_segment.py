@@ -17,11 +17,15 @@ PATCH = (64, 64)
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A tiny random Dino U-Net saved as nnU-Net does (64 x 64 training patches, z-score), converted once."""
+    """A tiny random Dino U-Net saved as nnU-Net does (64 x 64 training patches, z-score), converted once by
+    `zoo convert CKPT OUT` (the layout detected)."""
+    from zoo.cli import main
+
     root = tmp_path_factory.mktemp("dinounet")
     ref = reference(seed=7)
     save_like_nnunet(root / "checkpoint_final.pth", ref.state_dict(), plans(patch=PATCH), dataset_json())
-    zoo.convert(root / "checkpoint_final.pth", root / "native", progress=False)
+    assert main(["convert", str(root / "checkpoint_final.pth"), str(root / "native")]) == 0
+    assert json.loads((root / "native" / "config.json").read_text())["source"]["layout"] == "nnunet-dinounet"
     return ref, root / "native"
 
 
