@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import pkgutil
 import shutil
@@ -13,10 +14,13 @@ from typing import Any
 import torch
 from zoo.architectures.quant import get_scheme, linear_paths, pack_linears
 from zoo.conversion.engine import (
+    INPUT_ERRORS,
     AtomicDirectory,
     check_against_model,
+    check_paths,
     pack_jobs,
     plan_jobs,
+    reading,
     run_jobs_meta,
     stream_write,
 )
@@ -30,7 +34,9 @@ from zoo.weights.format import (
     read_config,
     write_config,
 )
+from zoo.weights.reader import Checkpoint
 
+from zoo.checks import find_nan
 from zoo.family import Family, get_family
 
 TOKENIZER_FILES = (
@@ -125,11 +131,19 @@ def detect_format(src: Path, name: str | None = None) -> Format:
         return known[name]
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or directory")
-    hits = [f for f in known.values() if f.detect(src)]
+    hits = [f for f in known.values() if _detects(f, src)]
     if len(hits) != 1:
         what = "matches several formats: " + ", ".join(f.name for f in hits) if hits else "is in no known format"
         raise CheckpointError(f"{src}: {what}; pass --format NAME (one of {', '.join(sorted(known))})")
     return hits[0]
+
+
+def _detects(fmt: Format, src: Path) -> bool:
+    """A format claims src; one that cannot even read it (junk, a foreign layout) does not."""
+    try:
+        return bool(fmt.detect(src))
+    except (OSError, *INPUT_ERRORS):
+        return False
 
 
 def published_names(keymap: KeyMap):
@@ -161,7 +175,26 @@ def _stored_dtype(planned: dict[str, torch.Tensor], dtype: torch.dtype | None) -
     return dtype_name(max(set(floats), key=floats.count)) if floats else "float32"
 
 
-def convert(
+def convert(src: str | Path, out: str | Path, *args: Any, **kwargs: Any) -> Path:
+    """Convert a published checkpoint into the native format, streaming tensor by tensor (see _convert).
+
+    The arguments are checked before anything is read, and whatever a damaged or foreign source makes a
+    format's parser raise comes out as a CheckpointError naming the source."""
+    from zoo.checks import check_quantize
+
+    src, out = check_paths(src, out)
+    bound = inspect.signature(_convert).bind(src, out, *args, **kwargs)
+    parse_dtype(bound.arguments.get("dtype"))
+    check_quantize(bound.arguments.get("quantize"))
+    shard = bound.arguments.get("max_shard_bytes", 1)
+    if isinstance(shard, bool) or not isinstance(shard, int) or shard <= 0:
+        raise ValueError(f"max_shard_bytes={shard!r}: must be a whole number of bytes > 0")
+    given = bound.arguments.get("format")
+    with reading(src, f"read as {given}" if given else ""):
+        return _convert(*bound.args, **bound.kwargs)
+
+
+def _convert(
     src: str | Path,
     out: str | Path,
     format: str | None = None,
@@ -197,6 +230,8 @@ def convert(
         if not isinstance(given, dict):
             raise CheckpointError(f"{config}: expected a JSON object of config values")
         fields, extra = fmt.native_config(src, config=given)
+    if (nan := find_nan(fields) or find_nan(extra, "preprocessing")) is not None:
+        raise CheckpointError(f"{src}: config value {nan} is NaN")
     try:
         config = family.config_from_dict(fields)
     except (TypeError, ValueError) as e:
@@ -240,7 +275,17 @@ def convert(
     return out
 
 
-def export(model_dir: str | Path, out: str | Path, to: str = "hf", overwrite: bool = False,
+def export(model_dir: str | Path, out: str | Path, *args: Any, **kwargs: Any) -> Path:
+    """Write a native checkpoint back in a published layout (see _export); the checkpoint is verified first
+    (every file the index lists, against its sha256), and errors name it."""
+    model_dir, out = check_paths(model_dir, out, "model_dir")
+    read_config(model_dir)
+    Checkpoint(model_dir, verify=True)
+    with reading(model_dir):
+        return _export(model_dir, out, *args, **kwargs)
+
+
+def _export(model_dir: str | Path, out: str | Path, to: str = "hf", overwrite: bool = False,
            progress: bool = True, **options: Any) -> Path:
     """Write a native checkpoint back in a published layout (the key map read backwards, or the format's own
     writer, which may take options such as tp=N)."""

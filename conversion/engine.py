@@ -12,9 +12,11 @@ import os
 import re
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +84,10 @@ def check_against_model(
             raise CheckpointError(
                 f"{what}: tensor {name} has shape {tuple(t.shape)}, the config needs {tuple(expected[k].shape)}"
             )
+        if t.dtype.is_floating_point != expected[k].dtype.is_floating_point:  # integer weights would run as garbage
+            name = k if published(k) == k else f"{published(k)} (as {k})"
+            kind = "a floating" if expected[k].dtype.is_floating_point else "an integer"
+            raise CheckpointError(f"{what}: tensor {name} is stored as {t.dtype}; the model needs {kind} tensor")
 
 
 def run_jobs_meta(jobs: list[Job], source: TensorSource) -> dict[str, torch.Tensor]:
@@ -149,6 +155,54 @@ def pack_jobs(jobs: list[Job], paths: list[str], scheme) -> list[Job]:
         dst = tuple(x for d in job.dst for x in ([f"{names[d]}.{n}" for n in stored] if d in names else [d]))
         out.append(Job(job.src, dst, Rule(job.rule.src, dst, forward, doc=f"{job.rule.doc} packed {scheme.name}")))
     return out
+
+
+# What a format's parsing code raises when a published file is not what it expects: a missing config key, a value
+# of the wrong type, a zero where a size goes, a short read, a directory where a file should be. At the boundary
+# of zoo.convert / zoo.export these are bad input, reported as such (CheckpointError naming the source), for
+# every format, including ones that land later.
+INPUT_ERRORS = (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError, OverflowError, RuntimeError,
+                struct.error, UnicodeDecodeError, NotADirectoryError, IsADirectoryError, ValueError)
+
+
+def describe(e: BaseException) -> str:
+    if isinstance(e, KeyError):
+        return f"missing {e.args[0]!r}" if e.args else "a missing key"
+    if isinstance(e, struct.error):
+        return f"unreadable binary data ({e})"
+    text = " ".join(str(e).split())
+    if isinstance(e, ValueError) and not isinstance(e, UnicodeDecodeError):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextmanager
+def reading(source: str | Path, how: str = ""):
+    """Turn what parsing a damaged or foreign source raises into a CheckpointError that names the source."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except INPUT_ERRORS as e:
+        if isinstance(e, NotADirectoryError):
+            raise CheckpointError(f"{source}: a file where a directory is expected{f' ({how})' if how else ''}: "
+                                  f"{e.filename}") from None
+        if isinstance(e, OSError) and e.filename:  # it names its file already
+            raise CheckpointError(f"{e.filename}: {e.strerror}{f' ({how})' if how else ''}") from None
+        raise CheckpointError(f"{source}: {f'{how}: ' if how else ''}{describe(e)}") from None
+
+
+def check_paths(src: str | Path, out: str | Path, what: str = "src") -> tuple[Path, Path]:
+    """Source and output paths that cannot hurt each other: neither empty, OUT not the source itself, and the
+    source not inside OUT (replacing OUT would delete it)."""
+    for name, value in ((what, src), ("out", out)):
+        if not isinstance(value, str | os.PathLike) or not str(os.fspath(value)).strip():
+            raise ValueError(f"{name}={value!r}: expected a path")
+    src, out = Path(src), Path(out)
+    a, b = src.expanduser().resolve(), out.expanduser().resolve()
+    if a == b or b in a.parents:
+        raise ValueError(f"out={str(out)!r}: the output would replace the source {src}; write it somewhere else")
+    return src, out
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -97,6 +97,10 @@ def load_pickle(path: Path, allow: Sequence[Any] = ()) -> Any:
             return load(mmap=False)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n\n|$)", str(e), re.S)
+        if not found and detail and "global" not in detail.group(1).lower():  # junk, not a pickle asking for code
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({' '.join(detail.group(1).split())})"
+                                  ) from None
         what = f"it names {found.group(1)}, which is not plain data" if found else str(e).splitlines()[0]
         raise CheckpointError(
             f"{path}: refused: this pickle needs more than plain tensors to load ({what}). "

@@ -90,16 +90,27 @@ def read_config(directory: str | Path) -> NativeConfig:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object (a zoo config), got a {type(data).__name__}")
     if "zoo_schema" not in data or "family" not in data:
         raise CheckpointError(
             f"{path}: not a zoo config (no 'zoo_schema'/'family'); to use a published checkpoint, "
             f"run `zoo convert {path.parent} OUT` first"
         )
+    kinds = {"zoo_schema": int, "family": str, "config": dict, "name": str, "task": str, "dtype": str, "source": dict,
+             "extra": dict, "quantization": dict}
+    for key, kind in kinds.items():
+        if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+            raise CheckpointError(f"{path}: {key!r} must be a {kind.__name__}, got {data[key]!r:.60}")
     if data["zoo_schema"] > SCHEMA_VERSION:
         raise CheckpointError(
             f"{path}: schema version {data['zoo_schema']} is newer than this zoo ({SCHEMA_VERSION}); upgrade zoo"
         )
     known = {k: data[k] for k in NativeConfig.__dataclass_fields__ if k in data}
+    q = known.get("quantization")
+    if q and not (isinstance(q.get("scheme"), str) and isinstance(q.get("modules"), list)
+                  and all(isinstance(m, str) for m in q["modules"])):
+        raise CheckpointError(f"{path}: 'quantization' must be {{'scheme': name, 'modules': [module paths]}}")
     return NativeConfig(**known)
 
 

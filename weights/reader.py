@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -41,10 +42,30 @@ def read_safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(n))
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    for key, info in header.items():
+        if key != "__metadata__":
+            _check_entry(path, key, info)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise CheckpointError(f"{path}: truncated: header promises {8 + n + end} bytes, file has {size}")
     return header
+
+
+def _check_entry(path: Path, key: str, info: object) -> None:
+    """One tensor's header entry: a known dtype, a shape of sizes >= 0, and offsets that hold exactly its bytes."""
+    ok = isinstance(info, dict) and info.get("dtype") in CODE_DTYPES and isinstance(info.get("shape"), list) \
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"]) \
+        and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])
+    if not ok:
+        raise CheckpointError(f"{path}: tensor {key}: malformed header entry {json.dumps(info)[:120]}")
+    start, end = info["data_offsets"]
+    size = math.prod(info["shape"]) * CODE_DTYPES[info["dtype"]].itemsize
+    if not 0 <= start <= end or end - start != size:
+        raise CheckpointError(f"{path}: tensor {key}: offsets {start}..{end} do not hold its {size} bytes "
+                              f"({info['dtype']} {info['shape']})")
 
 
 def safe_child(directory: Path, name: str) -> Path:
@@ -122,13 +143,21 @@ class Checkpoint:
             index = json.loads(index_path.read_text())
             self.weight_map: dict[str, str] = index["weight_map"]
             self.sha256: dict[str, str] = index["metadata"]["sha256"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index_path}: malformed index ({e})") from None
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{index_path}: malformed index: it needs 'weight_map' {{tensor: file}} and "
+                                  "'metadata': {'sha256': {file: hex digest}}") from None
+        for what, table in (("weight_map", self.weight_map), ("metadata.sha256", self.sha256)):
+            if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in table.items()):
+                raise CheckpointError(f"{index_path}: malformed index: {what} must map names to file names/digests")
         self.headers: dict[str, dict] = {}
         for fname in sorted(set(self.weight_map.values()) | set(self.sha256)):
             path = safe_child(self.directory, fname)
             if not path.is_file():
-                raise CheckpointError(f"{path}: missing shard listed in {INDEX_FILE}")
+                what = "is not a file" if path.exists() else "missing shard"
+                raise CheckpointError(f"{path}: {what} listed in {INDEX_FILE}")
             self.headers[fname] = read_safetensors_header(path)
             if verify:
                 self.verify_file(fname)

@@ -85,29 +85,9 @@ class _Output:
             raise self._failed(e) from None
 
 
-def write_tensors(
-    directory: str | Path,
-    specs: Iterable[TensorSpec],
-    produce: Callable[[TensorSpec], torch.Tensor],
-    max_shard_bytes: int = 5 * 2**30,
-    metadata: dict[str, str] | None = None,
-    progress: bool = True,
-) -> dict:
-    """Write tensors as safetensors shards plus the index; `produce(spec)` returns one tensor at a time."""
-    directory = Path(directory)
-    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: must be a whole number of bytes > 0")
-    specs = list(specs)
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise CheckpointError(f"duplicate tensor names in plan: {sorted({n for n in names if names.count(n) > 1})}")
-    shards = _shard(specs, max_shard_bytes)
+def _write_shards(directory: Path, shards: list[list[TensorSpec]], produce: Callable[[TensorSpec], torch.Tensor],
+                  meta: dict[str, str], bar, weight_map: dict[str, str], sha256: dict[str, str]) -> None:
     n = len(shards)
-    meta = {"format": "pt", "zoo_schema": str(SCHEMA_VERSION), **(metadata or {})}
-    weight_map: dict[str, str] = {}
-    sha256: dict[str, str] = {}
-    total = sum(s.nbytes for s in specs)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not progress)
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         hasher = hashlib.sha256()
@@ -133,7 +113,34 @@ def write_tensors(
                 del t, data
             out.flush()
         sha256[fname] = hasher.hexdigest()
-    bar.close()
+
+
+def write_tensors(
+    directory: str | Path,
+    specs: Iterable[TensorSpec],
+    produce: Callable[[TensorSpec], torch.Tensor],
+    max_shard_bytes: int = 5 * 2**30,
+    metadata: dict[str, str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write tensors as safetensors shards plus the index; `produce(spec)` returns one tensor at a time."""
+    directory = Path(directory)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: must be a whole number of bytes > 0")
+    specs = list(specs)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"duplicate tensor names in plan: {sorted({n for n in names if names.count(n) > 1})}")
+    shards = _shard(specs, max_shard_bytes)
+    meta = {"format": "pt", "zoo_schema": str(SCHEMA_VERSION), **(metadata or {})}
+    weight_map: dict[str, str] = {}
+    sha256: dict[str, str] = {}
+    total = sum(s.nbytes for s in specs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not progress)
+    try:
+        _write_shards(directory, shards, produce, meta, bar, weight_map, sha256)
+    finally:
+        bar.close()
     index = {
         "metadata": {"total_size": total, "zoo_schema": SCHEMA_VERSION, "sha256": sha256},
         "weight_map": weight_map,

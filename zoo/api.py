@@ -64,7 +64,7 @@ def load(
                                     revision=revision, verify=verify)
     directory = resolve(name_or_path, revision)
     native = read_config(directory)
-    family, module = build_model(native, quantize)
+    family, module = build_model(native, quantize, str(directory / "config.json"))
     materialize(module, open_checkpoint(directory, verify), dtype, device, str(directory), native=native)
     init_derived_buffers(module, device)
     module.eval()

@@ -6,6 +6,7 @@ nothing. The checks depend on torch only (and on zoo.architectures.quant for sch
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Any
@@ -120,3 +121,18 @@ def check_memory_map(device_map: Any, max_memory: Any) -> None:
         if not isinstance(max_memory, dict) or not max_memory:
             raise ValueError(f"max_memory={max_memory!r}: must be a non-empty dict {{device: size}}, "
                              "e.g. {'cuda:0': '10GiB', 'cpu': '16GiB'}")
+
+
+def find_nan(value: Any, path: str = "") -> str | None:
+    """The first NaN number in a config (nested dicts and lists), as "field" or "field[2]"; None if none.
+
+    A NaN is never a published number; a config holding one (a damaged file) would compute NaN everywhere."""
+    if isinstance(value, float) and math.isnan(value):
+        return path or "value"
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((hit for p, v in items if (hit := find_nan(v, p))), None)

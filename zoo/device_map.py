@@ -233,7 +233,7 @@ def load_with_device_map(
     target = parse_dtype(dtype)
     directory = resolve(name_or_path, revision)
     native = read_config(directory)
-    family, module = build_model(native)
+    family, module = build_model(native, where=str(directory / "config.json"))
     head, blocks = model_parts(module)
     compute = target or parse_dtype(native.dtype) or torch.float32  # what a placed part will weigh
 

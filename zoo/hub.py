@@ -34,6 +34,8 @@ _SOURCE_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken"]
 def parse_spec(spec: str, revision: str | None = None) -> tuple[str, str]:
     """ "org/name" or "org/name@REV" (+ an optional separate revision) -> (repo_id, revision), both checked."""
     repo_id, at, rev = str(spec).removeprefix("hf://").partition("@")
+    if at and not rev:
+        raise ValueError(f"{spec!r}: '' is not a valid revision: name a branch, tag or commit after '@' (or drop it)")
     if at and revision is not None and revision != rev:
         raise ValueError(f"{spec!r}: revision given twice ({rev!r} in the name and {revision!r})")
     rev = (rev if at else revision) or "main"

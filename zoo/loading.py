@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from zoo.architectures.quant import PackedLinear, linear_paths, pack_linears
+from zoo.checks import find_nan
 from zoo.family import Family
 from zoo.registry import get_entry, get_family
 from zoo.weights.format import CheckpointError, NativeConfig
@@ -83,20 +84,37 @@ def check_keys(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint, what: str,
                                       f"{'floating' if want.is_floating_point else 'integer'} tensor ({want})")
 
 
-def build_model(native: NativeConfig, quantize: str | None = None) -> tuple[Family, nn.Module]:
+def build_model(native: NativeConfig, quantize: str | None = None, where: str = "") -> tuple[Family, nn.Module]:
     """The family's module on the meta device, with packed linear layers where the checkpoint stores them
     (its quantization record) or where `quantize` asks for them (every nn.Linear, packed while loading)."""
     family = get_family(native.family)
-    module = family.build_meta(family.config_from_dict(native.config))
     stored = native.quantization
     if quantize is not None and stored:
         raise ValueError(f"quantize={quantize!r}: this checkpoint is already stored quantized "
                          f"({stored.get('scheme')}); load it without quantize")
-    if stored:
-        pack_linears(module, stored["scheme"], list(stored["modules"]))
-    elif quantize is not None:
-        pack_linears(module, quantize, linear_paths(module))
+    where = f"{where}: " if where else ""
+    if (nan := find_nan(native.config) or find_nan(native.extra, "extra")) is not None:
+        raise CheckpointError(f"{where}config value {nan} is NaN")
+    try:  # the config's numbers come from a file: whatever they make the family's code raise is bad input
+        module = family.build_meta(family.config_from_dict(native.config))
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError,
+            RuntimeError) as e:
+        raise CheckpointError(f"{where}the {family.name} config does not build a model: {_describe(e)}") from None
+    try:
+        if stored:
+            pack_linears(module, stored["scheme"], list(stored["modules"]))
+        elif quantize is not None:
+            pack_linears(module, quantize, linear_paths(module))
+    except (TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{where}quantization record {stored!r} does not fit the model: {_describe(e)}") from None
     return family, module
+
+
+def _describe(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, KeyError):
+        return f"missing {e.args[0]!r}" if e.args else "a missing key"
+    return text if isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
 
 
 def expected_shapes(module: nn.Module, native: NativeConfig) -> dict[str, tuple[int, ...]]:

@@ -223,7 +223,7 @@ def load_tensor_parallel(
     if native.quantization:
         raise DistributedConfigError(f"{directory} is stored quantized ({native.quantization.get('scheme')}); "
                                      "tensor parallelism splits float weights: convert it without --quantize")
-    family, module = build_model(native)
+    family, module = build_model(native, where=str(directory / "config.json"))
     plan = family.tp_plan if plan is None else plan
     check_tensor_parallel(module, plan, tp)
     ckpt = open_checkpoint(directory, verify=False)  # the ranks share the hashing below

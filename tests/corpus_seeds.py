@@ -1,0 +1,162 @@
+"""Valid tiny checkpoints, one per published layout, that the malformed-input corpus (tests/corpus.py) breaks.
+
+SEEDS maps a format name (zoo.conversion.formats()) to a builder: builder(directory) writes a small published
+checkpoint under `directory` and returns the path `zoo convert` takes (the directory, or a file in it). Every
+format, seeded or not, gets the corpus's generic cases (junk, empty, missing, other layouts' checkpoints);
+a seeded one also gets every mutation of its own files. A new layout gets mutation cases by adding one builder
+here (the family's own tests usually have one to call).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def _qwen2(d: Path) -> Path:
+    from tests.helpers import tiny_qwen2
+
+    tiny_qwen2(d, tie=False)
+    return d
+
+
+def _qwen2_sharded(d: Path) -> Path:
+    from tests.helpers import tiny_qwen2
+
+    tiny_qwen2(d, tie=False, shard="60KB")  # an index and several shards
+    return d
+
+
+def _phi3(d: Path) -> Path:
+    from tests.helpers import tiny_phi3
+
+    tiny_phi3(d)
+    return d
+
+
+def _qwen2_moe(d: Path) -> Path:
+    from tests.helpers import tiny_qwen2_moe
+
+    tiny_qwen2_moe(d)
+    return d
+
+
+def _timm_swinv2(d: Path) -> Path:
+    from tests.test_swinv2 import save_timm, tiny_timm
+
+    save_timm(tiny_timm(), d)
+    return d
+
+
+def _hf_swinv2(d: Path) -> Path:
+    from tests.test_swinv2 import tiny_hf
+
+    tiny_hf().save_pretrained(d)
+    return d
+
+
+def _official_swinv2(d: Path) -> Path:
+    from tests.test_swinv2 import official_state_dict, tiny_timm
+
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "swinv2_tiny_patch4_window4_64.pth"
+    torch.save({"model": official_state_dict(tiny_timm()), "epoch": 300}, path)
+    return path
+
+
+def _hf_videomae(d: Path) -> Path:
+    from tests.test_videomae2 import tiny_hf
+
+    tiny_hf().save_pretrained(d)
+    return d
+
+
+def _videomae2_hub(d: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from tests.test_videomae2 import official_names, tiny_hf
+
+    ref = tiny_hf(num_labels=0)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({f"model.{k}": v for k, v in official_names(ref.state_dict()).items()}, d / "model.safetensors")
+    model_config = dict(img_size=32, patch_size=8, in_chans=3, num_classes=0, embed_dim=48, depth=2, num_heads=4,
+                        mlp_ratio=2, qkv_bias=True, drop_path_rate=0.0, init_values=0.0, use_learnable_pos_emb=False,
+                        tubelet_size=2, use_mean_pooling=True, with_cp=False, num_frames=4, cos_attn=False,
+                        layer_norm_eps=1e-6)
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "VideoMAEv2_Base", "architectures": ["VideoMAEv2"],
+        "auto_map": {"AutoModel": "modeling_videomaev2.VideoMAEv2", "AutoConfig": "modeling_config.VideoMAEv2Config"},
+        "model_config": model_config}))
+    return d
+
+
+def _videomae2_official(d: Path) -> Path:
+    from tests.test_videomae2 import official_names, tiny_hf
+
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "vit_s_pt.pth"  # a pre-training file: encoder.* (ViT-S width, one block, as the official test)
+    ref = tiny_hf("model", use_mean_pooling=False, image_size=224, patch_size=16, num_frames=16, tubelet_size=2,
+                  hidden_size=384, num_hidden_layers=1, num_attention_heads=6, intermediate_size=1536,
+                  layer_norm_eps=1e-6)
+    torch.save({"model": {f"encoder.{k}": v for k, v in official_names(ref.state_dict(), prefix="").items()}}, path)
+    return path
+
+
+def _timm_dinov3(d: Path) -> Path:
+    from tests.test_dinov3 import save_timm, tiny_timm
+
+    arch = "vit_small_plus_patch16_dinov3_qkvb"
+    save_timm(tiny_timm(arch), d, arch)
+    return d
+
+
+def _hf_dinov3(d: Path) -> Path:
+    from tests.test_dinov3 import tiny_hf
+
+    tiny_hf(gated=True).save_pretrained(d)
+    return d
+
+
+def _official_dinov3(d: Path) -> Path:
+    from tests.test_dinov3 import official_state_dict, tiny_timm
+
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth"
+    torch.save(official_state_dict(tiny_timm("vit_small_plus_patch16_dinov3_qkvb")), path)
+    return path
+
+
+def _hf_xlstm(d: Path) -> Path:
+    from tests.xlstm_reference import tiny_hf_xlstm
+
+    tiny_hf_xlstm(d, seed=0)
+    return d
+
+
+def _hf_mmfree(d: Path) -> Path:
+    from tests.mmfree_reference import save_published
+
+    save_published(d, 256, 64, 2, 128)
+    return d
+
+
+# format name -> builders; a format may have several seeds (one file, and a sharded one with an index)
+SEEDS: dict[str, list[Callable[[Path], Path]]] = {
+    "hf-qwen2": [_qwen2, _qwen2_sharded],
+    "hf-phi3": [_phi3],
+    "hf-qwen2-moe": [_qwen2_moe],
+    "timm-swinv2": [_timm_swinv2],
+    "hf-swinv2": [_hf_swinv2],
+    "swinv2-official": [_official_swinv2],
+    "hf-videomae": [_hf_videomae],
+    "videomae2-hub": [_videomae2_hub],
+    "videomae2-official": [_videomae2_official],
+    "timm-dinov3": [_timm_dinov3],
+    "hf-dinov3": [_hf_dinov3],
+    "dinov3-official": [_official_dinov3],
+    "hf-xlstm": [_hf_xlstm],
+    "hf-mmfree": [_hf_mmfree],
+}
