@@ -391,6 +391,8 @@ def kernels(args) -> list[tuple[str, float]]:
 
     def chain(body, tensors, per):
         """one compiled function over the whole chain, as a compiled decode step would be"""
+        torch._dynamo.reset()  # each chain is a new function to Dynamo, not a recompilation of the last one
+
         def f(x896, x4864, *ts):
             return [body(x896 if ws[i // per].shape[1] == 896 else x4864, *ts[i:i + per])
                     for i in range(0, len(ts), per)]
@@ -436,7 +438,33 @@ def kernels(args) -> list[tuple[str, float]]:
         bench(f"int4 groups of {group}: torch._weight_int4pack_mm_for_cpu (aten), eager",
               lambda packed=packed, group=group: [torch._weight_int4pack_mm_for_cpu(xb[p.shape[1] * 2], p, group, s)
                                                   for p, s in packed], nb)
+    try:
+        torchao_rows(bench, xb, args.kernel_layers)
+    except ImportError as e:
+        print(f"torchao rows skipped: {e}")
     return rows
+
+
+def torchao_rows(bench, xb, n_layers: int) -> None:
+    """What torchao offers on CPU, through its own quantize_ on nn.Linear chains of the same shapes: int8
+    weight-only (Int8Tensor: dequantise-then-mm, which Inductor maps to aten's int8 kernel) and the CPU int4
+    layout (Int4OpaqueTensor: aten's _weight_int4pack_mm_for_cpu). Its other int4 layouts need GPU libraries."""
+    import torch
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    for name, config in (("torchao Int8WeightOnlyConfig", Int8WeightOnlyConfig()),
+                         ("torchao PrototypeInt4WeightOnlyConfig(group_size=128)",
+                          PrototypeInt4WeightOnlyConfig(group_size=128))):
+        layers = torch.nn.ModuleList(torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+                                     for _ in range(n_layers) for n, k in SHAPES_05B)
+        quantize_(layers, config)
+        nb = sum(getattr(lin.weight, a).nbytes for lin in layers for a in lin.weight.__tensor_flatten__()[0])
+        forward = lambda layers=layers: [lin(xb[lin.in_features]) for lin in layers]
+        bench(f"{name}, eager", forward, nb)
+        torch._dynamo.reset()
+        compiled = torch.compile(forward)
+        bench(f"{name}, compiled", compiled, nb)
 
 
 # -- parent ------------------------------------------------------------------------------------------------------
