@@ -53,8 +53,22 @@ def lm_builders() -> dict:
 
 
 def test_every_language_model_family_is_checked_under_tensor_parallelism():
-    lms = {name for name, fam in families().items() if fam.task == "text-generation"}
+    lms = {name for name, fam in families().items() if fam.task == "text-generation" and fam.tp_plan}
     assert lms and lms <= set(lm_builders()), f"no tiny builder for {sorted(lms - set(lm_builders()))}"
+
+
+def test_a_family_without_a_tp_plan_is_refused_by_name_before_anything_is_read(tmp_path):
+    """Recurrent families (xLSTM, MatMul-free) declare no plan: tp is refused at once, not deep in torchrun."""
+    from zoo.weights.format import NativeConfig, write_config
+
+    unsplittable = [fam for fam in families().values() if fam.task == "text-generation" and not fam.tp_plan]
+    assert unsplittable
+    for fam in unsplittable:
+        directory = tmp_path / fam.name
+        directory.mkdir()
+        write_config(directory, NativeConfig(family=fam.name, config=fam.entries[0].config))
+        with pytest.raises(DistributedConfigError, match=f"the {fam.name} family declares no tensor-parallel plan"):
+            zoo.load(directory, tp=2)
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from zoo.family import init_derived_buffers
+from zoo.family import get_family, init_derived_buffers
 from zoo.loading import DistributedConfigError, build_model, check_keys, open_checkpoint, resolve, set_param
 from zoo.tasks import get_task
 from zoo.weights.format import CheckpointError, parse_dtype, read_config
@@ -217,6 +217,12 @@ def load_tensor_parallel(
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.parallel import parallelize_module
 
+    local = Path(str(name_or_path)).expanduser()
+    if plan is None and local.is_dir():  # a family that cannot be split is refused before any process is asked
+        native = read_config(local)
+        if not get_family(native.family).tp_plan:
+            raise DistributedConfigError(f"{local}: the {native.family} family declares no tensor-parallel plan, so "
+                                         "it cannot be split with tp; load it whole, or place blocks with device_map")
     rank, _ = _torchrun_world(tp)
     directory = _resolve_in_turn(name_or_path, revision)
     native = read_config(directory)
