@@ -189,6 +189,9 @@ def convert(src: str | Path, out: str | Path, *args: Any, **kwargs: Any) -> Path
     shard = bound.arguments.get("max_shard_bytes", 1)
     if isinstance(shard, bool) or not isinstance(shard, int) or shard <= 0:
         raise ValueError(f"max_shard_bytes={shard!r}: must be a whole number of bytes > 0")
+    for arg in ("format", "name", "command"):
+        if not isinstance(bound.arguments.get(arg) or "", str):
+            raise ValueError(f"{arg}={bound.arguments[arg]!r}: must be a string")
     given = bound.arguments.get("format")
     with reading(src, f"read as {given}" if given else ""):
         return _convert(*bound.args, **bound.kwargs)

@@ -107,7 +107,9 @@ def load_pickle(path: Path, allow: Sequence[Any] = ()) -> Any:
             "zoo never runs code from a checkpoint; re-save it as tensors only (or as safetensors)."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+        why = (str(e).splitlines() or [""])[0] or ("the file is empty" if Path(path).stat().st_size == 0
+                                                   else type(e).__name__)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
 
 
 class StateDictSource(TensorSource):

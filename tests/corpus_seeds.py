@@ -143,6 +143,54 @@ def _hf_mmfree(d: Path) -> Path:
     return d
 
 
+def _hf_xlstm_fused(d: Path) -> Path:
+    import copy
+
+    from safetensors.torch import save_file
+    from xlstm.xlstm_large.utils import convert_single_weights_to_fused_weights
+
+    from tests.xlstm_reference import tiny_hf_xlstm
+
+    ref = tiny_hf_xlstm(None, seed=3)
+    fused = convert_single_weights_to_fused_weights(dict(ref.state_dict()))
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in fused.items()}, d / "model.safetensors")
+    config = copy.deepcopy(ref.config)
+    config.weight_mode = "fused"
+    config.save_pretrained(d)
+    return d
+
+
+def _hf_chatglm(d: Path) -> Path:
+    from tests.test_glm import _chatglm
+
+    _chatglm(d)  # pytorch_model-0000i-of-00002.bin with their index, as THUDM/chatglm-6b
+    return d
+
+
+def _sat_glm(d: Path) -> Path:
+    from tests.test_glm import _small_sat
+
+    _small_sat(d)  # DIR/latest, DIR/<iteration>/mp_rank_0X_model_states.pt, model_config.json
+    return d
+
+
+def _wala(d: Path) -> Path:
+    import sys
+
+    if str(Path(__file__).parent) not in sys.path:  # test_wala imports its reference as a top-level module
+        sys.path.insert(0, str(Path(__file__).parent))
+    from tests.test_wala import LAYOUTS, Published, base_args
+
+    return Published(base_args(**LAYOUTS["sk"][0]), seed=0).save(d)  # the sketch-conditioned layout
+
+
+def _nnunet_dinounet(d: Path) -> Path:
+    from tests.test_dinounet import dataset_json, plans, reference, result_folder
+
+    return result_folder(d, reference(), plans(), dataset_json())
+
+
 # format name -> builders; a format may have several seeds (one file, and a sharded one with an index)
 SEEDS: dict[str, list[Callable[[Path], Path]]] = {
     "hf-qwen2": [_qwen2, _qwen2_sharded],
@@ -159,4 +207,9 @@ SEEDS: dict[str, list[Callable[[Path], Path]]] = {
     "dinov3-official": [_official_dinov3],
     "hf-xlstm": [_hf_xlstm],
     "hf-mmfree": [_hf_mmfree],
+    "hf-xlstm-fused": [_hf_xlstm_fused],
+    "hf-chatglm": [_hf_chatglm],
+    "sat-glm": [_sat_glm],
+    "wala": [_wala],
+    "nnunet-dinounet": [_nnunet_dinounet],
 }

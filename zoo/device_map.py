@@ -36,8 +36,8 @@ def parse_size(size: int | float | str) -> int:
     if isinstance(size, bool):
         raise DistributedConfigError(f"memory size {size!r}: give bytes or a string like '2GiB'")
     if isinstance(size, int | float):
-        if size < 0:
-            raise DistributedConfigError(f"memory size {size!r} is negative")
+        if not size >= 0 or size == float("inf"):
+            raise DistributedConfigError(f"memory size {size!r}: give a finite number of bytes >= 0")
         return int(size)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?)?b?\s*", str(size).lower())
     if not m:

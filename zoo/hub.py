@@ -238,16 +238,15 @@ def pull(spec: str, revision: str | None = None, local_dir: str | Path | None = 
 
 def fetch_and_convert(entry: Any, local_dir: Path) -> Path:
     """First use of a registry name published on the Hub: download its source files and convert them."""
-    from filelock import FileLock
-
     from zoo.conversion import convert
+    from zoo.weights.locks import ProcessLock
 
     src = entry.source
     validate_repo_id(src.repo)
     validate_revision(src.revision)
     local_dir = Path(local_dir)
     local_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(local_dir) + ".lock"):  # two processes asking at once convert once
+    with ProcessLock(local_dir.with_name(f".{local_dir.name}.first-use.lock")):  # two processes: one converts
         if local_dir.is_dir():
             return local_dir
         _say(f"{entry.name}: first use; downloading {src.repo}@{src.revision} from {endpoint()} "
