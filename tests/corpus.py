@@ -84,15 +84,15 @@ def run_case(case: Case) -> Result:
         outcome, detail = "crashed", traceback.format_exc()
     else:
         message, outcome = "", "accepted"
-        if case.cli:
+        if case.cli:  # one error line (other lines may be progress bars or notices), no traceback
             code, err = value
-            message = err.strip()
-            one_line = message.count("\n") == 0
+            errors = [line for line in err.splitlines() if re.match(r"zoo( \w+)?: error: ", line)]
+            message = errors[0] if len(errors) == 1 else err.strip()
             if code == 0:
                 outcome = "accepted"
             elif "Traceback" in err:
                 outcome, detail = "crashed", err
-            elif one_line and message and re.search(case.match, message):
+            elif len(errors) == 1 and re.search(case.match, message):
                 outcome = "refused"
             else:
                 outcome = "unnamed"
@@ -1012,6 +1012,17 @@ def cli_cases(ws: Workspace) -> list[Case]:
         argvs += [("convert --dtype int8", ["convert", str(seed), str(out), "--dtype", "int8"], r"dtype='int8'"),
                   ("convert --quantize int3", ["convert", str(seed), str(out), "--quantize", "int3"],
                    r"quantize='int3'")]
+    for family, native in sorted(ws.natives.items()):  # every task's CLI hooks, with files they cannot use
+        named = rf"{NAMED}|corpus-{family}"  # a path, an argument, or the model that cannot do this
+        argvs += [(f"predict with a {family} model on a junk file", ["predict", str(native), str(d / "junk.png")],
+                   named),
+                  (f"predict with a {family} model on a missing file", ["predict", str(native), str(d / "no.png")],
+                   named),
+                  (f"generate with a {family} model from a junk file", ["generate", str(native), str(d / "junk.png"),
+                                                                        "--max-new-tokens", "2", "--steps", "1",
+                                                                        "--out", str(d / "o.obj")], named),
+                  (f"generate with a {family} model, --steps -1", ["generate", str(native), "x", "--steps", "-1",
+                                                                   "--max-new-tokens", "-1"], rf"{named}|^.*\bx: ")]
     for fmt in sorted(formats()):
         argvs.append((f"convert --format {fmt} on a junk file", ["convert", str(d / "junk.png"), str(out), "--format",
                                                                  fmt], NAMED))

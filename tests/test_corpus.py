@@ -85,7 +85,7 @@ def test_the_runner_tells_refused_from_unnamed_crashed_accepted_and_partial(tmp_
     (tmp_path / ".out.partial-h-1-x").mkdir()
     assert run_case(Case("t", "partial", raises(ValueError("x=1")), (ValueError,), r"x=1", (out,))).partial
     cli_ok = Case("t", "cli", lambda: (2, "zoo x: error: x=1 is bad\n"), (), r"x=1", cli=True)
-    cli_two_lines = Case("t", "cli", lambda: (2, "usage: zoo\nzoo: error: x=1\n"), (), r"x=1", cli=True)
+    cli_two_lines = Case("t", "cli", lambda: (2, "zoo: error: x=1\nzoo: error: y\n"), (), r"x=1", cli=True)
     cli_trace = Case("t", "cli", lambda: (1, "Traceback (most recent call last):\n  ...\n"), (), r"x", cli=True)
     assert [run_case(c).outcome for c in (cli_ok, cli_two_lines, cli_trace)] == ["refused", "unnamed", "crashed"]
     with warnings.catch_warnings():

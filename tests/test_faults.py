@@ -227,10 +227,10 @@ def test_two_processes_converting_into_one_directory_take_turns(sources, tmp_pat
     out = tmp_path / "native"
     flag = ["--overwrite"] if overwrite else []
     go = tmp_path / "go"
-    first = slow_convert(src_a, out, *flag, pauses={"writing": 3.0})
+    first = slow_convert(src_a, out, *flag, pauses={"writing": 1.5})
     second = slow_convert(src_b, out, *flag, pauses={}, go=go)
     wait_for(second, "started")
-    wait_for(first, "writing")  # the first holds OUT's lock for 3 s from here
+    wait_for(first, "writing")  # the first holds OUT's lock for 1.5 s from here
     go.touch()
     _, err_first = first.communicate(timeout=120)
     _, err_second = second.communicate(timeout=120)

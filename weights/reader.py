@@ -118,10 +118,7 @@ class VerifiedFiles:
                 records = {**self._read(), key: stamp}  # what other processes recorded meanwhile, plus ours
                 tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
                 try:
-                    with open(tmp, "w") as f:
-                        f.write(json.dumps(records))
-                        f.flush()
-                        os.fsync(f.fileno())
+                    tmp.write_text(json.dumps(records))  # (no fsync: a record lost in a crash costs a re-hash)
                     os.replace(tmp, self.path)
                 finally:
                     tmp.unlink(missing_ok=True)
