@@ -3,6 +3,8 @@
     python benchmarks/bench_decode.py                       # everything, Qwen2-0.5B shape (about 15 minutes)
     python benchmarks/bench_decode.py --layers 2 --new-tokens 8 --only zoo-bf16,llama.cpp-bf16   # a quick try
     python benchmarks/bench_decode.py --kernels             # the matrix-vector formulations, GB/s each
+    python benchmarks/bench_decode.py --device cuda         # zoo and transformers rows on a GPU (HBM roofline)
+    python benchmarks/bench_decode.py --kernels --device cuda   # the Triton kernels against their references
 
 One Qwen2-0.5B-shaped checkpoint (random bf16 weights, saved by transformers) is converted to zoo's native
 format and written as GGUF with the `gguf` package (bf16; Q8_0 and Q4_K_M by llama.cpp's own quantizer through
@@ -119,7 +121,7 @@ def worker_zoo(args, opts: dict) -> dict:
     if "compile" not in params:
         os.environ["ZOO_COMPILE"] = "1" if opts.get("compile") else "0"
     t = time.perf_counter()
-    model = zoo.load(args.model_dir, **kwargs)
+    model = zoo.load(args.model_dir, device=args.device, **kwargs)
     load_s = time.perf_counter() - t
 
     def run(prompt, n):
@@ -131,7 +133,7 @@ def worker_zoo(args, opts: dict) -> dict:
     out = timed(run, args.prompt, args.new_tokens, args.repeats)
     module = model.module
     tied = getattr(module, "lm_head", None) is None
-    return {**out, "load_s": load_s, "warmup_s": warm_s, "peak_rss": vm("VmHWM"), "rss_growth": vm("VmHWM") - base,
+    return {**out, "load_s": load_s, "warmup_s": warm_s, **peak_memory(args.device, base),
             "bytes_per_token": module_bytes_per_token(module, tied)}
 
 
@@ -143,7 +145,8 @@ def worker_transformers(args, opts: dict) -> dict:
     torch.set_num_threads(args.threads)
     base = vm("VmRSS")
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=getattr(torch, opts["dtype"])).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=getattr(torch, opts["dtype"]))
+    model = model.to(args.device).eval()
     load_s = time.perf_counter() - t
 
     class Stamps(BaseStreamer):
@@ -164,8 +167,8 @@ def worker_transformers(args, opts: dict) -> dict:
     def run(prompt, n):
         streamer = Stamps()
         with torch.inference_mode():
-            model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0, streamer=streamer)
+            model.generate(torch.tensor([prompt], device=args.device), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0, streamer=streamer)
         return streamer.stamps
 
     def timed_hf(prompt, n, repeats):
@@ -181,7 +184,7 @@ def worker_transformers(args, opts: dict) -> dict:
 
     run(args.prompt, min(4, args.new_tokens))
     out = timed_hf(args.prompt, args.new_tokens, args.repeats)
-    return {**out, "load_s": load_s, "peak_rss": vm("VmHWM"), "rss_growth": vm("VmHWM") - base,
+    return {**out, "load_s": load_s, **peak_memory(args.device, base),
             "bytes_per_token": module_bytes_per_token(model, model.config.tie_word_embeddings)}
 
 
@@ -192,6 +195,8 @@ def worker_llama_cpp(args, opts: dict) -> dict:
     import numpy as np
 
     path = Path(args.gguf_dir) / opts["file"]
+    if args.device != "cpu":
+        return {"skipped": "llama-cpp-python from PyPI is built for the CPU here"}
     if not path.is_file():
         return {"skipped": f"{path.name} was not written (see the build step's message)"}
     base = vm("VmRSS")
@@ -240,20 +245,37 @@ def gguf_bytes_per_token(path: Path) -> int:
     return sum(b for name, b in tensors.items() if tied or name != "token_embd.weight")
 
 
+def peak_memory(device: str, rss_base: int) -> dict:
+    """Peak RSS of the process; on a GPU also the peak of memory allocated there."""
+    out = {"peak_rss": vm("VmHWM"), "rss_growth": vm("VmHWM") - rss_base}
+    if device != "cpu":
+        import torch
+
+        out["peak_device"] = torch.cuda.max_memory_allocated()
+    return out
+
+
 def worker_bandwidth(args) -> dict:
-    """GB/s of a plain read: torch.sum over 1 GiB of fp32, best of 5, with the benchmark's threads."""
+    """GB/s of a plain read: torch.sum over 1 GiB of fp32 (4 GiB on a GPU), best of 5, on the benchmark's device."""
     import torch
 
     torch.set_num_threads(args.threads)
-    big = torch.ones(GIB // 4)
+    size = GIB if args.device == "cpu" else 4 * GIB
+    big = torch.ones(size // 4, device=args.device)
     big.sum()
-    best = min(_time(lambda: big.sum()) for _ in range(5))
-    return {"read_gbs": GIB / best / 1e9}
+    best = min(_time(lambda: big.sum(), args.device) for _ in range(5))
+    return {"read_gbs": size / best / 1e9}
 
 
-def _time(fn) -> float:
+def _time(fn, device: str = "cpu") -> float:
+    import torch
+
+    if device != "cpu":
+        torch.cuda.synchronize()
     t = time.perf_counter()
     fn()
+    if device != "cpu":
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
@@ -467,11 +489,83 @@ def torchao_rows(bench, xb, n_layers: int) -> None:
         bench(f"{name}, compiled", compiled, nb)
 
 
+def triton_kernels(args) -> str:
+    """On a GPU: each fused Triton kernel against its plain PyTorch reference (and the int8/int4 matmuls against
+    cuBLAS bf16), microseconds per call and GB/s of the bytes the call must move, decode and prefill shapes."""
+    import torch
+    import torch.nn.functional as F
+    from zoo.architectures.kernels import dequant_matmul, rmsnorm, rotary, swiglu
+    from zoo.architectures.kernels.dequant_matmul_triton import dequant_matmul_triton
+    from zoo.architectures.kernels.rmsnorm_triton import rms_norm_triton
+    from zoo.architectures.kernels.rotary_triton import apply_rotary_triton
+    from zoo.architectures.kernels.swiglu_triton import silu_mul_triton
+
+    dev, bf = args.device, torch.bfloat16
+    torch.manual_seed(0)
+
+    def us(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1000 / 50
+
+    rows = []
+
+    def pair(what, nbytes, triton_fn, reference_fn, baseline=None):
+        t, r = us(triton_fn), us(reference_fn)
+        b = us(baseline) if baseline else None
+        rows.append((what, t, r, b, nbytes))
+        print(what, f"triton {t:.1f} us, reference {r:.1f} us" + (f", bf16 cuBLAS {b:.1f} us" if b else ""), flush=True)
+
+    for tokens in (1, 512):
+        x, w = torch.randn(tokens, 896, device=dev, dtype=bf), torch.randn(896, device=dev, dtype=bf)
+        pair(f"RMSNorm [{tokens}, 896]", 2 * x.nbytes + w.nbytes, lambda x=x, w=w: rms_norm_triton(x, w, 1e-6),
+             lambda x=x, w=w: rmsnorm.rms_norm_reference(x, w, 1e-6))
+        q = torch.randn(1, tokens, 14, 64, device=dev, dtype=bf).transpose(1, 2)
+        ang = torch.randn(1, tokens, 64, device=dev)
+        cos, sin = ang.cos().to(bf), ang.sin().to(bf)
+        pair(f"rotary q [1, 14, {tokens}, 64]", 2 * q.nbytes + cos.nbytes + sin.nbytes,
+             lambda q=q, c=cos, s=sin: apply_rotary_triton(q, c, s),
+             lambda q=q, c=cos, s=sin: rotary.apply_rotary_reference(q, c, s))
+        g, u = (torch.randn(tokens, 4864, device=dev, dtype=bf) for _ in range(2))
+        pair(f"silu(gate) * up [{tokens}, 4864]", 3 * g.nbytes, lambda g=g, u=u: silu_mul_triton(g, u),
+             lambda g=g, u=u: swiglu.silu_mul_reference(g, u))
+        for bits in (8, 4):
+            for out_f, in_f in ((4864, 896), (896, 4864), (151936, 896)):
+                wf = torch.randn(out_f, in_f, device=dev) * 0.02
+                qw, sc = dequant_matmul.quantize(wf, bits)
+                wb = wf.to(bf)
+                xx = torch.randn(tokens, in_f, device=dev, dtype=bf)
+                pair(f"int{bits} matmul [{tokens}, {in_f}] x [{out_f}, {in_f}]^T", qw.nbytes + sc.nbytes,
+                     lambda x=xx, q=qw, s=sc, b=bits: dequant_matmul_triton(x, q, s, b),
+                     lambda x=xx, q=qw, s=sc, b=bits: dequant_matmul.dequant_matmul_reference(x, q, s, b),
+                     lambda x=xx, w=wb: F.linear(x, w))
+    lines = [
+        "## Triton kernels on the GPU (`benchmarks/bench_decode.py --kernels --device cuda`)",
+        "",
+        f"Machine: {machine()}. bf16 activations, mean of 50 calls after a warm-up (CUDA events). GB/s: the bytes "
+        "a call must move (inputs and output; for the matmuls the packed weight) over the Triton kernel's time.",
+        "",
+        "| op | Triton (us) | PyTorch reference (us) | reference / Triton | bf16 cuBLAS (us) | Triton GB/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for what, t, r, b, nbytes in rows:
+        lines.append(f"| {what} | {t:.1f} | {r:.1f} | {r / t:.2f}x | {'-' if b is None else f'{b:.1f}'} | "
+                     f"{nbytes / t / 1e3:.0f} |")
+    return "\n".join(lines)
+
+
 # -- parent ------------------------------------------------------------------------------------------------------
 
 
 def run_worker(kind: str, args, opts: dict | None = None, timeout: float = 3600) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--device", args.device,
            "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
            "--opts", json.dumps(opts or {}), "--paths", json.dumps(args.paths)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -495,6 +589,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: zoo and transformers rows on the GPU")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dir", type=Path, help="keep the checkpoints here (default: a temp dir)")
     ap.add_argument("--only", help=f"comma-separated rows out of: {', '.join(ROWS)}")
@@ -516,6 +611,12 @@ def main() -> None:
         print(json.dumps(fn(args, opts)), flush=True)
         return
 
+    if args.kernels and args.device != "cpu":
+        text = triton_kernels(args)
+        if not args.no_write:
+            update_section("decode-kernels-gpu", text)
+        print(text)
+        return
     if args.kernels:
         rows = kernels(args)
         lines = ["## Matrix-vector formulations on CPU (`benchmarks/bench_decode.py --kernels`)", "",
@@ -548,18 +649,21 @@ def main() -> None:
 
     hf = {d: results.get(n, {}).get("tok_s") for d, n in REFERENCE.items()}
     lcpp = results.get("llama.cpp-bf16", {}).get("tok_s")
+    gpu = args.device != "cpu"
+    read = "4 GiB fp32 on the GPU" if gpu else f"1 GiB fp32, {args.threads} threads"
     lines = [
-        "## Decoding: zoo vs transformers vs llama.cpp (`benchmarks/bench_decode.py`)",
+        "## Decoding: zoo vs transformers vs llama.cpp (`benchmarks/bench_decode.py"
+        f"{' --device ' + args.device if gpu else ''}`)",
         "",
-        f"Machine: {machine()}; plain read bandwidth (torch.sum over 1 GiB fp32, {args.threads} threads): "
-        f"{bandwidth:.1f} GB/s.  ",
+        f"Machine: {machine()}; plain read bandwidth (torch.sum over {read}): {bandwidth:.1f} GB/s.  ",
         f"Checkpoint: Qwen2-0.5B shape ({args.layers} layers, vocab 151936, tied head), random bf16 weights; "
         f"prompt {args.prompt_tokens} tokens, greedy, {args.new_tokens} new tokens, best of {args.repeats}, each row "
         f"in a fresh process with {args.threads} threads.  ",
-        f"Command: `python benchmarks/bench_decode.py{'' if args.layers == 24 else f' --layers {args.layers}'}`",
+        f"Command: `python benchmarks/bench_decode.py{'' if args.layers == 24 else f' --layers {args.layers}'}"
+        f"{' --device ' + args.device if gpu else ''}`",
         "",
         "| row | tokens/s | vs transformers | vs llama.cpp bf16 | first token (s) | weights read / token (MB) | "
-        "roofline | peak RSS (GiB) | same tokens as transformers |",
+        f"roofline | peak {'GPU memory' if gpu else 'RSS'} (GiB) | same tokens as transformers |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in results.items():
@@ -576,7 +680,8 @@ def main() -> None:
         vs_lcpp = f"{r['tok_s'] / lcpp:.2f}x" if lcpp else "-"
         roof = r["bytes_per_token"] * r["tok_s"] / (bandwidth * 1e9)
         lines.append(f"| {name} | {r['tok_s']:.1f} | {ratio} | {vs_lcpp} | {cell(r, 'ttft', '.3f')} | "
-                     f"{r['bytes_per_token'] / 1e6:.0f} | {roof:.0%} | {r['peak_rss'] / GIB:.2f} | {same} |")
+                     f"{r['bytes_per_token'] / 1e6:.0f} | {roof:.0%} | "
+                     f"{r['peak_device' if gpu else 'peak_rss'] / GIB:.2f} | {same} |")
     lines += ["", *[f"Note: {n}" for n in notes]]
     text = "\n".join(lines)
     if not args.no_write:
