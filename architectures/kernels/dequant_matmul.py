@@ -10,9 +10,9 @@ Symmetric, no zero point: what the published int8/int4 checkpoints of the zoo's 
 
 `dequant_matmul_reference` is the plain definition (dequantise, then an ordinary matmul in x's dtype).
 `dequant_matmul` dispatches: the Triton kernel (dequant_matmul_triton.py: the codes are unpacked and scaled
-in registers, the full-precision weight never exists in memory) for CUDA tensors at inference; on CPU the
-matrix-vector form below, which torch.compile turns into one fused read of the codes (benchmarks/
-bench_decode.py measures the formulations); the reference otherwise.
+in registers, the full-precision weight never exists in memory) for CUDA tensors at inference; on CPU, for one
+int8 token, the matrix-vector form below, which torch.compile turns into one fused read of the codes
+(`benchmarks/bench_decode.py --kernels` measures the formulations); the reference otherwise.
 """
 
 from __future__ import annotations
@@ -82,10 +82,10 @@ def dequant_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tens
 
 def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The same product written as multiply-and-reduce over [out, groups, group] in fp32, the form that
-    torch.compile on CPU turns into one vectorised pass over the codes (no dequantised weight in memory) with
-    independent accumulators per group. int4 multiplies the high and low nibbles by the even and odd columns
-    of x, so the codes are never interleaved back into column order."""
+    """The same product written as multiply-and-reduce over [out, groups, group] in fp32. For int8 codes
+    torch.compile on CPU turns it into one vectorised pass over the codes (no dequantised weight in memory),
+    about 1.4x aten's int8 kernel. int4 multiplies the high and low nibbles by the even and odd columns of x
+    (the codes are never interleaved back into column order); correct, but Inductor's code for it is slow."""
     out_f = q.shape[0]
     s = scale.float().reshape(out_f, -1)
     xf = x.float()
@@ -106,11 +106,15 @@ def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: 
 def dequant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """Weight-only quantised linear: the Triton kernel for CUDA tensors at inference; on CPU, the fused
-    matrix-vector form for single tokens, the reference (dequantise, matmul) for longer inputs."""
+    matrix-vector form for a single int8 token, the reference (dequantise, matmul) otherwise.
+
+    int4 single tokens take the reference on CPU too: Inductor vectorises the nibble unpacking poorly (about
+    2 GB/s against 20 for int8 codes, `bench_decode.py --kernels`), so there the fast path is aten's own int4
+    kernel on its own packing, which the quantised model prepares at load time."""
     if use_triton(x, scale):
         from zoo.architectures.kernels.dequant_matmul_triton import dequant_matmul_triton
 
         return dequant_matmul_triton(x, q, scale, bits, bias)
-    if x.numel() == x.shape[-1]:
+    if bits == 8 and x.numel() == x.shape[-1]:
         return dequant_matvec(x, q, scale, bits, bias)
     return dequant_matmul_reference(x, q, scale, bits, bias)
