@@ -65,6 +65,13 @@ def to_rgb(img: Image.Image, what: str = "image") -> Image.Image:
 
 def open_image(path: str | Path) -> Image.Image:
     """An image file as RGB; errors name the file and say why it was refused."""
+    return to_rgb(open_pil(path), f"image {path}")
+
+
+def open_pil(path: str | Path) -> Image.Image:
+    """An image file, decoded, in its own mode (L, RGBA, I;16, ...): unreadable, empty and truncated files,
+    directories and images past PIL's decompression-bomb limit are refused with errors that name the file.
+    Task modules that convert modes their own way (segmentation keeps 16-bit values) read files through this."""
     import warnings
 
     path = Path(path)
@@ -79,7 +86,7 @@ def open_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                return to_rgb(img, f"image {path}")
+                return img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"{path}: refused: {e} (PIL's decompression-bomb limit is PIL.Image.MAX_IMAGE_PIXELS = "
                          f"{Image.MAX_IMAGE_PIXELS}; raise it only for a file you trust)") from None
