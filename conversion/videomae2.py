@@ -88,6 +88,7 @@ class OfficialVideoMAEv2(Format):
         return weight_file_or_dir(src) and self.prefix(src) is not None
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        source(src)  # a file that cannot be read (or is refused) says why here, not "no tensors"
         prefix = self.prefix(src)
         if prefix is None:
             raise CheckpointError(f"{src}: no VideoMAE V2 tensors (patch_embed.proj.weight as a Conv3d)")
@@ -189,7 +190,7 @@ class HFVideoMAE(TransformersFormat):
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg = read_json(src / "config.json")
-        keys = keys_of(src)
+        keys = set(source(src).keys())
         mean_pool = cfg.get("use_mean_pooling", True)
         n = int(source(src).meta("classifier.weight").shape[0]) if "classifier.weight" in keys else 0
         if n and not mean_pool:

@@ -967,6 +967,7 @@ def cli_cases(ws: Workspace) -> list[Case]:
     seed = ws.seeds.get("hf-qwen2", [None])[0]
     d = ws.fresh("cli")
     (d / "junk.png").write_bytes(b"junk")
+    (d / "bomb.png").write_bytes(png_bytes(30000, 30000, bit_depth=1, color_type=0))
     out = d / "out"
     argvs: list[tuple[str, list[str], str]] = [
         ("no command", [], r"command"),
@@ -1022,7 +1023,12 @@ def cli_cases(ws: Workspace) -> list[Case]:
                                                                         "--max-new-tokens", "2", "--steps", "1",
                                                                         "--out", str(d / "o.obj")], named),
                   (f"generate with a {family} model, --steps -1", ["generate", str(native), "x", "--steps", "-1",
-                                                                   "--max-new-tokens", "-1"], rf"{named}|^.*\bx: ")]
+                                                                   "--max-new-tokens", "-1"], rf"{named}|^.*\bx: "),
+                  (f"predict with a {family} model on a decompression bomb", ["predict", str(native),
+                                                                              str(d / "bomb.png")], named),
+                  (f"generate with a {family} model from a decompression bomb", [
+                      "generate", str(native), str(d / "bomb.png"), "--max-new-tokens", "2", "--steps", "1",
+                      "--out", str(d / "o.obj")], named)]
     for fmt in sorted(formats()):
         argvs.append((f"convert --format {fmt} on a junk file", ["convert", str(d / "junk.png"), str(out), "--format",
                                                                  fmt], NAMED))

@@ -94,3 +94,38 @@ def test_conditions_are_read_from_the_published_file_formats(tiny, tmp_path):
                                                  "color": [[1, 1, 1]] * 3}))
     grid = read_voxels(tmp_path / "v.json", 16)
     assert grid.shape == (16, 16, 16) and grid.sum() == 2 and grid[0, 1, 2] == 1
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(steps=0), ["steps=0", ">= 1"]), (dict(steps=-1), ["steps=-1"]), (dict(steps=2.5), ["steps=2.5"]),
+    (dict(guidance=float("nan")), ["guidance=nan", "finite"]), (dict(guidance=-1.0), ["guidance=-1.0"]),
+    (dict(seed=-3), ["seed=-3"]),
+])
+def test_bad_sampler_arguments_are_refused_by_name(tiny, kwargs, words):
+    model = zoo.load(tiny["pc"])
+    with pytest.raises(ValueError) as e:
+        model.generate(np.zeros((16, 3), np.float32), **kwargs)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_image_conditions_are_read_through_the_checked_reader(tiny, tmp_path):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    model = zoo.load(tiny["sv"])
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (1, 1)).save(bomb)  # then its header made to claim more pixels than PIL's bomb limit
+    data = bytearray(bomb.read_bytes())
+    data[16:24] = struct.pack(">II", 30000, 30000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    bomb.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="bomb.png: refused: .*decompression-bomb"):
+        model.generate(bomb, steps=1)
+    deep = tmp_path / "deep.png"
+    Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)).save(deep)
+    from zoo.tasks.shapes import load_image
+
+    img = np.asarray(load_image(deep, None))
+    assert img.dtype == np.uint8 and 0 < img.max() <= 255 and len(np.unique(img)) > 200  # scaled to 8 bits, not clipped

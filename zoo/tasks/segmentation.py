@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from zoo.tasks import ZooModel, is_main_process, register_task
+from zoo.tasks.vision import open_pil
 
 # class colours for masks and overlays (index 0, the background, is black / transparent)
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -107,20 +108,11 @@ def add_legend(img: Image.Image, classes: dict[int, str]) -> Image.Image:
 
 def read_image(path: str | Path, channels: int) -> np.ndarray:
     """An image file -> [C, H, W] float32 raw intensities (as nnU-Net's natural-image reader gives them)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: keep the values
-                a = np.asarray(img, dtype=np.float32)[None]
-            else:
-                a = np.asarray(img.convert("RGB" if channels == 3 else "L"), dtype=np.float32)
-                a = a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
-    return a
+    img = open_pil(path)  # junk, empty files and decompression bombs are refused by name there
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: keep the values
+        return np.asarray(img, dtype=np.float32)[None]
+    a = np.asarray(img.convert("RGB" if channels == 3 else "L"), dtype=np.float32)
+    return a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
 
 
 def as_channels_first(image: Any, channels: int) -> np.ndarray:

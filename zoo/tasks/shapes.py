@@ -14,6 +14,8 @@ and rendered headless with matplotlib for a preview. Optional libraries: pip ins
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import re
 import sys
 from collections.abc import Sequence
@@ -22,9 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from zoo.tasks import ZooModel, is_main_process, register_task
+from zoo.tasks.vision import open_pil, to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".stl", ".off")
@@ -126,20 +129,13 @@ class Mesh:
 def load_image(path: str | Path, over_white: bool | None) -> Image.Image:
     """WaLa's load_image: RGB; with over_white None, greyscale-with-alpha (LA) images go over white, others drop
     their alpha (PIL's convert); with over_white True every image is composited over white."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if over_white is None and img.mode == "LA":
-                over_white = True
-            if over_white:
-                rgba = img.convert("RGBA")
-                return Image.alpha_composite(Image.new("RGBA", rgba.size, "WHITE"), rgba).convert("RGB")
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+    img = open_pil(path)  # junk, empty files and decompression bombs are refused by name there
+    if over_white is None and img.mode == "LA":
+        over_white = True
+    if over_white:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "WHITE"), rgba).convert("RGB")
+    return to_rgb(img, f"image {path}")  # 16-bit scaled to 8, not clipped
 
 
 def image_from_array(a: Any) -> Image.Image:
@@ -293,8 +289,17 @@ class ShapeGenerator(ZooModel):
         """A mesh for one condition: an image (path, PIL image or array), a list / directory of views, depth maps,
         a point cloud ([N, 3] array or file) or a voxel grid (R^3 array or WaLa's JSON). Same seed, same mesh."""
         d = self.generation_defaults
-        steps = int(steps or d["steps"])
-        guidance = float(d["guidance"] if guidance is None else guidance)
+        steps = d["steps"] if steps is None else steps
+        guidance = d["guidance"] if guidance is None else guidance
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(f"steps={steps!r}: must be an integer >= 1 (this model recommends {d['steps']})")
+        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) \
+                or guidance < 0:
+            raise ValueError(f"guidance={guidance!r}: must be a finite number >= 0 (this model recommends "
+                             f"{d['guidance']})")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+            raise ValueError(f"seed={seed!r}: must be an integer >= 0 (or None)")
+        steps, guidance = int(steps), float(guidance)
         features = self.encode_condition(condition)
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         bar = None
