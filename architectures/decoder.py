@@ -70,7 +70,7 @@ class DecoderLM(nn.Module):
         positions = book.positions(T, input_ids.device)
         mask = book.attention_mask(T, input_ids.device)
         h = self.embed(input_ids)
-        cos, sin = self.rotary(positions, h.dtype, book.length + T)
+        cos, sin = self.rotary(positions, h.dtype, book.seen(T))
         for block in self.layers:
             h = block(h, cos, sin, state, mask)
         if state is not None:

@@ -204,7 +204,7 @@ class GLMState(KVCache):
         self.prefix = self.sop.clamp(min=0)
 
     def glm_positions(self, steps: int, device: torch.device) -> torch.Tensor:
-        j = torch.arange(self.length, self.length + steps, device=device)[None].expand(self.batch, steps)
+        j = self.steps_ahead(steps, device)[None].expand(self.batch, steps)
         if self.pad is not None:
             j = (j - self.pad.to(device)[:, None]).clamp(min=0)
         return _rule_positions(j, self.sop.to(device), self.mask_pos.to(device), self.gmask.to(device), self.two_d)
@@ -328,7 +328,7 @@ class GLM(nn.Module):
         B, T = input_ids.shape
         dev = input_ids.device
         if state is not None:
-            if state.length == 0 and isinstance(state, GLMState):
+            if not state.static and state.length == 0 and isinstance(state, GLMState):
                 state.read(input_ids, self.config)
             if context_length is not None:
                 state.prefix = torch.as_tensor(context_length, device=dev).long().expand(B).clone()
@@ -419,7 +419,7 @@ def _entries() -> list[Entry]:
             description=f"GLM-130B with INT{bits} weight-only quantisation of the four linear weights of every "
                         "layer (per-row symmetric scales, as the GLM-130B repository does it)",
             tags=("llm", "glm", "bilingual", f"int{bits}"),
-            extra={**extra, "quantize": f"int{bits}-row", "convert_args": f"--quantize int{bits}"}))
+            extra={**extra, "quantize": f"int{bits}-row", "convert_args": f"--quantize int{bits}-row"}))
     out.append(Entry(
         name="chatglm-6b", family="glm", config=asdict(CHATGLM_6B),
         source=Source(repo="THUDM/chatglm-6b", layout="hf-chatglm", file_format="bin"),

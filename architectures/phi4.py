@@ -105,9 +105,17 @@ class LongRoPE(Rotary):
 class TokenKVCache(KVCache):
     """A KV cache that also keeps the token ids it holds, so the model can rebuild it from scratch."""
 
-    def __init__(self, batch: int, max_len: int, pad: torch.Tensor | None = None):
+    def __init__(self, batch: int, max_len: int, pad: torch.Tensor | None = None, original_max_len: int = 0):
         super().__init__(batch, max_len, pad)
         self.ids: torch.Tensor | None = None  # [B, max_len], filled up to `length`
+        self.original_max_len = original_max_len
+
+    def rebuilds(self, steps: int) -> bool:
+        """Whether the next `steps` tokens take the sequence past the pretraining length (the rebuild, Phi4LM)."""
+        return 0 < self.length <= self.original_max_len < self.length + steps
+
+    def static_step(self, steps: int) -> bool:
+        return not self.rebuilds(steps)  # the rebuild runs eagerly; every other step may run compiled
 
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + ([self.ids] if self.ids is not None else [])
@@ -127,18 +135,21 @@ class Phi4LM(DecoderLM):
         self.original_max_len = original_max_len
 
     def new_state(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> TokenKVCache:
-        return TokenKVCache(batch, max_len, pad)
+        return TokenKVCache(batch, max_len, pad, self.original_max_len)
 
     def forward(self, input_ids: torch.Tensor, state: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         if not isinstance(state, TokenKVCache):
             return super().forward(input_ids, state, last_only)
         B, T = input_ids.shape
-        past = state.length
         if state.ids is None:
             state.ids = torch.zeros(B, state.max_len, dtype=input_ids.dtype, device=input_ids.device)
+        if state.static:  # (the engine runs a rebuilding step in the dynamic form: TokenKVCache.static_step)
+            state.ids.index_copy_(1, state.steps_ahead(T, input_ids.device), input_ids)
+            return super().forward(input_ids, state, last_only)
+        past = state.length
         state.ids[:, past : past + T] = input_ids
-        if 0 < past <= self.original_max_len < past + T:  # the cached keys carry the short rotation: rebuild
-            state.length = 0
+        if state.rebuilds(T):  # the cached keys carry the short rotation: rebuild
+            state.restart()
             return super().forward(state.ids[:, : past + T], state, last_only)[:, -(1 if last_only else T):]
         return super().forward(input_ids, state, last_only)
 

@@ -8,8 +8,18 @@ for any language model are one idea, built once here:
     pack_linears  swaps nn.Linear modules for PackedLinear (on the meta device, before weights are assigned)
 
 The native config records {"scheme": name, "modules": [paths]} (NativeConfig.quantization), so loading
-rebuilds the packed modules without guessing. Each scheme's `linear` is the plain reference (dequantise,
-then multiply); a scheme may route to a fused or library kernel where one pays.
+rebuilds the packed modules without guessing. Each scheme's `linear` routes to the fastest kernel measured for
+the call (architectures/kernels/dequant_matmul.py: Triton on GPUs; on CPU fused matrix-vector code inside a
+compiled decoding step, aten's int8 / int4 kernels eagerly), the plain reference (dequantise, then multiply)
+elsewhere. A kernel that reads its own arrangement of the codes (aten's int4 one) gets it from the scheme's
+`prepare`, once, at the layer's first call: the stored tensors are replaced by it, not kept beside it, and the
+layer's state_dict still gives the stored form.
+
+Schemes: "int8-row" (symmetric, one scale per output row), "int4-row" (GLM-130B's published INT4: symmetric per
+row, signed nibbles), both with "-gN" variants (N scale groups per row: GLM's merged tensor-parallel ranks),
+"int4-group32/64/128" (affine: a scale and a zero point per group of 32/64/128 input columns, torchao's int4
+weight-only arithmetic) and "ternary" (MatMul-free LM). `quantize="int8"` is int8-row, `quantize="int4"`
+int4-group128 (the measured choice: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -21,6 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.kernels.bitlinear import pack_ternary, ternarize, unpack_ternary
+from zoo.architectures.kernels.dequant_matmul import (
+    dequant_matmul,
+    dequantize,
+    from_int4pack_cpu,
+    int4pack_mm_cpu,
+    quantize_affine_int4,
+    to_int4pack_cpu,
+)
 
 TensorPlan = dict[str, tuple[tuple[int, ...], torch.dtype | None]]  # name -> (shape, dtype; None = float)
 
@@ -42,6 +60,44 @@ class Scheme:
 
     def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, self.unpack(t, x.dtype), bias)
+
+    def prepare(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The stored tensors rearranged for a faster kernel on this machine, or None where the stored form is
+        what runs. Never written to a checkpoint (a kernel's arrangement may depend on the CPU)."""
+        return None
+
+    def restore(self, k: dict[str, torch.Tensor], plan: TensorPlan) -> dict[str, torch.Tensor]:
+        """The stored tensors back from `prepare`'s (plan: this layer's `tensors(out, in)`)."""
+        raise NotImplementedError
+
+
+class Int4Kernel:
+    """prepare/restore of the int4 schemes: aten's CPU int4 kernel (tinygemm) on its own packing of the codes,
+    for bf16/fp16 computation (in fp32 that kernel is slower than dequantising: `bench_decode.py --kernels`)."""
+
+    def prepare(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        scale = t["weight_scale"]
+        if scale.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        made = to_int4pack_cpu(t["weight"], scale, t.get("weight_zero"), scale.dtype)
+        return None if made is None else {"int4pack": made[0], "int4pack_scales_zeros": made[1]}
+
+    def restore(self, k: dict[str, torch.Tensor], plan: TensorPlan) -> dict[str, torch.Tensor]:
+        (out_f, half_in), _ = plan["weight"]
+        scale_shape, _ = plan["weight_scale"]
+        groups = scale_shape[1] if len(scale_shape) == 2 else 1
+        sz = k["int4pack_scales_zeros"]
+        every = sz.shape[0] // groups  # kernel groups per stored group
+        out = {"weight": from_int4pack_cpu(k["int4pack"], sz, half_in * 2),
+               "weight_scale": sz[::every, :, 0].t().contiguous().reshape(scale_shape)}
+        if "weight_zero" in plan:
+            out["weight_zero"] = sz[::every, :, 1].t().contiguous().reshape(plan["weight_zero"][0])
+        return out
+
+    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        if "int4pack" in t:
+            return int4pack_mm_cpu(x, t["int4pack"], t["int4pack_scales_zeros"], bias)
+        return dequant_matmul(x, t["weight"], t["weight_scale"], 4, bias, t.get("weight_zero"))
 
 
 class RowwiseInt(Scheme):
@@ -93,8 +149,13 @@ class RowwiseInt(Scheme):
         out, n = q.shape
         return (q.view(out, scale.shape[1], n // scale.shape[1]) * scale[:, :, None]).view(out, n)
 
+    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        # the same product as dequantising in x's dtype (codes and a scale multiply exactly in fp32, and rounding
+        # that product to x's dtype is what multiplying in x's dtype does), through the dispatching kernel
+        return dequant_matmul(x, t["weight"], t["weight_scale"], self.bits, bias)
 
-class NibbleInt4(RowwiseInt):
+
+class NibbleInt4(Int4Kernel, RowwiseInt):
     """4-bit rowwise integers, two per byte as GLM-130B publishes them (cuda/quantization.cu): byte j of a
     row holds column 2j in its high nibble and column 2j+1 in its low nibble, both signed."""
 
@@ -120,6 +181,40 @@ def unnibble(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of nibbles: arithmetic shifts sign-extend each half."""
     high, low = packed >> 4, (packed << 4) >> 4
     return torch.stack([high, low], dim=-1).reshape(packed.shape[0], -1)
+
+
+class AffineInt4(Int4Kernel, Scheme):
+    """Int4 with a scale and a zero point per group of `group_size` consecutive input columns, torchao's int4
+    weight-only arithmetic (its tinygemm layout): per group scale = (max - min) / 15, zero = min + 8 scale,
+    w ~ code * scale + zero with codes in [-8, 7]. Stored: the codes as int4-row stores them (two signed nibbles
+    per byte, even column high), weight_scale and weight_zero [out, in / group] in the weight's dtype.
+
+    A layer whose input size the group size does not divide takes the largest of group_size / 2, / 4, ... that
+    does (an even number: two codes per byte), so "int4" applies to every model; the shapes of its scales say which.
+    """
+
+    def __init__(self, group_size: int):
+        self.name, self.group_size = f"int4-group{group_size}", group_size
+
+    def group(self, in_features: int) -> int:
+        g = self.group_size
+        while g >= 2 and in_features % g:
+            g //= 2
+        if g < 2 or g % 2:
+            raise ValueError(f"{self.name}: in_features {in_features} is odd; int4 packs two columns per byte")
+        return g
+
+    def tensors(self, out_features: int, in_features: int) -> TensorPlan:
+        groups = (out_features, in_features // self.group(in_features))
+        return {"weight": ((out_features, in_features // 2), torch.int8), "weight_scale": (groups, None),
+                "weight_zero": (groups, None)}
+
+    def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale, zero = quantize_affine_int4(weight, self.group(weight.shape[1]))
+        return {"weight": q, "weight_scale": scale, "weight_zero": zero}
+
+    def unpack(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(t["weight"], t["weight_scale"], 4, t["weight_zero"]).to(dtype)
 
 
 class Ternary(Scheme):
@@ -152,14 +247,19 @@ def register_scheme(scheme: Scheme) -> Scheme:
 
 register_scheme(RowwiseInt("int8-row", 8))
 register_scheme(NibbleInt4("int4-row", 4))
+for _size in (32, 64, 128):
+    register_scheme(AffineInt4(_size))
 register_scheme(Ternary())
-ALIASES = {"int8": "int8-row", "int4": "int4-row"}  # what zoo.load(quantize=...) and --quantize accept
+ALIASES = {"int8": "int8-row", "int4": "int4-group128"}  # what zoo.load(quantize=...) and --quantize accept
 
 
 def get_scheme(name: str | Scheme) -> Scheme:
     if isinstance(name, Scheme):
         return name
     key = ALIASES.get(name, name)
+    sized = re.fullmatch(r"int4-group([1-9][0-9]*)", key)
+    if key not in SCHEMES and sized and int(sized[1]) % 2 == 0:
+        register_scheme(AffineInt4(int(sized[1])))
     grouped = re.fullmatch(r"(.+)-g([1-9][0-9]*)", key)
     if key not in SCHEMES and grouped and isinstance(SCHEMES.get(grouped[1]), RowwiseInt):
         base = SCHEMES[grouped[1]]  # "int4-row-g8": the rowwise scheme with 8 scale groups per row
@@ -170,7 +270,11 @@ def get_scheme(name: str | Scheme) -> Scheme:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W stored packed (buffers named by the scheme); a drop-in for nn.Linear."""
+    """y = x W^T + b with W stored packed (buffers named by the scheme); a drop-in for nn.Linear.
+
+    At its first call outside a compiled graph the layer asks its scheme for a kernel's own arrangement of the
+    tensors (`Scheme.prepare`) and, if there is one, holds that instead of the stored tensors (non-persistent
+    buffers); `packed()` and the state_dict give the stored form either way."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str | Scheme,
                  dtype: torch.dtype | None = None):
@@ -181,18 +285,47 @@ class PackedLinear(nn.Module):
         for name, (shape, dt) in self.scheme.tensors(out_features, in_features).items():
             self.register_buffer(name, torch.empty(shape, dtype=dt or dtype or torch.get_default_dtype()))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        self.kernel: tuple[str, ...] | None = None  # names of the kernel's tensors once prepared; () = stored form
+        self.register_state_dict_post_hook(_stored_form)
+
+    def prepare(self) -> None:
+        """Rearrange the tensors for the scheme's kernel, once (see the class docstring)."""
+        if self.kernel is not None:
+            return
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable in and out of inference mode
+            made = self.scheme.prepare(self.packed())
+        self.kernel = tuple(made or ())
+        if made:
+            for name in self.stored:
+                delattr(self, name)
+            for name, t in made.items():
+                self.register_buffer(name, t, persistent=False)
 
     def packed(self) -> dict[str, torch.Tensor]:
+        """The stored tensors (rebuilt from the kernel's arrangement if the layer holds that)."""
+        if self.kernel:
+            plan = self.scheme.tensors(self.out_features, self.in_features)
+            return self.scheme.restore({name: getattr(self, name) for name in self.kernel}, plan)
         return {name: getattr(self, name) for name in self.stored}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scheme.linear(x, self.packed(), self.bias)
+        if self.kernel is None and not torch.compiler.is_compiling():
+            self.prepare()
+        names = self.kernel or self.stored
+        return self.scheme.linear(x, {name: getattr(self, name) for name in names}, self.bias)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.scheme.unpack(self.packed(), dtype or (self.bias.dtype if self.bias is not None else torch.float32))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+def _stored_form(module: PackedLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: a layer holding a kernel's arrangement reports its stored tensors."""
+    if module.kernel:
+        for name, t in module.packed().items():
+            state_dict[prefix + name] = t
 
 
 def linear_paths(module: nn.Module, patterns: list[str] | tuple[str, ...] = ("*",)) -> list[str]:

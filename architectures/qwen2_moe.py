@@ -75,6 +75,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H]; experts, weights [N, k] -> sum_j weights[:, j] * Expert_{experts[:, j]}(x), [N, H]."""
+        if torch.compiler.is_compiling():
+            return self.per_token(x, experts, weights)
         k = experts.shape[1]
         flat = experts.reshape(-1)
         order = flat.argsort(stable=True)  # assignments grouped by expert
@@ -91,6 +93,17 @@ class Experts(nn.Module):
                 start += n
         out = out * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, out)
+
+    def per_token(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same sum for each token on its own, as multiply-and-reduce over the rows of its chosen experts:
+        the form of a compiled decoding step (no data-dependent sizes; Inductor fuses the expert lookup into one
+        pass over just those weights). Eager it would copy the chosen weights, so eager calls group by expert."""
+        xe = x.float()[:, None, None, :]  # [N, 1, 1, H]
+        gate = (self.gate_proj[experts].float() * xe).sum(-1)  # [N, k, I]
+        up = (self.up_proj[experts].float() * xe).sum(-1)
+        h = (F.silu(gate.to(x.dtype)) * up.to(x.dtype)).float()
+        out = (self.down_proj[experts].float() * h[:, :, None, :]).sum(-1).to(x.dtype)  # [N, k, H]
+        return (out * weights[..., None]).sum(1)
 
 
 class SparseMoE(nn.Module):

@@ -11,6 +11,16 @@ prefix-LM families), and from these the per-row positions and the validity and a
 family remembers of the past is its own subclass: keys and values (`KVCache`), or a fixed-size
 recurrent memory. Either way every tensor is allocated once at its full size and updated in place, so
 memory does not grow with the sequence and one compiled decode step can serve every family.
+
+Two forms of the same arithmetic (zoo/generation.py picks one per generation):
+
+    dynamic  (eager; the default)  positions from the Python count `length`, keys and values read up to the
+             last written position, masks only where they are needed;
+    static   (`make_static`, for a compiled decoding step)  positions from `position`, the same count kept as
+             a device tensor, cache writes with index_copy_ at that position, attention over all `max_len`
+             slots with a mask. Every shape is fixed and no Python number changes from token to token, so one
+             graph serves every step. Inside a compiled graph only `position` advances (a Python count there
+             would be frozen into the graph): the graph's caller counts `length` on the host.
 """
 
 from __future__ import annotations
@@ -27,10 +37,30 @@ class State:
         self.length = 0  # tokens consumed so far, left pads included
         self.pad = pad  # [B] number of left-pad tokens per row, or None
         self.prefix: torch.Tensor | None = None  # [B] tokens after the pads that see each other both ways
+        self.static = False  # the static form (module docstring): set by make_static
+        self.position: torch.Tensor | None = None  # `length` as a 0-d device tensor, in the static form
+        self.slots: torch.Tensor | None = None  # 0, 1, ..., max_len - 1 on the device, in the static form
+
+    def make_static(self, device: torch.device | str) -> None:
+        """Switch to the static form (module docstring): from now on positions, masks and cache writes come from
+        the device-side count `position`, which starts at `length`."""
+        self.position = torch.tensor(self.length, device=device)
+        self.slots = torch.arange(self.max_len, device=device)  # (a tensor: a graph may keep its size symbolic)
+        self.static = True
+
+    def steps_ahead(self, steps: int, device: torch.device) -> torch.Tensor:
+        """Indices (counting left pads) of the next `steps` tokens, [steps]."""
+        if self.static:
+            return self.position.to(device) + torch.arange(steps, device=device)
+        return torch.arange(self.length, self.length + steps, device=device)
+
+    def seen(self, steps: int) -> int | torch.Tensor:
+        """Tokens consumed once the next `steps` are in: an int, or a 0-d device tensor in the static form."""
+        return self.position + steps if self.static else self.length + steps
 
     def positions(self, steps: int, device: torch.device) -> torch.Tensor:
         """Position of each of the next `steps` tokens in its own row, [B, steps] (pads sit at 0)."""
-        pos = torch.arange(self.length, self.length + steps, device=device)[None].expand(self.batch, steps)
+        pos = self.steps_ahead(steps, device)[None].expand(self.batch, steps)
         if self.pad is not None:
             pos = (pos - self.pad.to(device)[:, None]).clamp(min=0)
         return pos
@@ -39,21 +69,23 @@ class State:
         """True where the next `steps` tokens are real, False on left pads, [B, steps]; None if nothing is padded.
 
         A recurrent family uses it to leave its memory untouched by pads (input gate 0, forget gate 1)."""
-        if self.pad is None or self.length >= int(self.pad.max()):
-            return None
-        pos = torch.arange(self.length, self.length + steps, device=device)[None]
-        return pos >= self.pad.to(device)[:, None]
+        if self.pad is None or (not self.static and self.length >= int(self.pad.max())):
+            return None  # (the static form never asks the host: its mask is all True past the pads)
+        return self.steps_ahead(steps, device)[None] >= self.pad.to(device)[:, None]
 
     def attention_mask(self, steps: int, device: torch.device) -> torch.Tensor | None:
         """Which keys each of the next `steps` queries may see: bool [B, 1, steps, length+steps] (True = attend),
         or None when plain causal attention is right.
 
         Causal, minus left pads, plus the bidirectional prefix: tokens of a row's prefix see the whole prefix.
-        Pad queries see only themselves, so no softmax row is empty."""
-        if self.pad is None and self.prefix is None and (self.length == 0 or steps == 1):
+        Pad queries see only themselves, so no softmax row is empty.
+        The static form always gives a mask, over all max_len cache slots (those not written yet are masked)."""
+        if not self.static and self.pad is None and self.prefix is None and (self.length == 0 or steps == 1):
             return None  # plain causal prefill, or one new token that sees everything before it
-        q = torch.arange(self.length, self.length + steps, device=device)[None, :, None]
-        k = torch.arange(self.length + steps, device=device)[None, None, :]
+        k = self.slots.to(device) if self.static else torch.arange(self.length + steps, device=device)
+        keys = k.shape[0]
+        q = self.steps_ahead(steps, device)[None, :, None]
+        k = k[None, None, :]
         pad = self.pad.to(device)[:, None, None] if self.pad is not None else torch.zeros((), device=device)
         allowed = k <= q
         if self.prefix is not None:
@@ -61,19 +93,35 @@ class State:
             allowed = allowed | ((q >= pad) & (q < end) & (k < end))
         if self.pad is not None:
             allowed = (allowed & (k >= pad)) | (k == q)
-        return allowed.expand(self.batch, steps, self.length + steps)[:, None]
+        return allowed.expand(self.batch, steps, keys)[:, None]
 
     def check_room(self, steps: int) -> None:
+        if torch.compiler.is_compiling():
+            return  # the graph's caller checks (zoo.generation sizes the state for the whole generation)
         if self.length + steps > self.max_len:
             raise ValueError(f"the generation state holds {self.max_len} positions; "
                              f"{self.length} are used and {steps} more were given")
 
+    def static_step(self, steps: int) -> bool:
+        """Whether the next `steps` tokens may run in the static form (a compiled step). A family returns False
+        for a step that must rebuild its state eagerly; the engine then runs that one step in the dynamic form."""
+        return True
+
     def advance(self, steps: int) -> None:
-        self.length += steps
+        if self.position is not None:
+            self.position.add_(steps)
+        if not torch.compiler.is_compiling():  # in a graph only the device count moves (module docstring)
+            self.length += steps
+
+    def restart(self) -> None:
+        """Count from zero again (a family that recomputes its state from the start of the sequence)."""
+        self.length = 0
+        if self.position is not None:
+            self.position.zero_()
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the state holds (a subclass lists its own)."""
-        return [t for t in (self.pad, self.prefix) if t is not None]
+        return [t for t in (self.pad, self.prefix, self.position, self.slots) if t is not None]
 
     def nbytes(self) -> int:
         """Bytes held: constant over a generation (the state is allocated once, at full size)."""
@@ -96,11 +144,16 @@ class KVCache(State):
         """Store k, v [B, kv_heads, T, hd] at the current position; return everything cached so far."""
         steps = k.shape[2]
         self.check_room(steps)
-        end = self.length + steps
         if layer not in self.k:
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
             self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        if self.static:  # written at the device-side position; attention reads every slot (masked)
+            at = self.steps_ahead(steps, k.device)
+            self.k[layer].index_copy_(2, at, k)
+            self.v[layer].index_copy_(2, at, v)
+            return self.k[layer], self.v[layer]
+        end = self.length + steps
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

@@ -63,15 +63,16 @@ def test_published_quantised_ranks_convert_packed_and_match_the_reference(tmp_pa
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantising_fp16_weights_gives_the_published_bytes(bits):
     w = torch.randn(48, 64, generator=torch.Generator().manual_seed(bits)).half() * 0.05
-    packed = get_scheme(f"int{bits}").pack(w)
+    packed = get_scheme(f"int{bits}-row").pack(w)
     q, scale = R.published_quantize(w, bits)
     assert torch.equal(packed["weight"], q) and torch.equal(packed["weight_scale"], scale)
-    assert torch.equal(get_scheme(f"int{bits}").unpack(packed, torch.float32), R.published_dequantize(q, scale, bits))
+    assert torch.equal(get_scheme(f"int{bits}-row").unpack(packed, torch.float32),
+                       R.published_dequantize(q, scale, bits))
 
 
 def test_int4_nibble_order_is_the_published_one():
     # row [0.7, -0.2]: scale 0.1, integers [7, -2] -> one byte, high nibble the even column: 0x7E
-    packed = get_scheme("int4").pack(torch.tensor([[0.7, -0.2]], dtype=torch.float16))
+    packed = get_scheme("int4-row").pack(torch.tensor([[0.7, -0.2]], dtype=torch.float16))
     assert packed["weight"].tolist() == [[0x7E]]
     q, _ = R.published_quantize(torch.tensor([[0.7, -0.2]], dtype=torch.float16), 4)
     assert q.tolist() == [[0x7E]]
@@ -87,10 +88,10 @@ def fp16(tmp_path_factory):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantising_at_conversion_and_at_load_time_agree_and_match_the_reference(fp16, bits):
-    converted = zoo.convert(fp16["base"] / "sat", fp16["base"] / f"int{bits}", quantize=f"int{bits}",
+    converted = zoo.convert(fp16["base"] / "sat", fp16["base"] / f"int{bits}", quantize=f"int{bits}-row",
                             progress=False)
     a = zoo.load(converted, dtype=torch.float32)
-    b = zoo.load(fp16["native"], dtype=torch.float16, quantize=f"int{bits}")  # packed layer by layer while loading
+    b = zoo.load(fp16["native"], dtype=torch.float16, quantize=f"int{bits}-row")  # packed layer by layer on loading
     for (name, x), (_, y) in zip(a.module.state_dict().items(), b.module.state_dict().items()):
         assert torch.equal(x.to(y.dtype), y), name  # the same packed bytes and scales
     # the paper's scheme on the merged weights: one scale per full output row
@@ -107,6 +108,6 @@ def test_packed_models_hold_a_fraction_of_the_fp16_bytes(fp16):
                    if isinstance(m, (nn.Linear, PackedLinear)) for t in (*m.parameters(), *m.buffers()))
 
     full = linear_bytes(zoo.load(fp16["native"]))
-    int8 = linear_bytes(zoo.load(fp16["native"], quantize="int8"))
-    int4 = linear_bytes(zoo.load(fp16["native"], quantize="int4"))
+    int8 = linear_bytes(zoo.load(fp16["native"], quantize="int8-row"))
+    int4 = linear_bytes(zoo.load(fp16["native"], quantize="int4-row"))
     assert 0.5 < int8 / full < 0.6 and 0.25 < int4 / full < 0.35  # weights 1 byte / half a byte, fp16 scales+bias

@@ -49,7 +49,7 @@ def test_stored_quantized_equals_quantized_while_loading(qwen, scheme):
     out = qwen / f"native-{scheme}"
     zoo.convert(qwen / "hf", out, quantize=scheme, progress=False)
     stored = zoo.load(out)
-    assert stored.native.quantization["scheme"] == f"{scheme}-row"
+    assert stored.native.quantization["scheme"] == get_scheme(scheme).name  # int8-row, int4-group128
     assert "layers.0.attn.q_proj" in stored.native.quantization["modules"]
     assert isinstance(stored.module.layers[0].mlp.down_proj, PackedLinear)
     on_load = zoo.load(qwen / "native", quantize=scheme)

@@ -23,6 +23,7 @@ def load(
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
     quantize: str | None = None,
+    compile: bool | None = None,
 ) -> ZooModel:
     """Load a model by registry name, native directory or "hf://org/name@revision".
 
@@ -30,6 +31,8 @@ def load(
     tp: tensor-parallel degree inside a torchrun job. device_map/max_memory: place blocks on devices.
     quantize: "int8" | "int4" (or a scheme name of zoo.architectures.quant): weight-only quantisation of every
         linear layer while loading, one layer at a time; a checkpoint stored quantized loads packed by itself.
+    compile: language models: decode each new token through one torch.compile'd step (zoo.generation); None takes
+        the default (see zoo.generation.compile_wanted; ZOO_COMPILE=0 turns it off).
     """
     # every argument is checked before anything is read or downloaded; errors name the argument and value
     name_or_path = check_name_or_path(name_or_path)
@@ -37,6 +40,7 @@ def load(
     verify = check_bool(verify, "verify")
     tp = check_int(tp, "tp", minimum=1, allow_none=True)
     quantize = check_quantize(quantize)
+    compile = None if compile is None else check_bool(compile, "compile")
     check_memory_map(device_map, max_memory)
     if device_map is None:
         device = check_device(device)
@@ -56,16 +60,28 @@ def load(
     if tp is not None and tp > 1:
         from zoo.tensor_parallel import load_tensor_parallel
 
-        return load_tensor_parallel(name_or_path, tp=tp, dtype=dtype, revision=revision, verify=verify)
+        model = load_tensor_parallel(name_or_path, tp=tp, dtype=dtype, revision=revision, verify=verify)
+        return _compile_option(model, compile)  # (DTensor compiles on CPU, measured: BENCHMARKS.md)
     if device_map is not None:
         from zoo.device_map import load_with_device_map
 
-        return load_with_device_map(name_or_path, device_map=device_map, max_memory=max_memory, dtype=dtype,
-                                    revision=revision, verify=verify)
+        model = load_with_device_map(name_or_path, device_map=device_map, max_memory=max_memory, dtype=dtype,
+                                     revision=revision, verify=verify)
+        # plain path unless asked: parts move between devices by hooks, streamed ones swap their weights per call
+        return _compile_option(model, False if compile is None else compile)
     directory = resolve(name_or_path, revision)
     native = read_config(directory)
     family, module = build_model(native, quantize, str(directory / "config.json"))
     materialize(module, open_checkpoint(directory, verify), dtype, device, str(directory), native=native)
     init_derived_buffers(module, device)
     module.eval()
-    return get_task(family.task)(module, native, family, directory)
+    return _compile_option(get_task(family.task)(module, native, family, directory), compile)
+
+
+def _compile_option(model: ZooModel, compile: bool | None) -> ZooModel:
+    if compile is not None:
+        if not hasattr(model, "compile"):
+            raise ValueError(f"compile={compile!r}: applies to language models (their decoding step); "
+                             f"{model.native.name or 'this model'} is a {model.task} model")
+        model.compile = compile
+    return model

@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     s.add_argument("--dtype", help="compute dtype (default: as stored)")
     s.add_argument("--quantize", help="weight-only quantisation while loading: int8 | int4")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode each new token through one torch.compile'd step (default: where it pays, a long "
+                        "enough generation; ZOO_COMPILE=0/1 sets the default)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--tp", type=int, help="tensor-parallel degree (inside torchrun)")
 
@@ -172,7 +175,8 @@ def _cmd_convert(a) -> None:
 def _cmd_generate(a) -> None:
     import zoo
 
-    zoo.load(a.model, dtype=a.dtype, device=a.device, tp=a.tp, quantize=a.quantize).cli_generate(a)
+    options = {} if a.compile is None else {"compile": a.compile}  # (shape models have no decoding step)
+    zoo.load(a.model, dtype=a.dtype, device=a.device, tp=a.tp, quantize=a.quantize, **options).cli_generate(a)
 
 
 def _cmd_predict(a) -> None:

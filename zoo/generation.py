@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import types
+import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -81,10 +85,15 @@ def decode(
     sampling: Sampling,
     stop_ids: set[int],
     pad_id: int = 0,
+    compile: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B], until all rows stopped or max_new_tokens.
 
     Rows that stopped keep going until all have; callers cut each row at its first stop token.
+    The prompt runs as one eager pass that scores only its last position. When compiling (`compile_wanted`:
+    True, False, or None for the default), every later token runs through one compiled graph (`compiled_step`)
+    on the state in its static form; otherwise the same model call runs eagerly. Per token the host waits only
+    for the stop check; sampling stays on the device.
     """
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     if max_new_tokens == 0:
@@ -96,12 +105,126 @@ def decode(
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     logits = model(ids, state, last_only=True)[:, -1]
+    wanted = max_new_tokens > 1 and compile_wanted(compile, model, ids.shape[0], max_new_tokens)
+    step = compiled_step(model) if wanted else None
+    if step is not None:
+        state.make_static(logits.device)
+        step.mark_dynamic_length(state)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
-    for step in range(max_new_tokens):
+    for n in range(max_new_tokens):
         nxt = sample(logits, sampling, generator)
         yield nxt
         done |= torch.isin(nxt, stops)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if bool(done.all()) or n == max_new_tokens - 1:
             return
+        if step is not None and state.static_step(1):
+            logits = step(model, state, nxt[:, None])
+            if logits is not None:
+                state.length += 1  # the graph moved only the device-side count (architectures/state.py)
+                continue
+            step = None  # it could not be compiled: said once (compiled_step); eager from here
+        state.static = False  # (a step the family runs in the dynamic form, e.g. a rebuild of its state)
         logits = model(nxt[:, None], state, last_only=True)[:, -1]
+        state.static = step is not None
+
+
+# -- the compiled decoding step -----------------------------------------------------------------------------------
+
+
+# Weights streamed by a generation (bytes x new tokens) from which compiling its decoding step pays on a CPU: a
+# compiled step is about 1.4x faster than an eager one, and compiling costs seconds (warm Inductor cache) to a minute
+# (first time on a machine) for a 0.5B model (BENCHMARKS.md). Qwen2-0.5B in bf16 (1 GB) compiles from ~500 new
+# tokens, a 7B model in bf16 from ~40; the 24 MB embedded model practically never.
+COMPILE_PAYS = 2**39
+
+
+def compile_wanted(compile: bool | None, model: torch.nn.Module, batch: int, new_tokens: int) -> bool:
+    """Whether a generation decodes through the compiled step. True / False: as asked (zoo.load(compile=...),
+    `zoo generate --compile / --no-compile`). None, the default: ZOO_COMPILE=1 / 0 if set; otherwise where it
+    pays: when this model already has a step compiled for this batch size (nothing left to pay), or when the
+    generation streams at least COMPILE_PAYS bytes of weights."""
+    if compile is not None:
+        return bool(compile)
+    env = os.environ.get("ZOO_COMPILE", "").strip()
+    if env:
+        return env != "0"
+    done = _STEPS.get(model)
+    if done is not None and batch in done.batches:
+        return True
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return weights * new_tokens >= COMPILE_PAYS
+
+
+def _decode_step(model: torch.nn.Module, state, tok: torch.Tensor) -> torch.Tensor:
+    return model(tok, state, last_only=True)[:, -1]
+
+
+def _inductor_backend(gm, example_inputs):
+    """Inductor, after one graph pass: every linear layer applied to a single row becomes multiply-and-reduce
+    (zoo.architectures.kernels.matvec: the form Inductor turns into one fast pass over the weight)."""
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx
+
+    from zoo.architectures.kernels import matvec
+
+    matvec.rewrite_single_row_linears(gm)
+    # Inductor's caches take only functions they know; ours is keyed by its own source, so an edited
+    # matvec_linear is compiled afresh (warm-cache compilation is 3x faster than a cold one)
+    cacheable = {**config.unsafe_marked_cacheable_functions, **matvec.cache_keys()}
+    with config.patch(unsafe_marked_cacheable_functions=cacheable, emulate_precision_casts=True):
+        return compile_fx(gm, example_inputs)
+
+
+class CompiledStep:
+    """`_decode_step` under torch.compile for one model: one graph for every token (the state's static form keeps
+    every shape and every value the graph depends on fixed). Its own copy of the function's code, because Dynamo
+    keeps compiled graphs, and counts recompilations, per code object: each model gets its own.
+
+    Calling it returns the logits, or None if compilation failed (said once in a warning; the caller goes on
+    eagerly)."""
+
+    def __init__(self):
+        code = _decode_step.__code__.replace()
+        fn = types.FunctionType(code, _decode_step.__globals__, "_decode_step")
+        self.compiled = torch.compile(fn, backend=_inductor_backend, fullgraph=True)
+        self.failed = False
+        self.batches: set[int] = set()  # batch sizes it has run (compiled) for
+
+    @staticmethod
+    def mark_dynamic_length(state) -> None:
+        """Keep the state's length dimension (cache slots: max_len) symbolic in the graph, so one compilation serves
+        generations of every length (every other size stays fixed, each specialised in the generated code)."""
+        from torch._dynamo import maybe_mark_dynamic
+
+        for t in state.tensors():
+            for dim, size in enumerate(t.shape):
+                if size == state.max_len:
+                    maybe_mark_dynamic(t, dim)
+
+    def __call__(self, model, state, tok):
+        if self.failed:
+            return None
+        try:
+            logits = self.compiled(model, state, tok)
+            self.batches.add(tok.shape[0])
+            return logits
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path computes the same
+            self.failed = True
+            first = " ".join(str(e).split())[:300]
+            warnings.warn(f"torch.compile could not compile the decoding step ({type(e).__name__}: {first}); "
+                          "decoding eagerly", stacklevel=2)
+            return None
+
+
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model: torch.nn.Module) -> CompiledStep | None:
+    """The compiled decoding step of this model (made once, compiled at its first call), or None where
+    torch.compile is unavailable."""
+    if not hasattr(torch, "compile"):
+        return None
+    if model not in _STEPS:
+        _STEPS[model] = CompiledStep()
+    return _STEPS[model]

@@ -6,13 +6,17 @@ one scale per output row, or per group of `group_size` consecutive input columns
            GLM-130B published), each a signed 4-bit two's-complement value;  scale = max|w| / 7
     w[n, k] ~ code[n, k] * scale[n, k // group_size]       scale: [out, in / group_size] ([out, 1] per row)
 
-Symmetric, no zero point: what the published int8/int4 checkpoints of the zoo's language models use.
+    affine int4 (`quantize_affine_int4`, torchao's int4 weight-only arithmetic for its tinygemm kernels): codes
+           in [-8, 7], same bytes, plus a zero point per group:  w ~ code * scale + zero,
+           scale = (max - min) / 15, zero = min + 8 * scale
 
 `dequant_matmul_reference` is the plain definition (dequantise, then an ordinary matmul in x's dtype).
 `dequant_matmul` dispatches: the Triton kernel (dequant_matmul_triton.py: the codes are unpacked and scaled
 in registers, the full-precision weight never exists in memory) for CUDA tensors at inference; on CPU, for one
-int8 token, the matrix-vector form below, which torch.compile turns into one fused read of the codes
-(`benchmarks/bench_decode.py --kernels` measures the formulations); the reference otherwise.
+token inside a compiled graph, the matrix-vector form below, which Inductor turns into one fused read of the
+codes, eagerly aten's int8 matrix-vector kernel (bf16/fp16), and the reference otherwise
+(`benchmarks/bench_decode.py --kernels` measures the formulations). For int4 on CPU the fast kernel is aten's
+tinygemm one, on its own packing of the codes (`to_int4pack_cpu`), which the quantised model makes once.
 """
 
 from __future__ import annotations
@@ -62,30 +66,54 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, lo], dim=-1).reshape(packed.shape[0], -1).to(torch.int8)
 
 
+def quantize_affine_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (int4 codes in [-8, 7] packed two per byte as int8 [out, in / 2], scale, zero
+    [out, in / group_size]) by torchao's int4 weight-only arithmetic (`_choose_qparams_affine_tinygemm`,
+    `_quantize_affine_tinygemm`): per group min/max, no zero kept exact, scale and zero in w's dtype and the codes
+    rounded against those stored values. Computed in fp32 for fp32 weights, in w's dtype otherwise, as torchao."""
+    out_f, in_f = w.shape
+    if in_f % group_size or group_size % 2:
+        raise ValueError(f"cannot quantise a [{out_f}, {in_f}] weight to int4 in groups of {group_size}: the input "
+                         "size must be a multiple of the (even) group size")
+    g = w.reshape(out_f, in_f // group_size, group_size)
+    low, high = g.amin(-1), g.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-6)
+    zero = low + scale * 8  # the mid-point code 8 stands at zero's place: w = (u - 8) * scale + zero
+    start = zero - scale * 8
+    u = torch.clamp(torch.round((g - start[..., None]) / scale[..., None]), 0, 15)
+    codes = (u - 8).to(torch.int8).reshape(out_f, in_f)
+    return pack_int4(codes).view(torch.int8), scale, zero
+
+
 def codes_of(q: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_int4(q) if bits == 4 else q
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes (int4: packed bytes, uint8 or int8) and scale [out, groups] or [out] -> fp32 weight [out, in]."""
+def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """codes (int4: packed bytes, uint8 or int8), scale [out, groups] or [out] (and the zero points of affine
+    int4, the same shape) -> fp32 weight [out, in]."""
     codes = codes_of(q, bits)
     out_f, in_f = codes.shape
     s = scale.float().reshape(out_f, -1)
-    return (codes.float().view(out_f, s.shape[1], -1) * s[..., None]).view(out_f, in_f)
+    w = codes.float().view(out_f, s.shape[1], -1) * s[..., None]
+    if zero is not None:
+        w = w + zero.float().reshape(out_f, -1)[..., None]
+    return w.view(out_f, in_f)
 
 
 def dequant_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
-                             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ dequant(q, scale)^T + bias, the weight dequantised in fp32 and cast to x's dtype."""
-    return F.linear(x, dequantize(q, scale, bits).to(x.dtype), bias)
+                             bias: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ dequant(q, scale, zero)^T + bias, the weight dequantised in fp32 and cast to x's dtype."""
+    return F.linear(x, dequantize(q, scale, bits, zero).to(x.dtype), bias)
 
 
 def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The same product written as multiply-and-reduce over [out, groups, group] in fp32. For int8 codes
-    torch.compile on CPU turns it into one vectorised pass over the codes (no dequantised weight in memory),
-    about 1.4x aten's int8 kernel. int4 multiplies the high and low nibbles by the even and odd columns of x
-    (the codes are never interleaved back into column order); correct, but Inductor's code for it is slow."""
+                   bias: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """The same product written as multiply-and-reduce over [out, groups, group] in fp32,
+    y = sum_g scale_g (sum_{k in g} code_k x_k) + zero_g (sum_{k in g} x_k). For int8 codes torch.compile on CPU
+    turns it into one vectorised pass over the codes (no dequantised weight in memory), about 1.4x aten's int8
+    kernel. int4 multiplies the high and low nibbles by the even and odd columns of x (the codes are never
+    interleaved back into column order); correct, but Inductor's code for it is slow."""
     out_f = q.shape[0]
     s = scale.float().reshape(out_f, -1)
     xf = x.float()
@@ -97,24 +125,88 @@ def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: 
         xe = xf[..., 0::2].reshape(*x.shape[:-1], 1, s.shape[1], -1)
         xo = xf[..., 1::2].reshape(*x.shape[:-1], 1, s.shape[1], -1)
         y = (hi.float().view(out_f, s.shape[1], -1) * xe + lo.float().view(out_f, s.shape[1], -1) * xo).sum(-1)
-    y = (y * s).sum(-1)
+    y = y * s
+    if zero is not None:
+        y = y + zero.float().reshape(out_f, -1) * xf.reshape(*x.shape[:-1], 1, s.shape[1], -1).sum(-1)
+    y = y.sum(-1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
 
 
 def dequant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Weight-only quantised linear: the Triton kernel for CUDA tensors at inference; on CPU, the fused
-    matrix-vector form for a single int8 token, the reference (dequantise, matmul) otherwise.
+                   bias: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only quantised linear: the Triton kernel for CUDA tensors at inference; on CPU, for one token, the
+    fused matrix-vector form inside a compiled graph (int8) or aten's int8 kernel eagerly (bf16/fp16, one scale
+    per row), the reference (dequantise, matmul) otherwise.
 
     int4 single tokens take the reference on CPU too: Inductor vectorises the nibble unpacking poorly (about
     2 GB/s against 20 for int8 codes, `bench_decode.py --kernels`), so there the fast path is aten's own int4
-    kernel on its own packing, which the quantised model prepares at load time."""
+    kernel on its own packing (`to_int4pack_cpu`), which the quantised model prepares once."""
     if use_triton(x, scale):
         from zoo.architectures.kernels.dequant_matmul_triton import dequant_matmul_triton
 
-        return dequant_matmul_triton(x, q, scale, bits, bias)
-    if bits == 8 and x.numel() == x.shape[-1]:
-        return dequant_matvec(x, q, scale, bits, bias)
-    return dequant_matmul_reference(x, q, scale, bits, bias)
+        return dequant_matmul_triton(x, q, scale, bits, bias, zero)
+    one_row = x.numel() == x.shape[-1]
+    if bits == 8 and one_row and zero is None and x.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            return dequant_matvec(x, q, scale, bits, bias)
+        if x.dtype in (torch.bfloat16, torch.float16) and scale.numel() == q.shape[0]:
+            y = torch._weight_int8pack_mm(x.reshape(1, -1), q, scale.reshape(-1).to(x.dtype))
+            return (y if bias is None else y + bias).view(*x.shape[:-1], q.shape[0])
+    return dequant_matmul_reference(x, q, scale, bits, bias, zero)
+
+
+# -- aten's CPU int4 kernel (tinygemm): its own packing of the codes ---------------------------------------------
+
+INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes the kernel takes, largest first
+
+
+def int4pack_group(in_features: int, group: int) -> int | None:
+    """The largest group size the kernel takes that tiles a quantisation group of `group` columns (a per-row scale
+    is one group of in_features), or None."""
+    return next((g for g in INT4PACK_GROUPS if group % g == 0 and in_features % g == 0), None)
+
+
+def to_int4pack_cpu(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Int4 codes (our packed bytes), scale and zero [out, groups] -> (aten's packed weight, its scales and zeros
+    [in / g, out, 2] in `dtype`) for torch._weight_int4pack_mm_for_cpu, or None where the kernel does not apply
+    (outputs not a multiple of 16, groups it cannot tile). Its packing depends on the CPU's vector width: made
+    when loading, never stored. Same bytes as ours: the weight is replaced, not duplicated."""
+    out_f, in_f = q.shape[0], q.shape[1] * 2
+    s = scale.reshape(out_f, -1)
+    group = int4pack_group(in_f, in_f // s.shape[1])
+    if out_f % 16 or group is None or q.device.type != "cpu":
+        return None
+    repeat = in_f // s.shape[1] // group  # a wider quantisation group spans several kernel groups
+    s = s.repeat_interleave(repeat, dim=1)
+    z = zero.reshape(out_f, -1).repeat_interleave(repeat, dim=1) if zero is not None else torch.zeros_like(s)
+    codes = unpack_int4(q).to(torch.int32) + 8  # the kernel reads unsigned codes: w = (u - 8) * scale + zero
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    scales_zeros = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return packed, scales_zeros
+
+
+def from_int4pack_cpu(packed: torch.Tensor, scales_zeros: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Our packed int4 bytes back from aten's packing (exactly: the kernel applied to the identity with unit
+    scales and zero offsets returns the signed codes themselves)."""
+    n_groups, out_f = scales_zeros.shape[0], scales_zeros.shape[1]
+    unit = torch.zeros(n_groups, out_f, 2, dtype=torch.bfloat16)
+    unit[..., 0] = 1
+    eye = torch.eye(in_features, dtype=torch.bfloat16)
+    codes = torch._weight_int4pack_mm_for_cpu(eye, packed, in_features // n_groups, unit)  # [in, out]
+    return pack_int4(codes.t().to(torch.int8)).view(torch.int8)
+
+
+def int4pack_mm_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ w^T (+ bias) by aten's CPU int4 kernel from `to_int4pack_cpu`'s tensors, in x's dtype."""
+    out_f = scales_zeros.shape[1]
+    in_f = packed.shape[1] * 2
+    x2 = x.reshape(-1, in_f)
+    y = torch._weight_int4pack_mm_for_cpu(x2.to(scales_zeros.dtype), packed, in_f // scales_zeros.shape[0],
+                                          scales_zeros)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).view(*x.shape[:-1], out_f)

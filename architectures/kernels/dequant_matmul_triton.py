@@ -1,8 +1,9 @@
 """Weight-only int8 / int4 matmul in Triton (formats, math and the reference are in dequant_matmul.py).
 
 The codes are loaded as bytes, unpacked (int4: the nibble of column k is the high one for even k), scaled by
-their row's group scale and cast to x's dtype in registers; the full-precision weight never exists in memory,
-so the kernel reads half (int8) or a quarter (int4) of the bytes a bf16 matmul reads.
+their row's group scale (plus the group's zero point, for affine int4) and cast to x's dtype in registers; the
+full-precision weight never exists in memory, so the kernel reads half (int8) or a quarter (int4) of the bytes a
+bf16 matmul reads.
 
 Two kernels: for a few rows of x (decoding: one token per sequence) a matrix-vector kernel, one program per
 (row, block of outputs), reducing over the input in fp32 without tensor cores; for more rows a tiled kernel,
@@ -34,8 +35,9 @@ def _load_codes(Q, cols, ks, stride_qn, ok, BITS: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(X, Q, S, BIAS, Y, N, K, G, n_groups, stride_xm, stride_qn, stride_ym,
-                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, Q, S, Z, BIAS, Y, N, K, G, n_groups, stride_xm, stride_qn, stride_ym,
+                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -46,7 +48,10 @@ def _gemv_kernel(X, Q, S, BIAS, Y, N, K, G, n_groups, stride_xm, stride_qn, stri
         ok = col_ok[:, None] & k_ok[None, :]
         x = tl.load(X + m * stride_xm + ks, mask=k_ok, other=0.0).to(tl.float32)
         s = tl.load(S + cols[:, None] * n_groups + (ks // G)[None, :], mask=ok, other=0.0).to(tl.float32)
-        w = (_load_codes(Q, cols, ks, stride_qn, ok, BITS) * s).to(X.dtype.element_ty).to(tl.float32)
+        w = _load_codes(Q, cols, ks, stride_qn, ok, BITS) * s
+        if HAS_ZERO:
+            w += tl.load(Z + cols[:, None] * n_groups + (ks // G)[None, :], mask=ok, other=0.0).to(tl.float32)
+        w = w.to(X.dtype.element_ty).to(tl.float32)
         acc += tl.sum(w * x[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -54,8 +59,9 @@ def _gemv_kernel(X, Q, S, BIAS, Y, N, K, G, n_groups, stride_xm, stride_qn, stri
 
 
 @triton.jit
-def _gemm_kernel(X, Q, S, BIAS, Y, M, N, K, G, n_groups, stride_xm, stride_qn, stride_ym,
-                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _gemm_kernel(X, Q, S, Z, BIAS, Y, M, N, K, G, n_groups, stride_xm, stride_qn, stride_ym,
+                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ZERO: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,7 +73,10 @@ def _gemm_kernel(X, Q, S, BIAS, Y, M, N, K, G, n_groups, stride_xm, stride_qn, s
         ok = col_ok[:, None] & k_ok[None, :]
         x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         s = tl.load(S + cols[:, None] * n_groups + (ks // G)[None, :], mask=ok, other=0.0).to(tl.float32)
-        w = (_load_codes(Q, cols, ks, stride_qn, ok, BITS) * s).to(X.dtype.element_ty)  # [BLOCK_N, BLOCK_K]
+        w = _load_codes(Q, cols, ks, stride_qn, ok, BITS) * s
+        if HAS_ZERO:
+            w += tl.load(Z + cols[:, None] * n_groups + (ks // G)[None, :], mask=ok, other=0.0).to(tl.float32)
+        w = w.to(X.dtype.element_ty)  # [BLOCK_N, BLOCK_K]
         if UPCAST:
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
@@ -78,8 +87,8 @@ def _gemm_kernel(X, Q, S, BIAS, Y, M, N, K, G, n_groups, stride_xm, stride_qn, s
 
 
 def dequant_matmul_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ dequant(q, scale)^T (+ bias) -> [..., out] in x's dtype."""
+                          bias: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ dequant(q, scale, zero)^T (+ bias) -> [..., out] in x's dtype."""
     if bits not in (4, 8):
         raise ValueError(f"dequant_matmul supports 8 or 4 bits, not {bits}")
     N = q.shape[0]
@@ -94,11 +103,12 @@ def dequant_matmul_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     q, s = q.contiguous(), s.contiguous()
+    z = zero.reshape(N, -1).contiguous() if zero is not None else s
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M and N:
-        common = dict(BITS=bits, HAS_BIAS=bias is not None)
-        args = (x2, q, s, bias if bias is not None else s, y)
+        common = dict(BITS=bits, HAS_BIAS=bias is not None, HAS_ZERO=zero is not None)
+        args = (x2, q, s, z, bias if bias is not None else s, y)
         if M <= GEMV_MAX_ROWS:
             _gemv_kernel[(M, triton.cdiv(N, 32))](*args, N, K, K // n_groups, n_groups, x2.stride(0), q.stride(0),
                                                   y.stride(0), BLOCK_N=32, BLOCK_K=128, **common)

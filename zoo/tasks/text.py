@@ -82,6 +82,7 @@ class TextModel(ZooModel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._tokenizer: Any = None
+        self.compile: bool | None = None  # decode through a torch.compile'd step; None: where it pays (generation.py)
 
     def __call__(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T] (an integer tensor)."""
@@ -282,7 +283,8 @@ class TextModel(ZooModel):
     # -- internals ----------------------------------------------------------------------------------------------
 
     def _tokens(self, rows, max_new_tokens, sampling):
-        return decode(self.module, rows, max_new_tokens, sampling, self.stop_ids(), self._pad_id())
+        return decode(self.module, rows, max_new_tokens, sampling, self.stop_ids(), self._pad_id(),
+                      compile=self.compile)
 
     def _collect(self, rows, max_new_tokens, sampling) -> list[list[int]]:
         stop_ids = self.stop_ids()
