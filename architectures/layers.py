@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures.kernels.matvec import one_query_attention
 from zoo.architectures.state import KVCache
 
 
@@ -88,9 +89,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=k.shape[1] != q.shape[1]
-        )
+        if T == 1 and mask is not None and torch.compiler.is_compiling():  # a compiled decoding step
+            y = one_query_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=k.shape[1] != q.shape[1]
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -120,6 +120,9 @@ class TokenKVCache(KVCache):
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + ([self.ids] if self.ids is not None else [])
 
+    def length_dims(self) -> list[tuple[torch.Tensor, int]]:
+        return super().length_dims() + ([(self.ids, 1)] if self.ids is not None else [])
+
 
 class Phi4LM(DecoderLM):
     """The decoder, plus transformers' LongRoPE cache rule for generation.

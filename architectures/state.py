@@ -127,6 +127,11 @@ class State:
         """Bytes held: constant over a generation (the state is allocated once, at full size)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def length_dims(self) -> list[tuple[torch.Tensor, int]]:
+        """(tensor, dim) of every dimension sized by max_len: a compiled step keeps them symbolic, so one graph
+        serves every generation length (a subclass adds its own)."""
+        return [(self.slots, 0)] if self.slots is not None else []
+
 
 class KVCache(State):
     """Keys and values of every attention layer, preallocated to `max_len` positions.
@@ -160,3 +165,6 @@ class KVCache(State):
 
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + list(self.k.values()) + list(self.v.values())
+
+    def length_dims(self) -> list[tuple[torch.Tensor, int]]:
+        return super().length_dims() + [(t, 2) for t in (*self.k.values(), *self.v.values())]

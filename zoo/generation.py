@@ -160,36 +160,53 @@ def _decode_step(model: torch.nn.Module, state, tok: torch.Tensor) -> torch.Tens
     return model(tok, state, last_only=True)[:, -1]
 
 
-def _inductor_backend(gm, example_inputs):
+def _inductor(gm, example_inputs) -> tuple:
     """Inductor, after one graph pass: every linear layer applied to a single row becomes multiply-and-reduce
-    (zoo.architectures.kernels.matvec: the form Inductor turns into one fast pass over the weight)."""
+    (zoo.architectures.kernels.matvec: the form Inductor turns into one fast pass over the weight).
+    Returns (compiled, how many linears were rewritten)."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
     from zoo.architectures.kernels import matvec
 
-    matvec.rewrite_single_row_linears(gm)
+    rewritten = matvec.rewrite_single_row_linears(gm)
     # Inductor's caches take only functions they know; ours is keyed by its own source, so an edited
-    # matvec_linear is compiled afresh (warm-cache compilation is 3x faster than a cold one)
+    # matvec_linear is compiled afresh (warm-cache compilation is several times faster than a cold one).
+    # Casts to lower precision round as they do eagerly (GLM's fp16 rotary angles; bf16 norms): the same numbers.
     cacheable = {**config.unsafe_marked_cacheable_functions, **matvec.cache_keys()}
     with config.patch(unsafe_marked_cacheable_functions=cacheable, emulate_precision_casts=True):
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs), rewritten
 
 
 class CompiledStep:
     """`_decode_step` under torch.compile for one model: one graph for every token (the state's static form keeps
-    every shape and every value the graph depends on fixed). Its own copy of the function's code, because Dynamo
-    keeps compiled graphs, and counts recompilations, per code object: each model gets its own.
+    every shape and every value the graph depends on fixed). Its own copy of the function's code under its own
+    name, because Dynamo keeps compiled graphs, counts recompilations and remembers which sizes changed per code
+    object: each model gets its own, untouched by the shapes of any other.
 
     Calling it returns the logits, or None if compilation failed (said once in a warning; the caller goes on
     eagerly)."""
 
+    made = 0
+
     def __init__(self):
-        code = _decode_step.__code__.replace()
-        fn = types.FunctionType(code, _decode_step.__globals__, "_decode_step")
-        self.compiled = torch.compile(fn, backend=_inductor_backend, fullgraph=True)
+        CompiledStep.made += 1
+        name = f"_decode_step_{CompiledStep.made}"  # (Dynamo's size profiles go by file, line and name)
+        code = _decode_step.__code__.replace(co_name=name)
+        fn = types.FunctionType(code, _decode_step.__globals__, name)
+        # The model's own layers keep their identity for its lifetime (the step is this model's): checking every
+        # weight of its nn.Linear/nn.Embedding modules before each token (about 1 ms for 24 layers) is left out.
+        skip = torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe
+        self.compiled = torch.compile(fn, backend=self._backend, fullgraph=True, options={"guard_filter_fn": skip})
         self.failed = False
         self.batches: set[int] = set()  # batch sizes it has run (compiled) for
+        self.graphs = 0  # graphs compiled (one per batch size; more would mean a recompilation)
+        self.rewritten = 0  # single-row linears turned into multiply-and-reduce in the last graph
+
+    def _backend(self, gm, example_inputs):
+        compiled, self.rewritten = _inductor(gm, example_inputs)
+        self.graphs += 1
+        return compiled
 
     @staticmethod
     def mark_dynamic_length(state) -> None:
@@ -197,10 +214,8 @@ class CompiledStep:
         generations of every length (every other size stays fixed, each specialised in the generated code)."""
         from torch._dynamo import maybe_mark_dynamic
 
-        for t in state.tensors():
-            for dim, size in enumerate(t.shape):
-                if size == state.max_len:
-                    maybe_mark_dynamic(t, dim)
+        for t, dim in state.length_dims():
+            maybe_mark_dynamic(t, dim)
 
     def __call__(self, model, state, tok):
         if self.failed:

@@ -12,6 +12,10 @@ is for compiled graphs only.
 `matvec_linear` is that form (fp32 accumulation, whatever the weight dtype). `rewrite_single_row_linears` is the
 graph pass that puts it in place of every F.linear of a Dynamo graph whose input is a single row, so a compiled
 decoding step gets it for every family without any layer knowing (zoo.generation applies it).
+
+`one_query_attention` is the same idea for attending from one new token over the cache: the scores and the
+weighted sum of values as multiply-and-reduce, which Inductor fuses into a few loops; the compiled SDPA kernel
+spends 6x (64 cached positions) to 9x (2048) longer on a single query (measured, 2 threads).
 """
 
 from __future__ import annotations
@@ -29,13 +33,30 @@ def matvec_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """F.linear(x, weight, bias) for x [..., K] holding one row, as multiply-and-reduce in fp32."""
     n, k = weight.shape
     w, v = weight.float(), x.reshape(1, k).float()
-    if k % GROUP == 0:
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        # x computed once into memory: otherwise Inductor recomputes whatever produced it (a norm, an activation)
+        # inside the loop over the weight's rows, for every row (measured: the output head 1.4x slower)
+        v = torch.ops.prims.inductor_force_stride_order(v, (k, 1))
+    if GROUP and k % GROUP == 0:
         y = (w.view(n, k // GROUP, GROUP) * v.view(1, k // GROUP, GROUP)).sum(-1).sum(-1)
     else:
         y = (w * v).sum(-1)
     if bias is not None:
         y = y + bias.float()
     return y.to(torch.promote_types(x.dtype, weight.dtype)).reshape(*x.shape[:-1], n)
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), masked) v for q [B, H, 1, d] against k, v [B, H_kv, L, d] (grouped-query: H a
+    multiple of H_kv), allowed [B, 1, 1, L] bool; in fp32, returned in q's dtype. For compiled graphs."""
+    B, H, T, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(B, kv, H // kv, T, d).float() * d**-0.5
+    scores = (qg[:, :, :, :, None, :] * k.float()[:, :, None, None, :, :]).sum(-1)  # [B, kv, group, T, L]
+    scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
+    weights = scores.softmax(-1)
+    out = (weights[..., None] * v.float()[:, :, None, None, :, :]).sum(-2)  # [B, kv, group, T, d]
+    return out.reshape(B, H, T, d).to(q.dtype)
 
 
 def cache_keys() -> dict[str, str]:

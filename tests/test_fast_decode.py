@@ -1,0 +1,151 @@
+"""The compiled decoding step (zoo.generation): for every language-model family, decoding through one compiled
+graph on the static state gives the eager path's greedy tokens and its logits within fp32 rounding; one graph
+serves generations of every length; single-token linears become multiply-and-reduce; when it compiles by default.
+
+Each family's tiny model is compiled once (Inductor's on-disk cache makes reruns faster); the module-scoped
+fixtures share those compilations between the tests of a family.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from zoo.architectures.kernels.matvec import matvec_linear
+from zoo.architectures.state import KVCache
+
+from zoo import generation
+from zoo.family import get_family
+from zoo.generation import Sampling, compiled_step, decode
+
+# tiny configs of every language-model family: the skeleton each family's code runs, random weights
+FAMILIES = {
+    "qwen2": dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
+                  rope_theta=10000.0, tie_embeddings=True, max_seq_len=256),
+    # LongRoPE switching at 32 tokens: decoding crosses it, the state is rebuilt by one eager step
+    "phi4": dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
+                 partial_rotary_factor=0.75, max_seq_len=256, original_max_seq_len=32, rope_type="longrope",
+                 short_factor=[1.0, 1.05, 1.1, 1.0, 0.95, 1.2], long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+                 tie_embeddings=True),
+    "qwen2_moe": dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, n_experts_per_tok=2,
+                      moe_intermediate_size=32, shared_expert_intermediate_size=48, intermediate_size=96,
+                      mlp_only_layers=[1]),
+    # GLM-130B's layer (DeepNorm, GeGLU, rotary angles in fp16) with its blank-infilling prefix
+    "glm": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, inner_size=96, mask_token_id=250,
+                gmask_token_id=251, smask_token_id=252, sop_token_id=254),
+    "xlstm": dict(vocab_size=128, dim=64, n_layers=2, n_heads=2, chunk_size=8),
+    "mmfree": dict(vocab_size=128, dim=64, n_layers=2),
+}
+PROMPTS = {"glm": list(range(5, 25)) + [251, 254], "phi4": list(range(3, 11))}  # gMASK <sop>; 8 tokens
+STEPS = {"phi4": 40}  # past the 32-token boundary
+
+
+def tiny(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    fam = get_family(family)
+    model = fam.build(fam.config_from_dict(FAMILIES[family])).eval()
+    with torch.no_grad():  # larger random weights than the default init: varied, decisive greedy tokens
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.1 if "embed" in name else 0.25)
+    return model
+
+
+def stepped_logits(model, prompt: list[int], steps: int, compiled: bool) -> list[torch.Tensor]:
+    """Last-position logits of the prompt, then of each greedy token fed back: what zoo.generation.decode does
+    (eager prefill, then either eager steps on the dynamic state or the compiled step on the static one)."""
+    with torch.inference_mode():
+        state = model.new_state(1, len(prompt) + steps)
+        out = [model(torch.tensor([prompt]), state, last_only=True)[:, -1]]
+        step = compiled_step(model) if compiled else None
+        if compiled:
+            state.make_static(out[0].device)
+            step.mark_dynamic_length(state)
+        for _ in range(steps):
+            tok = out[-1].argmax(-1)[:, None]
+            if compiled and state.static_step(1):
+                out.append(step(model, state, tok))
+                assert out[-1] is not None, "the decoding step did not compile"
+                state.length += 1
+            else:
+                state.static = False
+                out.append(model(tok, state, last_only=True)[:, -1])
+                state.static = compiled
+    return out
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_model(request):
+    return request.param, tiny(request.param)
+
+
+def test_compiled_steps_give_the_eager_logits_and_greedy_tokens(family_model):
+    family, model = family_model
+    prompt, steps = PROMPTS.get(family, [3, 17, 42, 9, 100]), STEPS.get(family, 12)
+    eager = stepped_logits(model, prompt, steps, compiled=False)
+    compiled = stepped_logits(model, prompt, steps, compiled=True)
+    tokens = [int(t.argmax()) for t in eager]
+    assert len(set(tokens)) > 3, f"{family}: the tiny model repeats itself; the comparison would mean little"
+    assert [int(t.argmax()) for t in compiled] == tokens
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        assert (a - b).abs().max().item() < 2e-5 * max(1.0, a.abs().max().item()), f"{family}: step {i}"
+    step = compiled_step(model)
+    assert step.graphs == 1 and not step.failed  # one graph, every token
+
+    # the engine itself, forced both ways, and a second generation of another length: still that one graph
+    rows = [prompt[:-1] + [7]] if family != "glm" else [prompt]
+    both = [list(decode(model, rows, steps - 2, Sampling(), set(), compile=c)) for c in (False, True)]
+    assert [int(t) for t in both[0]] == [int(t) for t in both[1]]
+    assert step.graphs == 1
+
+
+def test_single_token_linears_become_multiply_and_reduce():
+    model = tiny("qwen2")
+    stepped_logits(model, [1, 2, 3], 2, compiled=True)
+    linears = 2 * 7 + 1  # q, k, v, o, gate, up, down per block, and the (tied) output head
+    assert compiled_step(model).rewritten == linears
+    list(decode(model, [[1, 2, 3, 4]], 12, Sampling(), set(), compile=True))  # cache slots = head_dim = 16
+    assert compiled_step(model).graphs == 1  # only the length dimension is symbolic, whatever its size
+    x, w, b = torch.randn(1, 1, 96), torch.randn(40, 96), torch.randn(40)
+    assert torch.allclose(matvec_linear(x, w, b), F.linear(x, w, b), atol=1e-5)
+    assert matvec_linear(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16
+
+
+def test_left_padded_batch_decodes_the_same_compiled():
+    """Pads in the static form: the mask over every cache slot hides them (and the slots not written yet)."""
+    model = tiny("qwen2")
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    eager = [t.tolist() for t in decode(model, rows, 10, Sampling(), set(), compile=False)]
+    compiled = [t.tolist() for t in decode(model, rows, 10, Sampling(), set(), compile=True)]
+    assert compiled == eager
+    alone = [int(t) for t in decode(model, rows[1:], 10, Sampling(), set(), compile=True)]
+    assert [r[1] for r in compiled] == alone
+
+
+def test_static_state_is_written_in_place_at_a_device_side_position():
+    model = tiny("qwen2")
+    with torch.inference_mode():
+        state = model.new_state(1, 16)
+        model(torch.tensor([[1, 2, 3]]), state, last_only=True)
+        k0 = state.k[0]
+        size = state.nbytes()
+        state.make_static("cpu")
+        for t in range(5):
+            model(torch.tensor([[t + 4]]), state, last_only=True)
+    assert isinstance(state, KVCache) and state.k[0] is k0 and k0.shape[2] == 16
+    assert int(state.position) == state.length == 8
+    assert state.nbytes() == size + state.position.nbytes + state.slots.nbytes  # nothing grew but the bookkeeping
+    mask = state.attention_mask(1, torch.device("cpu"))
+    assert mask.shape == (1, 1, 1, 16) and mask[0, 0, 0].tolist() == [True] * 9 + [False] * 7
+
+
+def test_compile_default_is_where_it_pays(monkeypatch):
+    model = tiny("qwen2")
+    monkeypatch.delenv("ZOO_COMPILE", raising=False)
+    assert not generation.compile_wanted(None, model, 1, 128)  # 0.5 MB of weights: never pays
+    assert generation.compile_wanted(None, model, 1, generation.COMPILE_PAYS)  # long enough, it does
+    assert generation.compile_wanted(True, model, 1, 2) and not generation.compile_wanted(False, model, 1, 10**12)
+    monkeypatch.setenv("ZOO_COMPILE", "1")
+    assert generation.compile_wanted(None, model, 1, 2)
+    monkeypatch.setenv("ZOO_COMPILE", "0")
+    assert not generation.compile_wanted(None, model, 1, 10**12)
