@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.layers import Attention, RMSNorm, Rotary
+from zoo.architectures.quant import PackedEmbedding
 from zoo.architectures.state import KVCache, State
 
 
@@ -57,6 +58,7 @@ class DecoderLM(nn.Module):
         )
         self.norm = RMSNorm(dim, eps)
         self.lm_head = None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False)
+        self.tied_embedding = "embed" if tie_embeddings else None  # the head reads it (quantisation packs it too)
 
     def new_state(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
         """The generation state for this model: a KV cache."""
@@ -78,12 +80,16 @@ class DecoderLM(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else tied_head(h, self.embed.weight)
+        return self.lm_head(h) if self.lm_head is not None else tied_head(h, self.embed)
 
 
-def tied_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def tied_head(h: torch.Tensor, embed: nn.Module) -> torch.Tensor:
     """Logits against the embedding matrix. Under tensor parallelism the embedding is split by vocabulary
-    (a DTensor): each rank scores its slice of the vocabulary and the slices are gathered."""
+    (a DTensor): each rank scores its slice of the vocabulary and the slices are gathered. A packed table
+    (weight-only quantisation) scores with its scheme's kernel."""
+    if isinstance(embed, PackedEmbedding):
+        return embed.as_head(h)
+    weight = embed.weight
     # A DTensor exists only once torch.distributed.tensor is imported (0.5 s): never import it just to ask.
     dtensor = sys.modules.get("torch.distributed.tensor")
     if dtensor is not None and isinstance(weight, dtensor.DTensor):

@@ -316,6 +316,7 @@ class GLM(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(c, i) for i in range(c.n_layers))
         self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
+        # (no `tied_embedding`: GLM-130B's INT8/INT4, as published, quantise the layers' linears, not the table)
 
     def new_state(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> GLMState:
         return GLMState(batch, max_len, pad, self.config.position_2d)
@@ -360,7 +361,7 @@ class GLM(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else tied_head(h, self.embed.weight)
+        return self.lm_head(h) if self.lm_head is not None else tied_head(h, self.embed)
 
 
 def build(c: GLMConfig) -> GLM:

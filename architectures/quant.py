@@ -70,6 +70,11 @@ class Scheme:
         """The stored tensors back from `prepare`'s (plan: this layer's `tensors(out, in)`)."""
         raise NotImplementedError
 
+    def embedding_scheme(self) -> Scheme | None:
+        """The scheme for an embedding table that is also the output head (PackedEmbedding), or None to keep it
+        float. A table is read by rows (lookups) and whole (the head) from one stored copy."""
+        return self
+
 
 class Int4Kernel:
     """prepare/restore of the int4 schemes: aten's CPU int4 kernel (tinygemm) on its own packing of the codes,
@@ -98,6 +103,11 @@ class Int4Kernel:
         if "int4pack" in t:
             return int4pack_mm_cpu(x, t["int4pack"], t["int4pack_scales_zeros"], bias)
         return dequant_matmul(x, t["weight"], t["weight_scale"], 4, bias, t.get("weight_zero"))
+
+    def embedding_scheme(self) -> Scheme | None:
+        # the fast int4 kernel reads its own arrangement, from which rows cannot be looked up: one copy of a tied
+        # table serves both as int8 rows (llama.cpp also keeps its tied head wider than 4 bits)
+        return SCHEMES["int8-row"]
 
 
 class RowwiseInt(Scheme):
@@ -236,6 +246,9 @@ class Ternary(Scheme):
     def unpack(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return unpack_ternary(t["weight"], t["weight"].shape[1] * 4, dtype) * t["weight_scale"].to(dtype)
 
+    def embedding_scheme(self) -> Scheme | None:
+        return None  # one scale per matrix: not a table of rows
+
 
 SCHEMES: dict[str, Scheme] = {}
 
@@ -317,8 +330,47 @@ class PackedLinear(nn.Module):
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.scheme.unpack(self.packed(), dtype or (self.bias.dtype if self.bias is not None else torch.float32))
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+class PackedEmbedding(nn.Module):
+    """An embedding table stored packed that is also the model's output head (a tied head): `forward(ids)` looks
+    rows up (dequantising only those), `as_head(h)` scores h against every row with the scheme's kernel."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: str | Scheme, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.scheme = get_scheme(scheme)
+        self.dtype = dtype or torch.get_default_dtype()
+        self.stored = tuple(self.scheme.tensors(num_embeddings, embedding_dim))
+        for name, (shape, dt) in self.scheme.tensors(num_embeddings, embedding_dim).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dt or self.dtype))
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.stored}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = {name: t[ids.reshape(-1)] for name, t in self.packed().items()}  # every stored tensor is by row
+        dtype = self.weight_scale.dtype  # the compute dtype
+        return self.scheme.unpack(rows, dtype).view(*ids.shape, self.embedding_dim)
+
+    def as_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.scheme.linear(h, self.packed(), None)
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.scheme.unpack(self.packed(), dtype or self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name}"
 
 
 def _stored_form(module: PackedLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -334,15 +386,40 @@ def linear_paths(module: nn.Module, patterns: list[str] | tuple[str, ...] = ("*"
             if type(sub) is nn.Linear and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 
+def packable_paths(module: nn.Module, scheme: str | Scheme) -> list[str]:
+    """What weight-only quantisation with `scheme` packs: every nn.Linear, and the embedding table a model also
+    reads as its output head (the path it names in `tied_embedding`; the head streams the whole table for every
+    token), when the scheme has an embedding scheme."""
+    paths = linear_paths(module)
+    tied = getattr(module, "tied_embedding", None)
+    if tied and get_scheme(scheme).embedding_scheme() is not None:
+        paths.append(tied)
+    return paths
+
+
+def module_scheme(module: nn.Module, path: str, scheme: str | Scheme) -> Scheme:
+    """The scheme the module at `path` is packed with under `scheme` (an embedding: its embedding scheme)."""
+    scheme = get_scheme(scheme)
+    if isinstance(module.get_submodule(path), nn.Embedding | PackedEmbedding):
+        return scheme.embedding_scheme() or scheme
+    return scheme
+
+
 def pack_linears(module: nn.Module, scheme: str | Scheme, paths: list[str]) -> list[str]:
-    """Replace the nn.Linear at each path by a PackedLinear of the same shape (call on the meta device)."""
+    """Replace the nn.Linear at each path by a PackedLinear of the same shape, and an nn.Embedding (a tied output
+    embedding, see packable_paths) by a PackedEmbedding (call on the meta device)."""
     scheme = get_scheme(scheme)
     for path in paths:
         old = module.get_submodule(path)
-        if not isinstance(old, nn.Linear):
-            raise ValueError(f"quantization record names {path}, which is a {type(old).__name__}, not a linear layer")
         owner, _, attr = path.rpartition(".")
         with torch.device(old.weight.device):
-            new = PackedLinear(old.in_features, old.out_features, old.bias is not None, scheme, old.weight.dtype)
+            if isinstance(old, nn.Linear):
+                new = PackedLinear(old.in_features, old.out_features, old.bias is not None, scheme, old.weight.dtype)
+            elif isinstance(old, nn.Embedding) and scheme.embedding_scheme() is not None:
+                new = PackedEmbedding(old.num_embeddings, old.embedding_dim, scheme.embedding_scheme(),
+                                      old.weight.dtype)
+            else:
+                raise ValueError(f"quantization record names {path}, which is a {type(old).__name__}, not a "
+                                 "linear layer (or a tied output embedding)")
         setattr(module.get_submodule(owner) if owner else module, attr, new)
     return paths

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from zoo.architectures.quant import get_scheme, linear_paths, pack_linears
+from zoo.architectures.quant import get_scheme, module_scheme, pack_linears, packable_paths
 from zoo.conversion.engine import (
     INPUT_ERRORS,
     AtomicDirectory,
@@ -250,8 +250,9 @@ def _convert(
             raise CheckpointError(f"{src}: already published quantized ({quantization['scheme']}); drop --quantize")
         scheme = get_scheme(quantize)
         check_against_model(planned, expected_state(family, config), str(src), published_names(keymap))
-        paths = linear_paths(family.build_meta(config))
-        jobs = pack_jobs(jobs, paths, scheme)
+        meta = family.build_meta(config)
+        paths = packable_paths(meta, scheme)  # every linear layer, and a tied output embedding
+        jobs = pack_jobs(jobs, paths, {p: module_scheme(meta, p, scheme) for p in paths})
         planned = run_jobs_meta(jobs, tensors)
         quantization = {"scheme": scheme.name, "modules": paths}
     check_against_model(planned, expected_state(family, config, quantization), str(src), published_names(keymap))

@@ -136,9 +136,11 @@ def stream_write(
 
 def pack_jobs(jobs: list[Job], paths: list[str], scheme) -> list[Job]:
     """The same jobs, except that the weight of each linear layer at `paths` comes out packed by `scheme`
-    (zoo.architectures.quant), as the tensors the scheme stores: quantising while converting, tensor by tensor."""
+    (zoo.architectures.quant; or a {path: scheme} mapping), as the tensors the scheme stores: quantising while
+    converting, tensor by tensor."""
     names = {f"{p}.weight": p for p in paths}
-    stored = list(scheme.tensors(2, 2))  # the names of what the scheme stores per weight
+    schemes = scheme if isinstance(scheme, dict) else {p: scheme for p in paths}
+    stored = {p: list(schemes[p].tensors(2, 2)) for p in paths}  # the names of what each scheme stores per weight
     out = []
     for job in jobs:
         if not any(d in names for d in job.dst):
@@ -148,12 +150,13 @@ def pack_jobs(jobs: list[Job], paths: list[str], scheme) -> list[Job]:
         def forward(ts, rule=job.rule, dsts=job.dst):
             results = []
             for d, t in zip(dsts, rule.forward(ts)):
-                packed = scheme.pack(t) if d in names else None
-                results += [packed[n] for n in stored] if packed is not None else [t]
+                packed = schemes[names[d]].pack(t) if d in names else None
+                results += [packed[n] for n in stored[names[d]]] if packed is not None else [t]
             return results
 
-        dst = tuple(x for d in job.dst for x in ([f"{names[d]}.{n}" for n in stored] if d in names else [d]))
-        out.append(Job(job.src, dst, Rule(job.rule.src, dst, forward, doc=f"{job.rule.doc} packed {scheme.name}")))
+        dst = tuple(x for d in job.dst for x in ([f"{names[d]}.{n}" for n in stored[names[d]]] if d in names else [d]))
+        how = ", ".join(sorted({schemes[names[d]].name for d in job.dst if d in names}))
+        out.append(Job(job.src, dst, Rule(job.rule.src, dst, forward, doc=f"{job.rule.doc} packed {how}")))
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from zoo.architectures.quant import PackedLinear, linear_paths, pack_linears
+from zoo.architectures.quant import PackedEmbedding, PackedLinear, pack_linears, packable_paths
 from zoo.checks import find_nan
 from zoo.family import Family
 from zoo.registry import get_entry, get_family
@@ -104,7 +104,7 @@ def build_model(native: NativeConfig, quantize: str | None = None, where: str = 
         if stored:
             pack_linears(module, stored["scheme"], list(stored["modules"]))
         elif quantize is not None:
-            pack_linears(module, quantize, linear_paths(module))
+            pack_linears(module, quantize, packable_paths(module, quantize))
     except (TypeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{where}quantization record {stored!r} does not fit the model: {_describe(e)}") from None
     return family, module
@@ -124,10 +124,10 @@ def expected_shapes(module: nn.Module, native: NativeConfig) -> dict[str, tuple[
     if native.quantization:
         return shapes
     for path, sub in module.named_modules():
-        if isinstance(sub, PackedLinear):
+        if isinstance(sub, PackedLinear | PackedEmbedding):
             for name in sub.stored:
                 del shapes[f"{path}.{name}"]
-            shapes[f"{path}.weight"] = (sub.out_features, sub.in_features)
+            shapes[f"{path}.weight"] = sub.weight_shape
     return shapes
 
 
@@ -143,7 +143,7 @@ def materialize(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None, 
     native = native or NativeConfig(family="", config={})
     shapes = expected_shapes(module, native)
     packing = {} if native.quantization else {
-        path: sub for path, sub in module.named_modules() if isinstance(sub, PackedLinear)}
+        path: sub for path, sub in module.named_modules() if isinstance(sub, PackedLinear | PackedEmbedding)}
     if keys is None:
         dtypes = {k: v.dtype for k, v in module.state_dict().items() if k in shapes}
         dtypes.update({f"{path}.weight": torch.float32 for path in packing})  # packed here from a float weight
