@@ -64,8 +64,10 @@ def stepped_logits(model, prompt: list[int], steps: int, compiled: bool) -> list
         for _ in range(steps):
             tok = out[-1].argmax(-1)[:, None]
             if compiled and state.static_step(1):
-                out.append(step(model, state, tok))
-                assert out[-1] is not None, "the decoding step did not compile"
+                logits_best = step(model, state, tok)
+                assert logits_best is not None, "the decoding step did not compile"
+                out.append(logits_best[0])
+                assert torch.equal(logits_best[1], out[-1].argmax(-1))
                 state.length += 1
             else:
                 state.static = False

@@ -112,15 +112,18 @@ def decode(
         step.mark_dynamic_length(state)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
+    best = None  # the compiled step's argmax of its logits: greedy decoding's next token, computed in the graph
     for n in range(max_new_tokens):
-        nxt = sample(logits, sampling, generator)
+        nxt = best if best is not None and not sampling.temperature else sample(logits, sampling, generator)
         yield nxt
         done |= torch.isin(nxt, stops)
         if bool(done.all()) or n == max_new_tokens - 1:
             return
+        best = None
         if step is not None and state.static_step(1):
-            logits = step(model, state, nxt[:, None])
-            if logits is not None:
+            out = step(model, state, nxt[:, None])
+            if out is not None:
+                logits, best = out
                 state.length += 1  # the graph moved only the device-side count (architectures/state.py)
                 continue
             step = None  # it could not be compiled: said once (compiled_step); eager from here
@@ -156,8 +159,9 @@ def compile_wanted(compile: bool | None, model: torch.nn.Module, batch: int, new
     return weights * new_tokens >= COMPILE_PAYS
 
 
-def _decode_step(model: torch.nn.Module, state, tok: torch.Tensor) -> torch.Tensor:
-    return model(tok, state, last_only=True)[:, -1]
+def _decode_step(model: torch.nn.Module, state, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(tok, state, last_only=True)[:, -1]
+    return logits, logits.argmax(-1)
 
 
 def _inductor(gm, example_inputs) -> tuple:
@@ -174,7 +178,8 @@ def _inductor(gm, example_inputs) -> tuple:
     # matvec_linear is compiled afresh (warm-cache compilation is several times faster than a cold one).
     # Casts to lower precision round as they do eagerly (GLM's fp16 rotary angles; bf16 norms): the same numbers.
     cacheable = {**config.unsafe_marked_cacheable_functions, **matvec.cache_keys()}
-    with config.patch(unsafe_marked_cacheable_functions=cacheable, emulate_precision_casts=True):
+    with config.patch(unsafe_marked_cacheable_functions=cacheable, emulate_precision_casts=True,
+                      size_asserts=False):  # (the wrapper checking ~400 input shapes per token: 4 ms of 30)
         return compile_fx(gm, example_inputs), rewritten
 
 
@@ -184,8 +189,8 @@ class CompiledStep:
     name, because Dynamo keeps compiled graphs, counts recompilations and remembers which sizes changed per code
     object: each model gets its own, untouched by the shapes of any other.
 
-    Calling it returns the logits, or None if compilation failed (said once in a warning; the caller goes on
-    eagerly)."""
+    Calling it returns (logits, their argmax), or None if compilation failed (said once in a warning; the caller
+    goes on eagerly)."""
 
     made = 0
 
@@ -194,14 +199,16 @@ class CompiledStep:
         name = f"_decode_step_{CompiledStep.made}"  # (Dynamo's size profiles go by file, line and name)
         code = _decode_step.__code__.replace(co_name=name)
         fn = types.FunctionType(code, _decode_step.__globals__, name)
-        # The model's own layers keep their identity for its lifetime (the step is this model's): checking every
-        # weight of its nn.Linear/nn.Embedding modules before each token (about 1 ms for 24 layers) is left out.
-        skip = torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe
+        # The model's modules keep their weights and settings while it decodes (the step is this model's, and is
+        # made again if the model moves to another device or dtype: compiled_step), so checking each of them before
+        # every token (1-2 ms for 24 layers) is left out; the state's tensors and flags are still checked.
+        skip = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         self.compiled = torch.compile(fn, backend=self._backend, fullgraph=True, options={"guard_filter_fn": skip})
         self.failed = False
         self.batches: set[int] = set()  # batch sizes it has run (compiled) for
         self.graphs = 0  # graphs compiled (one per batch size; more would mean a recompilation)
         self.rewritten = 0  # single-row linears turned into multiply-and-reduce in the last graph
+        self.where: tuple | None = None  # (device, dtype) of the model's weights it was made for
 
     def _backend(self, gm, example_inputs):
         compiled, self.rewritten = _inductor(gm, example_inputs)
@@ -240,6 +247,9 @@ def compiled_step(model: torch.nn.Module) -> CompiledStep | None:
     torch.compile is unavailable."""
     if not hasattr(torch, "compile"):
         return None
-    if model not in _STEPS:
+    first = next(model.parameters())
+    where = (first.device, first.dtype)
+    if model not in _STEPS or _STEPS[model].where != where:
         _STEPS[model] = CompiledStep()
+        _STEPS[model].where = where
     return _STEPS[model]
