@@ -124,6 +124,13 @@ def test_tp2_logits_and_greedy_tokens_equal_tp1(tp_job, name):
     assert r0["sampled"] == r1["sampled"]  # unseeded sampling: both ranks drew the same tokens
 
 
+def test_tp2_decodes_through_the_compiled_step_with_the_same_tokens(tp_job):
+    """The compiled decoding step traces the sharded weights (their linears keep their sharding rules; the
+    single-row multiply-and-reduce rewrite is for plain tensors): one graph, the eager path's greedy tokens."""
+    for r in _rank_results(tp_job, "qwen2"):
+        assert r["compiled"] == {"greedy": r["greedy"], "graphs": 1, "failed": False}
+
+
 @pytest.mark.parametrize("name", sorted(lm_builders()))
 def test_tp2_shards_attention_heads_mlp_and_vocabulary(tp_job, name):
     placements = _rank_results(tp_job, name)[0]["placements"]

@@ -151,3 +151,41 @@ def test_compile_default_is_where_it_pays(monkeypatch):
     assert generation.compile_wanted(None, model, 1, 2)
     monkeypatch.setenv("ZOO_COMPILE", "0")
     assert not generation.compile_wanted(None, model, 1, 10**12)
+
+
+@pytest.fixture(scope="module")
+def native_qwen2(tmp_path_factory):
+    """The tiny qwen2 written as a native checkpoint, for loading with device maps."""
+    from zoo.weights.format import NativeConfig, write_config
+    from zoo.weights.writer import write_state_dict
+
+    directory = tmp_path_factory.mktemp("native") / "qwen2"
+    directory.mkdir()
+    write_state_dict(directory, tiny("qwen2").state_dict(), progress=False)
+    write_config(directory, NativeConfig(family="qwen2", config=FAMILIES["qwen2"], name="qwen2",
+                                         task="text-generation"))
+    return directory
+
+
+def test_a_device_mapped_model_decodes_compiled_and_one_streamed_from_disk_eagerly(native_qwen2):
+    import warnings
+
+    import zoo
+
+    prompt = [5, 9, 2, 7]
+    placed = zoo.load(native_qwen2, device_map={"": "cpu"}, dtype=torch.float32)
+    placed.compile = False
+    eager = placed.generate(prompt, max_new_tokens=12)
+    assert len(set(eager)) > 3
+    placed.compile = True
+    assert placed.generate(prompt, max_new_tokens=12) == eager
+    assert compiled_step(placed.module).graphs == 1 and not compiled_step(placed.module).failed
+
+    streamed = zoo.load(native_qwen2, device_map="auto", max_memory={"cpu": "200KiB"}, dtype=torch.float32)
+    assert "disk" in streamed.device_map.values()
+    streamed.compile = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert streamed.generate(prompt, max_new_tokens=12) == eager
+    assert any("decodes eagerly, since parts of it are streamed from disk" in str(w.message) for w in caught)
+    assert streamed.module not in generation._STEPS  # nothing was compiled

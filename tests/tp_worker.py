@@ -4,9 +4,10 @@
         [--rss DIR] [--corrupt DIR] OUT NAME=DIR ...
 
 Every NAME=DIR is loaded with tp=WORLD_SIZE in fp32 and run: logits of fixed ids, greedy tokens, unseeded
-sampled tokens, a padded batch. Then --rss DIR is loaded to measure this rank's peak RSS growth: peak RSS
-after loading it minus peak RSS before (after imports, process group and the tiny models, so one-time costs
-such as code pages are not counted as the model's). --corrupt DIR must fail to load on every rank.
+sampled tokens, a padded batch; for qwen2 also greedy tokens through the compiled decoding step.
+Then --rss DIR is loaded to measure this rank's peak RSS growth: peak RSS after loading it minus peak RSS
+before (after imports, process group and the tiny models, so one-time costs such as code pages are not
+counted as the model's). --corrupt DIR must fail to load on every rank.
 Each rank writes OUT/NAME.rank{R}.json; rank 0 also writes OUT/NAME.logits.pt.
 """
 
@@ -51,6 +52,19 @@ def write_random_native(directory: Path, family: str, config: dict, seed: int = 
     return sum(s.nbytes for s in specs)
 
 
+def compiled_greedy(model, prompt: list[int]) -> dict:
+    """Greedy tokens through the compiled decoding step on sharded (DTensor) weights, and whether it compiled."""
+    from zoo.generation import compiled_step
+
+    model.compile = True
+    try:
+        tokens = model.generate(prompt, max_new_tokens=24)
+    finally:
+        model.compile = None
+    step = compiled_step(model.module)
+    return {"greedy": tokens, "graphs": step.graphs, "failed": step.failed}
+
+
 def run_model(name: str, directory: str, out: Path, rank: int) -> None:
     from torch.distributed.tensor import DTensor
 
@@ -65,6 +79,7 @@ def run_model(name: str, directory: str, out: Path, rank: int) -> None:
         "greedy": model.generate(prompt, max_new_tokens=24),
         "sampled": model.generate(prompt, max_new_tokens=8, temperature=1.0),  # unseeded: ranks must agree
         "batch": model.generate([prompt, prompt[:3]], max_new_tokens=6),
+        "compiled": compiled_greedy(model, prompt) if name == "qwen2" else None,
         "placements": {n: f"Shard({p.placements[0].dim})" if p.placements[0].is_shard() else "Replicate"
                        for n, p in model.module.named_parameters() if isinstance(p, DTensor)},
     }

@@ -277,6 +277,8 @@ def load_with_device_map(
             sub.register_forward_pre_hook(_inputs_to(main if dev == "disk" else dev), with_kwargs=True)
     init_derived_buffers(module, main)
     module.eval()
+    if "disk" in placement.values():  # torch.compile cannot trace a hook that swaps weights in (generation.py)
+        module.zoo_eager_only = "parts of it are streamed from disk by a device map"
     model = get_task(family.task)(module, native, family, directory)
     model.device_map = placement
     return model

@@ -146,7 +146,13 @@ def compile_wanted(compile: bool | None, model: torch.nn.Module, batch: int, new
     """Whether a generation decodes through the compiled step. True / False: as asked (zoo.load(compile=...),
     `zoo generate --compile / --no-compile`). None, the default: ZOO_COMPILE=1 / 0 if set; otherwise where it
     pays: when this model already has a step compiled for this batch size (nothing left to pay), or when the
-    generation streams at least COMPILE_PAYS bytes of weights."""
+    generation streams at least COMPILE_PAYS bytes of weights. A model marked `zoo_eager_only` (a reason: weights
+    streamed from disk by a device map, which no graph can trace) decodes eagerly; asked to compile, it says why."""
+    eager_only = getattr(model, "zoo_eager_only", None)
+    if eager_only:
+        if compile:
+            warnings.warn(f"compile=True: this model decodes eagerly, since {eager_only}", stacklevel=3)
+        return False
     if compile is not None:
         return bool(compile)
     env = os.environ.get("ZOO_COMPILE", "").strip()

@@ -1,16 +1,16 @@
-"""Linear layers at inference on CPU through oneDNN with the weight packed once, the activation fused.
+"""Linear layers at inference on CPU through oneDNN, the activation fused.
 
     y = act(x W^T + b)          act: None or "gelu" (exact, erf)
 
-PyTorch's F.linear on CPU re-reads W in its plain row-major layout on every call; oneDNN's matmul runs
-faster from its own blocked layout (torch.ops.mkldnn._reorder_linear_weight, the packing Inductor's
-freezing pass applies), and applies GELU in the matmul's epilogue instead of a second pass over the output.
-Measured on the vision models' shapes (benchmarks/bench_vision.py): about 1.2x per matmul, fp32.
-
-`linear` packs a layer's weight on its first call and keeps the packed copy on the layer (not in its
-state dict; it costs one more copy of the weight), keyed by the weight's storage and version counter, so a
-reloaded or modified weight is packed again. It takes this path only for fp32 CPU tensors outside autograd
-and outside torch.compile (Inductor packs by itself); everywhere else it is F.linear (+ F.gelu).
+oneDNN's matmul (torch.ops.mkldnn._linear_pointwise) applies GELU in the matmul's epilogue instead of a
+second pass over the output, and runs faster than F.linear on the vision models' shapes: measured 1.2-3x
+per matmul with the plain row-major weight the model already holds (fp32, 2 cores), so by default no copy
+of any weight is made. ZOO_ONEDNN=pack also packs each weight once into oneDNN's blocked layout
+(torch.ops.mkldnn._reorder_linear_weight, the packing Inductor's freezing pass applies) for another 5-15%
+at small batches, at the cost of a second copy of every weight: kept on the layer (not in its state dict),
+keyed by the weight's storage and version counter, so a reloaded or modified weight is packed again.
+ZOO_ONEDNN=0 turns the path off. It applies only to fp32 CPU tensors outside autograd and outside
+torch.compile (Inductor has its own); everywhere else it is F.linear (+ F.gelu).
 """
 
 from __future__ import annotations
@@ -25,8 +25,16 @@ ACTIVATIONS = (None, "gelu")
 _PACKED = "_zoo_onednn_weight"  # attribute of the nn.Linear holding (key, packed weight)
 
 
+def onednn_mode() -> str:
+    """"off", "dense" (the default: the model's own weights) or "pack" (a packed second copy), from ZOO_ONEDNN."""
+    mode = os.environ.get("ZOO_ONEDNN", "1").strip().lower()
+    if mode in ("0", "off", "false", "no") or not onednn_available():
+        return "off"
+    return "pack" if mode == "pack" else "dense"
+
+
 def onednn_available() -> bool:
-    return (os.environ.get("ZOO_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
+    return (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
@@ -38,7 +46,7 @@ def _key(w: torch.Tensor) -> tuple:
     return (w.data_ptr(), version, w.dtype, w.shape)
 
 
-def packed_weight(layer: nn.Linear) -> torch.Tensor:
+def packed_weight(layer: nn.Linear) -> torch.Tensor:  # only under ZOO_ONEDNN=pack
     """The layer's weight in oneDNN's blocked layout, packed on first use and again if the weight changed."""
     key = _key(layer.weight)
     cached = layer.__dict__.get(_PACKED)
@@ -51,7 +59,11 @@ def packed_weight(layer: nn.Linear) -> torch.Tensor:
 def _fast(layer: nn.Linear, x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
-            and not torch.compiler.is_compiling() and onednn_available())
+            and not torch.compiler.is_compiling())
+
+
+def _pointwise(*args) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(*args)
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, activation: str | None = None,
@@ -60,9 +72,10 @@ def linear(layer: nn.Linear, x: torch.Tensor, activation: str | None = None,
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
     b = layer.bias if isinstance(bias, str) else bias
-    if _fast(layer, x):
-        return torch.ops.mkldnn._linear_pointwise(x, packed_weight(layer), b, activation or "none", [],
-                                                  "none" if activation == "gelu" else "")
+    mode = onednn_mode()
+    if mode != "off" and _fast(layer, x):
+        weight = packed_weight(layer) if mode == "pack" else layer.weight
+        return _pointwise(x, weight, b, activation or "none", [], "none" if activation == "gelu" else "")
     y = F.linear(x, layer.weight, b)
     return F.gelu(y) if activation == "gelu" else y
 

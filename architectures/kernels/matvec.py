@@ -25,6 +25,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 GROUP = 64  # columns summed first, then the groups: a two-level reduction vectorises best (measured)
 
@@ -95,8 +96,8 @@ def rewrite_single_row_linears(gm: torch.fx.GraphModule) -> int:
         w_value = weight.meta.get("example_value") if hasattr(weight, "meta") else None
         if (_rows(x) != 1 or not isinstance(w_value, torch.Tensor) or w_value.dim() != 2
                 or not value.dtype.is_floating_point or not w_value.dtype.is_floating_point
-                or value.device.type != "cpu"):
-            continue
+                or value.device.type != "cpu" or is_traceable_wrapper_subclass(w_value)):
+            continue  # (a DTensor weight under tensor parallelism: its linear has a sharding rule, ours has not)
         node.target = matvec_linear
         count += 1
     if count:
