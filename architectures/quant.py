@@ -47,12 +47,21 @@ class Scheme:
     """How one weight matrix is stored packed. Subclasses define the layout; `linear` may be overridden."""
 
     name = ""
+    rows_independent = True  # a row's stored tensors depend on that row alone (every packed tensor is [out, ...])
 
     def tensors(self, out_features: int, in_features: int) -> TensorPlan:
         raise NotImplementedError
 
     def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def pack_rows(self, weight: torch.Tensor, rows: int = 8192) -> dict[str, torch.Tensor]:
+        """`pack`, a block of rows at a time where rows are independent: quantising works in fp32 with a few
+        temporaries the size of its input, which for a whole 151936 x 896 embedding table is 2 GB at once."""
+        if not self.rows_independent or weight.shape[0] <= rows:
+            return self.pack(weight)
+        blocks = [self.pack(weight[i:i + rows]) for i in range(0, weight.shape[0], rows)]
+        return {name: torch.cat([b[name] for b in blocks]) for name in blocks[0]}
 
     def unpack(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """The [out, in] weight the packed tensors stand for, in `dtype`."""
@@ -232,6 +241,7 @@ class Ternary(Scheme):
     w ~ codes * mean|w|; the codes 2 bits each, 4 per byte (zoo.architectures.kernels.bitlinear)."""
 
     name = "ternary"
+    rows_independent = False  # one scale for the whole matrix
 
     def tensors(self, out_features: int, in_features: int) -> TensorPlan:
         return {"weight": ((out_features, -(-in_features // 4)), torch.uint8), "weight_scale": ((1,), None)}

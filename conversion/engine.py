@@ -150,7 +150,7 @@ def pack_jobs(jobs: list[Job], paths: list[str], scheme) -> list[Job]:
         def forward(ts, rule=job.rule, dsts=job.dst):
             results = []
             for d, t in zip(dsts, rule.forward(ts)):
-                packed = schemes[names[d]].pack(t) if d in names else None
+                packed = schemes[names[d]].pack_rows(t) if d in names else None
                 results += [packed[n] for n in stored[names[d]]] if packed is not None else [t]
             return results
 

@@ -79,3 +79,15 @@ def test_quantized_checkpoint_is_smaller_and_refuses_what_needs_float_weights(qw
         zoo.export(tmp_path / "q8", tmp_path / "back")
     with pytest.raises(ValueError, match="quantize='int3': unknown scheme"):
         zoo.load(qwen / "native", quantize="int3")
+
+
+@pytest.mark.parametrize("name", ["int8-row", "int4-row", "int4-group128", "int4-row-g8", "ternary"])
+def test_packing_a_block_of_rows_at_a_time_stores_the_same_tensors(name):
+    """Loading and conversion pack in row blocks (bounded fp32 temporaries for a large embedding table);
+    ternary's one scale per matrix is packed whole."""
+    scheme = get_scheme(name)
+    weight = torch.randn(21, 256, dtype=torch.bfloat16)
+    whole, blocks = scheme.pack(weight), scheme.pack_rows(weight, rows=4)
+    assert whole.keys() == blocks.keys()
+    for k in whole:
+        assert torch.equal(whole[k], blocks[k]), k

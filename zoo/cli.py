@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(GLM-130B's SAT release: SAT argument names, e.g. num_layers, hidden_size)")
     s.add_argument("--tp", type=int, help="with --to: the tensor-parallel degree of a layout split over ranks "
                    "(--to sat)")
-    s.add_argument("--quantize", help="store linear weights packed: int8 | int4 (weight-only, per output row) | "
-                   "ternary (2 bits, for ternary-trained models: MatMul-free LM)")
+    s.add_argument("--quantize", help="store linear weights packed: int8 (per output row) | int4 (groups of 128 "
+                   "columns) | ternary (2 bits, for ternary-trained models: MatMul-free LM); weight-only")
 
     s = add("generate", "Generate from a prompt: text (streamed to stdout), or a 3D shape from a condition file.",
             'zoo generate qwen2-tiny-stdlib "def fibonacci(n):"\n'
@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="diffusion steps (default: the model's recommended)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     s.add_argument("--dtype", help="compute dtype (default: as stored)")
-    s.add_argument("--quantize", help="weight-only quantisation while loading: int8 | int4")
+    s.add_argument("--quantize", help="weight-only quantisation while loading: int8 (per output row) | int4 "
+                   "(groups of 128 columns)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode each new token through one torch.compile'd step (default: where it pays, a long "
                         "enough generation; ZOO_COMPILE=0/1 sets the default)")

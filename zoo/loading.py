@@ -158,7 +158,7 @@ def materialize(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None, 
     for k in wanted:
         owner, _, attr = k.rpartition(".")
         if owner in packing and attr == "weight":
-            for name, t in packing[owner].scheme.pack(cast(ckpt.get(k))).items():
+            for name, t in packing[owner].scheme.pack_rows(cast(ckpt.get(k))).items():
                 state[f"{owner}.{name}"] = cast(t)
         else:
             state[k] = cast(ckpt.get(k))
