@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, update_section  # noqa: E402
+from common import cuda_ms, machine, update_section  # noqa: E402
 from zoo.architectures import mmfree, qwen2  # noqa: E402
 
 SIZES = {  # ours -> (MMfree config, Qwen2 config of similar size, its name)
@@ -78,19 +78,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def cuda_time(fn, repeats: int = 20) -> float:
-    """Median milliseconds of fn() on the GPU."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
 
 def kernel_rows(c: mmfree.MMfreeConfig, dtype: torch.dtype) -> list[str]:
     """Triton kernels against their references at this model's shapes (CUDA only)."""
@@ -108,18 +95,18 @@ def kernel_rows(c: mmfree.MMfreeConfig, dtype: torch.dtype) -> list[str]:
         packed, g = pack_ternary(codes), torch.ones(k, device=dev, dtype=dtype)
         for m in (1, 512):
             x = torch.randn(m, k, device=dev, dtype=dtype)
-            fused = cuda_time(partial(bitlinear_triton, x, g, 1e-6, packed, scale))
-            ref = cuda_time(lambda x=x, g=g, k=k, packed=packed, scale=scale: bitlinear_reference(
+            fused = cuda_ms(partial(bitlinear_triton, x, g, 1e-6, packed, scale))
+            ref = cuda_ms(lambda x=x, g=g, k=k, packed=packed, scale=scale: bitlinear_reference(
                 x, g, 1e-6, unpack_ternary(packed, k, x.dtype), scale))
-            dense = cuda_time(partial(torch.nn.functional.linear, x, w))
+            dense = cuda_ms(partial(torch.nn.functional.linear, x, w))
             rows.append(f"| BitLinear {name} {m}x{k} -> {n} | {fused:.3f} | {ref:.3f} | {dense:.3f} | "
                         f"{ref / fused:.2f} |")
     for t in (1, 2048):
         i = torch.randn(1, t, c.dim, device=dev, dtype=dtype)
         f = torch.rand(1, t, c.dim, device=dev, dtype=dtype)
         h = torch.zeros(1, c.dim, device=dev)
-        fused = cuda_time(partial(hgrn_triton, i, f, h))
-        ref = cuda_time(partial(hgrn_scan, i, f, h))
+        fused = cuda_ms(partial(hgrn_triton, i, f, h))
+        ref = cuda_ms(partial(hgrn_scan, i, f, h))
         rows.append(f"| HGRN recurrence T={t}, D={c.dim} | {fused:.3f} | {ref:.3f} (scan) | - | "
                     f"{ref / fused:.2f} |")
     return rows

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, update_section  # noqa: E402
+from common import cuda_ms, machine, update_section  # noqa: E402
 from zoo.architectures import qwen2, xlstm  # noqa: E402
 
 
@@ -162,19 +162,6 @@ def decode_rows(size: str, lengths: list[int], dtype: torch.dtype, device: str, 
         del model
     return rows
 
-
-def cuda_ms(fn, repeats: int = 10) -> float:
-    """Median milliseconds of fn() on the GPU."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def time_kernel(s: int, dtype: torch.dtype) -> tuple[float, float, float]:
