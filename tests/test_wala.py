@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pywt  # the shapes extra (installed with .[test])
 import torch
-
-pywt = pytest.importorskip("pywt")  # the shapes extra (installed with .[test])
 import wala_reference as ref  # noqa: E402
 from zoo.conversion.wala import published_key  # noqa: E402
 from zoo.weights.format import CheckpointError  # noqa: E402

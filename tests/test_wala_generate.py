@@ -3,14 +3,13 @@ and a preview picture from an image and from a point cloud file, and shows the n
 
 from __future__ import annotations
 
+import h5py  # the shapes extra, installed with .[test]: these tests must run, not skip
+import mcubes  # noqa: F401
 import numpy as np
 import pytest
+import pywt  # noqa: F401
 import torch
-
-pytest.importorskip("pywt")
-pytest.importorskip("mcubes")
-pytest.importorskip("trimesh")
-h5py = pytest.importorskip("h5py")
+import trimesh  # noqa: F401
 from PIL import Image  # noqa: E402
 from test_wala import LAYOUTS, Published, base_args  # noqa: E402
 
@@ -70,7 +69,6 @@ def test_zoo_generate_turns_a_point_cloud_file_into_a_glb_and_a_preview(tiny, tm
     out, preview = tmp_path / "ring.glb", tmp_path / "ring.png"
     assert main(["generate", str(tiny["pc"]), str(cloud), "--out", str(out), "--preview", str(preview),
                  "--steps", "2", "--seed", "3"]) == 0
-    import trimesh
 
     mesh = trimesh.load(str(out), force="mesh")
     assert len(mesh.faces) > 0 and preview.stat().st_size > 1000

@@ -117,7 +117,6 @@ SHAPES = [  # B, NH, S, dqk, dv, chunk
 
 @pytest.mark.parametrize("B,NH,S,dqk,dv,L", SHAPES)
 def test_triton_chunkwise_kernel_matches_the_reference(B, NH, S, dqk, dv, L):
-    pytest.importorskip("triton")
     from zoo.architectures.kernels.mlstm_triton import mlstm_chunkwise_triton
 
     xs = cell_inputs(B, NH, S, dqk, dv, seed=S)
@@ -132,7 +131,6 @@ def test_triton_chunkwise_kernel_matches_the_reference(B, NH, S, dqk, dv, L):
 
 
 def test_triton_kernel_in_bfloat16_follows_the_reference():
-    pytest.importorskip("triton")
     from zoo.architectures.kernels.mlstm_triton import mlstm_chunkwise_triton
 
     xs = cell_inputs(1, 2, 40, 16, 16, seed=7)
