@@ -9,7 +9,6 @@ here (the family's own tests usually have one to call).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,22 +74,9 @@ def _hf_videomae(d: Path) -> Path:
 
 
 def _videomae2_hub(d: Path) -> Path:
-    from safetensors.torch import save_file
+    from tests.test_videomae2 import tiny_hf, write_hub_layout
 
-    from tests.test_videomae2 import official_names, tiny_hf
-
-    ref = tiny_hf(num_labels=0)
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({f"model.{k}": v for k, v in official_names(ref.state_dict()).items()}, d / "model.safetensors")
-    model_config = dict(img_size=32, patch_size=8, in_chans=3, num_classes=0, embed_dim=48, depth=2, num_heads=4,
-                        mlp_ratio=2, qkv_bias=True, drop_path_rate=0.0, init_values=0.0, use_learnable_pos_emb=False,
-                        tubelet_size=2, use_mean_pooling=True, with_cp=False, num_frames=4, cos_attn=False,
-                        layer_norm_eps=1e-6)
-    (d / "config.json").write_text(json.dumps({
-        "model_type": "VideoMAEv2_Base", "architectures": ["VideoMAEv2"],
-        "auto_map": {"AutoModel": "modeling_videomaev2.VideoMAEv2", "AutoConfig": "modeling_config.VideoMAEv2Config"},
-        "model_config": model_config}))
-    return d
+    return write_hub_layout(tiny_hf(num_labels=0), d)
 
 
 def _videomae2_official(d: Path) -> Path:

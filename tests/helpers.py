@@ -61,6 +61,15 @@ def tiny_phi3(path: Path, longrope: bool = True, seed: int = 0, **overrides):
     return model
 
 
+def converted_tiny_qwen2(root: Path, tie: bool) -> Path:
+    """root/hf: a tiny Qwen2 saved by transformers; root/native: zoo's conversion of it. Returns root."""
+    import zoo
+
+    tiny_qwen2(root / "hf", tie=tie)
+    zoo.convert(root / "hf", root / "native", progress=False)
+    return root
+
+
 def tiny_qwen2_moe(path: Path, norm_topk_prob: bool = False, seed: int = 0, shard: str | None = None, **overrides):
     """A random Qwen2MoeForCausalLM (4 experts, top 2, a shared expert) saved by transformers (per-expert files)."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM

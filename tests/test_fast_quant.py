@@ -11,7 +11,7 @@ from zoo.architectures.kernels.dequant_matmul import dequantize, quantize_affine
 from zoo.architectures.quant import PackedEmbedding, PackedLinear, get_scheme
 
 import zoo
-from tests.helpers import tiny_qwen2
+from tests.helpers import converted_tiny_qwen2
 from zoo.generation import Sampling, compiled_step, decode
 
 
@@ -71,10 +71,7 @@ def test_fp32_int4_keeps_the_stored_form_and_is_the_dequantised_linear():
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tied")
-    tiny_qwen2(root / "hf", tie=True)
-    zoo.convert(root / "hf", root / "native", progress=False)
-    return root
+    return converted_tiny_qwen2(tmp_path_factory.mktemp("tied"), tie=True)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

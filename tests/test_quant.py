@@ -5,7 +5,7 @@ import torch
 from zoo.architectures.quant import PackedLinear, get_scheme, nibbles, unnibble
 
 import zoo
-from tests.helpers import max_abs_diff, tiny_qwen2
+from tests.helpers import converted_tiny_qwen2, max_abs_diff
 
 
 def test_int4_packs_two_signed_nibbles_per_byte_high_nibble_first():
@@ -38,10 +38,7 @@ def test_packed_linear_is_the_linear_of_its_dequantised_weight(scheme, bound):
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant")
-    tiny_qwen2(root / "hf", tie=False)
-    zoo.convert(root / "hf", root / "native", progress=False)
-    return root
+    return converted_tiny_qwen2(tmp_path_factory.mktemp("quant"), tie=False)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

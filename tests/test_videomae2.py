@@ -1,6 +1,7 @@
 """VideoMAE V2: zoo's implementation against transformers' VideoMAE, from the official, hub and transformers layouts."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,20 +120,26 @@ def test_official_pretraining_pth_gives_encoder_features(tmp_path):
         model.predict(x)
 
 
-def test_hub_custom_code_layout_matches_transformers_features(tmp_path):
-    ref = tiny_hf(num_labels=0)
-    ref.fc_norm.eps = 1e-6
-    src = tmp_path / "VideoMAEv2-Tiny"
-    src.mkdir()
-    save_file({f"model.{k}": v for k, v in official_names(ref.state_dict()).items()}, src / "model.safetensors")
+def write_hub_layout(ref, directory: Path) -> Path:
+    """The tiny backbone `ref` in the hub custom-code layout (OpenGVLab/VideoMAEv2-*: `model.`-prefixed official
+    names, config.json with auto_map and model_config)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({f"model.{k}": v for k, v in official_names(ref.state_dict()).items()}, directory / "model.safetensors")
     model_config = dict(img_size=32, patch_size=8, in_chans=3, num_classes=0, embed_dim=48, depth=2, num_heads=4,
                         mlp_ratio=2, qkv_bias=True, drop_path_rate=0.0, init_values=0.0, use_learnable_pos_emb=False,
                         tubelet_size=2, use_mean_pooling=True, with_cp=False, num_frames=4, cos_attn=False,
                         layer_norm_eps=1e-6)
-    (src / "config.json").write_text(json.dumps({
+    (directory / "config.json").write_text(json.dumps({
         "model_type": "VideoMAEv2_Base", "architectures": ["VideoMAEv2"],
         "auto_map": {"AutoModel": "modeling_videomaev2.VideoMAEv2", "AutoConfig": "modeling_config.VideoMAEv2Config"},
         "model_config": model_config}))
+    return directory
+
+
+def test_hub_custom_code_layout_matches_transformers_features(tmp_path):
+    ref = tiny_hf(num_labels=0)
+    ref.fc_norm.eps = 1e-6
+    src = write_hub_layout(ref, tmp_path / "VideoMAEv2-Tiny")
     assert detect_format(src).name == "videomae2-hub"
     zoo.convert(src, tmp_path / "native", progress=False)
     model = zoo.load(tmp_path / "native")
