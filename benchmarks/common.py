@@ -1,10 +1,11 @@
-"""Shared bits of the benchmarks: machine description and BENCHMARKS.md section updates."""
+"""Shared bits of the benchmarks: machine description, BENCHMARKS.md section updates, the timers."""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -35,15 +36,29 @@ def update_section(key: str, body: str) -> None:
     BENCHMARKS_MD.write_text(text)
 
 
-def cuda_ms(fn, repeats: int = 10) -> float:
-    """Median milliseconds of fn() on the GPU (CUDA events; one call first, to warm up)."""
+def cuda_ms(fn, repeats: int = 10, calls: int = 1) -> float:
+    """Median milliseconds per call of fn() on the GPU (CUDA events; one call first, to warm up). Each of the
+    `repeats` measurements times `calls` calls back to back, for kernels too short to time one at a time."""
     fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
+
+
+def seconds(fn, device: str = "cpu") -> float:
+    """Wall-clock seconds of one fn() call; on a GPU, from an idle queue to the end of the work it queued."""
+    cuda = device != "cpu"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
