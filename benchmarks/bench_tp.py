@@ -82,8 +82,7 @@ def worker(a) -> None:
 
 
 def write_checkpoint(directory: Path, layers: int) -> int:
-    sys.path.insert(0, str(ROOT))
-    from tests.tp_worker import write_random_native
+    from zoo.testing.native import write_random_native
 
     config = {**SHAPE, "n_layers": layers}
     existing = directory / "config.json"
