@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, seconds, update_section  # noqa: E402
+from common import machine, seconds, update_section, vm  # noqa: E402
 
 GIB = 2**30
 QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
@@ -67,14 +67,6 @@ SAME_BITS = {"zoo-bf16": "llama.cpp-bf16", "zoo-bf16-compiled": "llama.cpp-bf16"
 
 
 # -- helpers that run inside a worker process ---------------------------------------------------------------------
-
-
-def vm(key: str) -> int:
-    """VmHWM / VmRSS of this process in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def timed(run, prompt: list[int], n: int, repeats: int) -> dict:

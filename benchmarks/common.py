@@ -27,6 +27,14 @@ def machine() -> str:
             f"{gpu}, Python {platform.python_version()}")
 
 
+def vm(key: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes: "VmHWM" (peak RSS) or "VmRSS" (now)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def update_section(key: str, body: str) -> None:
     """Replace the text between <!-- key --> and <!-- /key --> in BENCHMARKS.md (append if absent)."""
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
@@ -52,13 +60,34 @@ def cuda_ms(fn, repeats: int = 10, calls: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def seconds(fn, device: str = "cpu") -> float:
-    """Wall-clock seconds of one fn() call; on a GPU, from an idle queue to the end of the work it queued."""
-    cuda = device != "cpu"
-    if cuda:
+def sync(device: str | torch.device) -> None:
+    """Wait for the work queued on a GPU (nothing to wait for on CPU), so that a wall-clock reading covers it."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def seconds(fn, device: str | torch.device = "cpu") -> float:
+    """Wall-clock seconds of one fn() call; on a GPU, from an idle queue to the end of the work it queued."""
+    sync(device)
     start = time.perf_counter()
     fn()
-    if cuda:
-        torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter() - start
+
+
+def random_model(build, config, dtype: torch.dtype, device: str, init=None) -> torch.nn.Module:
+    """Built on meta, then random weights in `dtype` on `device`, one tensor at a time: norm weights 1, the rest
+    N(0, 0.02). init(name, parameter), when given, sets a family's own parameters first (True: it set this one)."""
+    with torch.device("meta"):
+        model = build(config)
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if init is not None and init(name, p):
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    return model.to(dtype).eval()

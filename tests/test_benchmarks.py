@@ -20,6 +20,9 @@ def script(name: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name, options", [
     ("bench_decode.py", ["--only", "--device", "--rounds", "--dir"]),
     ("bench_kernels.py", ["--device", "--layers", "--repeats", "--no-write"]),
+    ("bench_tp.py", ["--new-tokens", "--layers", "--no-write"]),
+    ("bench_mmfree.py", ["--size", "--kernels", "--memory"]),
+    ("bench_recurrent.py", ["--lengths", "--models", "--kernels"]),
     ("reliability.py", ["--no-hub", "--verbose"]),
 ])
 def test_benchmark_scripts_start_and_list_their_options(name, options):
