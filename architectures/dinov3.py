@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from zoo.architectures import vit
 from zoo.architectures.layers import GatedMLP, Mlp, rotate_half
 
 from zoo.family import Family
@@ -97,23 +97,14 @@ def apply_rope_to_patches(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 # -- modules -------------------------------------------------------------------------------------------------------
 
 
-class Attention(nn.Module):
+class Attention(vit.Attention):
+    """q and v biases (the released key bias is masked to zero), 2-D RoPE on the patch tokens."""
+
     def __init__(self, c: DINOv3Config):
-        super().__init__()
-        d = c.embed_dim
-        self.heads = c.num_heads
-        self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(d)) if c.qkv_bias else None
-        self.v_bias = nn.Parameter(torch.zeros(d)) if c.qkv_bias else None
-        self.proj = nn.Linear(d, d, bias=c.proj_bias)
+        super().__init__(c.embed_dim, c.num_heads, bias="qv" if c.qkv_bias else None, proj_bias=c.proj_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefix: int) -> torch.Tensor:
-        B, N, C = x.shape
-        bias = None if self.q_bias is None else torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope_to_patches(q, cos, sin, prefix), apply_rope_to_patches(k, cos, sin, prefix)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return super().forward(x, rope=lambda t: apply_rope_to_patches(t, cos, sin, prefix))
 
 
 class LayerScale(nn.Module):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from zoo.architectures import vit
 from zoo.architectures.kernels.linear import gelu_mlp, linear
 from zoo.architectures.layers import Mlp
 
@@ -79,21 +79,11 @@ class TubeletEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # [B, T/2 * H/p * W/p, D], order (t, h, w)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, qkv_bias: bool):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.proj = nn.Linear(dim, dim)
+class Attention(vit.Attention):
+    """q and v biases only (the key bias is zero), as BEiT."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        bias = None if self.q_bias is None else torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = linear(self.qkv, x, bias=bias).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return linear(self.proj, x.transpose(1, 2).reshape(B, N, C))
+    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+        super().__init__(dim, heads, bias="qv" if qkv_bias else None)
 
 
 class Block(nn.Module):

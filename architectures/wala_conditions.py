@@ -15,23 +15,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures import vit
 from zoo.architectures.wala_uvit import GroupNorm32, SelfAttention, TanhMlp
 from zoo.architectures.wala_vqvae import ResBlock, downsample
 
 # -- DINOv2 ------------------------------------------------------------------------------------------------------
 
 
-class DinoAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+class DinoAttention(vit.Attention):
+    """DINOv2's: one bias on the fused qkv."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+    def __init__(self, dim: int, heads: int):
+        super().__init__(dim, heads, bias="qkv")
 
 
 class DinoMlp(nn.Module):

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures import vit
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -111,21 +112,11 @@ class TimeResBlock(nn.Module):
         return x + self.conv2(F.silu(h))
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(vit.Attention):
     """timm's Attention with qkv bias and LayerNorm on each head's queries and keys."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
-        super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm, self.k_norm = nn.LayerNorm(self.head_dim), nn.LayerNorm(self.head_dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+        super().__init__(dim, heads, bias="qkv" if qkv_bias else None, qk_norm=True)
 
 
 class CrossAttention(nn.Module):

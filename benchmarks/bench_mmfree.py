@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_ms, machine, update_section  # noqa: E402
+from common import cuda_ms, machine, random_model, sync, update_section  # noqa: E402
 from zoo.architectures import mmfree, qwen2  # noqa: E402
 
 SIZES = {  # ours -> (MMfree config, Qwen2 config of similar size, its name)
@@ -40,21 +40,6 @@ SIZES = {  # ours -> (MMfree config, Qwen2 config of similar size, its name)
 
 def tensor_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-
-
-def random_model(build, config, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """Built on meta, then random normal weights (std 0.02) in `dtype` on `device`, one tensor at a time."""
-    with torch.device("meta"):
-        model = build(config)
-    model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02, generator=g)
-    return model.to(dtype).eval()
 
 
 @torch.inference_mode()
@@ -71,12 +56,6 @@ def decode(model, prompt: torch.Tensor, n_new: int) -> tuple[float, object]:
         sync(prompt.device)
         best = min(best, time.perf_counter() - t)
     return n_new / best, state
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
 
 
 def kernel_rows(c: mmfree.MMfreeConfig, dtype: torch.dtype) -> list[str]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_ms, machine, update_section  # noqa: E402
+from common import cuda_ms, machine, random_model, sync, update_section  # noqa: E402
 from zoo.architectures import qwen2, xlstm  # noqa: E402
 
 
@@ -60,29 +60,18 @@ MODELS = {
 }
 
 
-def random_model(build, config, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """Built on meta, then random weights in `dtype` on `device`, one tensor at a time (norms 1, the rest N(0, 0.02);
-    xLSTM's forget-gate biases at 3..6 and input-gate biases at -10 as its published initialisation)."""
-    with torch.device("meta"):
-        model = build(config)
-    model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith("f_gate.bias"):
-                p.copy_(torch.linspace(3.0, 6.0, p.numel()))
-            elif name.endswith("i_gate.bias"):
-                p.fill_(-10.0)
-            else:
-                p.normal_(0, 0.02, generator=g)
-    return model.to(dtype).eval()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def norms_and_gates(name: str, p: torch.nn.Parameter) -> bool:
+    """Every norm parameter 1 (weights and biases), and xLSTM's gate biases as its published initialisation:
+    forget gates at 3..6, input gates at -10 (random_model draws the rest from N(0, 0.02))."""
+    if "norm" in name:
+        p.fill_(1.0)
+    elif name.endswith("f_gate.bias"):
+        p.copy_(torch.linspace(3.0, 6.0, p.numel()))
+    elif name.endswith("i_gate.bias"):
+        p.fill_(-10.0)
+    else:
+        return False
+    return True
 
 
 @torch.inference_mode()
@@ -149,7 +138,7 @@ def decode_rows(size: str, lengths: list[int], dtype: torch.dtype, device: str, 
         if size not in spec.configs:
             continue
         config = spec.configs[size]
-        model = random_model(spec.build, config, dtype, device)
+        model = random_model(spec.build, config, dtype, device, norms_and_gates)
         decode(model, prompt, 8)  # warm-up
         for n in lengths:
             with PeakMemory(dev) as memory:

@@ -8,7 +8,7 @@ Measures decode tokens/s (greedy, batch 1, 32-token prompt), load time and per-r
   tp1           the tensor-parallel engine with one rank (weights copied into the process)
   tp2-replicated  TP=2, embedding and output head replicated on both ranks
   tp2-vocab     TP=2, embedding and output head split by vocabulary (zoo's plan)
-and writes the table into BENCHMARKS.md between <!-- tp --> and <!-- /tp -->. With a CUDA device visible it
+and writes the table into BENCHMARKS.md (section "tp"). With a CUDA device visible it
 adds a one-GPU row (tp1 on cuda, nccl-free: plain zoo.load with device="cuda").
 """
 
@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import update_section, vm  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 # Qwen2-0.5B (config.json of Qwen/Qwen2-0.5B): 14 query heads, 2 key/value heads, tied embeddings.
 SHAPE = dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
@@ -36,12 +39,6 @@ REPLICATED = {  # the block plan only: embedding and head whole on every rank
 }
 
 VOCAB = {**REPLICATED, "embed": "vocab", "lm_head": "colwise_rep"}
-
-
-def peak_rss() -> int:
-    """Peak RSS of this process: VmHWM (ru_maxrss would start at the parent's RSS, which exec carries over)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def worker(a) -> None:
@@ -56,7 +53,7 @@ def worker(a) -> None:
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("gloo")
-    baseline = peak_rss()
+    baseline = vm("VmHWM")
     t0 = time.perf_counter()
     if a.mode.startswith("tp1-mmap"):
         model = zoo.load(a.dir, device=a.device)
@@ -71,7 +68,7 @@ def worker(a) -> None:
     gen_s = time.perf_counter() - t0
     rank = dist.get_rank() if distributed else 0
     result = {"mode": a.mode, "rank": rank, "load_s": load_s, "tokens_per_s": a.new_tokens / gen_s,
-              "rss_growth": peak_rss() - baseline, "tokens": tokens, "threads": a.threads}
+              "rss_growth": vm("VmHWM") - baseline, "tokens": tokens, "threads": a.threads}
     if a.device.startswith("cuda"):
         result["gpu_peak"] = torch.cuda.max_memory_allocated()
     Path(a.out).mkdir(parents=True, exist_ok=True)
@@ -82,8 +79,7 @@ def worker(a) -> None:
 
 
 def write_checkpoint(directory: Path, layers: int) -> int:
-    sys.path.insert(0, str(ROOT))
-    from tests.tp_worker import write_random_native
+    from zoo.testing.native import write_random_native
 
     config = {**SHAPE, "n_layers": layers}
     existing = directory / "config.json"
@@ -112,7 +108,6 @@ def run(mode: str, nproc: int, threads: int, a, device: str = "cpu") -> dict:
 def table(rows: list[dict], size: int, a) -> str:
     gib = 2**30
     lines = [
-        "<!-- tp -->",
         "## Tensor parallel on CPU (benchmarks/bench_tp.py)",
         "",
         f"Qwen2-0.5B-shaped checkpoint ({a.layers} layers, vocab 151936, tied head), random fp32 weights, "
@@ -145,7 +140,6 @@ def table(rows: list[dict], size: int, a) -> str:
         "to beat TP=1 here (" + _compare(rows, "tp2-vocab", "tp1") + "); tensor parallelism pays when each rank",
         "has its own GPU. What this run proves on CPU is equal tokens and the per-rank memory.",
         *([] if torch.cuda.is_available() else ["No GPU row: no CUDA device was visible to this run."]),
-        "<!-- /tp -->",
     ]
     return "\n".join(lines) + "\n"
 
@@ -157,17 +151,6 @@ def _compare(rows: list[dict], a: str, b: str) -> str:
     speed = by[a]["tokens_per_s"] / by[b]["tokens_per_s"]
     memory = by[a]["rss_growth"] / by[b]["rss_growth"]
     return f"Measured {a} vs {b}: {speed:.2f}x tokens/s, {memory:.2f}x peak memory per rank."
-
-
-def update_benchmarks_md(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if "<!-- tp -->" in text and "<!-- /tp -->" in text:
-        start, end = text.index("<!-- tp -->"), text.index("<!-- /tp -->") + len("<!-- /tp -->\n")
-        text = text[:start] + section + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:
@@ -198,7 +181,7 @@ def main() -> None:
     section = table(rows, size, a)
     print(section)
     if not a.no_write:
-        update_benchmarks_md(section)
+        update_section("tp", section)
 
 
 if __name__ == "__main__":

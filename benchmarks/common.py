@@ -1,10 +1,11 @@
-"""Shared bits of the benchmarks: machine description and BENCHMARKS.md section updates."""
+"""Shared bits of the benchmarks: machine description, BENCHMARKS.md section updates, the timers."""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,14 @@ def machine() -> str:
             f"{gpu}, Python {platform.python_version()}")
 
 
+def vm(key: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes: "VmHWM" (peak RSS) or "VmRSS" (now)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def update_section(key: str, body: str) -> None:
     """Replace the text between <!-- key --> and <!-- /key --> in BENCHMARKS.md (append if absent)."""
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
@@ -35,15 +44,50 @@ def update_section(key: str, body: str) -> None:
     BENCHMARKS_MD.write_text(text)
 
 
-def cuda_ms(fn, repeats: int = 10) -> float:
-    """Median milliseconds of fn() on the GPU (CUDA events; one call first, to warm up)."""
+def cuda_ms(fn, repeats: int = 10, calls: int = 1) -> float:
+    """Median milliseconds per call of fn() on the GPU (CUDA events; one call first, to warm up). Each of the
+    `repeats` measurements times `calls` calls back to back, for kernels too short to time one at a time."""
     fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for the work queued on a GPU (nothing to wait for on CPU), so that a wall-clock reading covers it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds(fn, device: str | torch.device = "cpu") -> float:
+    """Wall-clock seconds of one fn() call; on a GPU, from an idle queue to the end of the work it queued."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def random_model(build, config, dtype: torch.dtype, device: str, init=None) -> torch.nn.Module:
+    """Built on meta, then random weights in `dtype` on `device`, one tensor at a time: norm weights 1, the rest
+    N(0, 0.02). init(name, parameter), when given, sets a family's own parameters first (True: it set this one)."""
+    with torch.device("meta"):
+        model = build(config)
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if init is not None and init(name, p):
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    return model.to(dtype).eval()

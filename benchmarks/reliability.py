@@ -1,4 +1,4 @@
-"""The reliability figure: run the malformed-input corpus (tests/corpus.py) and count what happened.
+"""The reliability figure: run the malformed-input corpus (zoo.testing.corpus) and count what happened.
 
     python benchmarks/reliability.py            # everything, with a local Hub server (olah) if installed
     python benchmarks/reliability.py --no-hub   # without the server cases
@@ -32,16 +32,16 @@ def main() -> int:
     os.environ["ZOO_HOME"] = str(work / "zoo_home")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT))  # the corpus's seeds build their checkpoints with the test suite's fixtures
 
-    from tests.corpus import by_entry, failures, run_corpus, summary
+    from zoo.testing.corpus import by_entry, failures, run_corpus, summary
 
     hub = None
     if not args.no_hub:
         try:
             import olah  # noqa: F401
 
-            from tests.olah_server import OlahServer
+            from zoo.testing.olah_server import OlahServer
 
             hub = OlahServer(work / "olah")
             hub.start()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
-import pkgutil
 import shutil
 import sys
 from pathlib import Path
@@ -38,6 +36,7 @@ from zoo.weights.reader import Checkpoint
 
 from zoo.checks import find_nan
 from zoo.family import Family, get_family
+from zoo.plugins import declared
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -107,9 +106,8 @@ def formats() -> dict[str, Format]:
     global _loaded
     if not _loaded:
         _loaded = True
-        for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):  # this package's modules
-            module = importlib.import_module(f"{__package__}.{mod.name}")
-            for fmt in getattr(module, "FORMATS", ()):
+        for declared_formats in declared(__package__, "FORMATS"):
+            for fmt in declared_formats:
                 _FORMATS[fmt.name] = fmt
     return dict(_FORMATS)
 

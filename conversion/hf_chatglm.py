@@ -21,7 +21,8 @@ import torch
 from zoo.architectures.glm import GLMConfig
 from zoo.conversion.base import Format, read_json
 from zoo.conversion.rules import Drop, KeyMap
-from zoo.conversion.sat_glm import PickleSource, glm_keymap
+from zoo.conversion.sat_glm import glm_keymap
+from zoo.conversion.sources import PickleSource
 from zoo.weights.format import CheckpointError
 from zoo.weights.reader import safe_child
 

@@ -6,20 +6,17 @@
     DIR/<iteration>/mp_rank_07_model_states.pt
 
 The ranks are merged tensor by tensor as the engine asks for them (`SATSource`), by the rules of GLM-130B's
-tools/convert_tp.py: query_key_value and the embedding are cut by rows (whole heads, vocabulary ranges), the
-row-parallel dense / dense_4h_to_h by input columns, the norms and the output biases are replicated, and
-dense_h_to_4h is cut GLU-aware (each rank holds its own slice of BOTH GeGLU halves, so the merged tensor is
-all ranks' first halves, then all ranks' second halves). A merged tensor is written as soon as its pieces
-are read; the rank files are memory-mapped by torch.load(weights_only=True, mmap=True) only to learn where
-each tensor's bytes are, and the bytes are then read with plain file reads straight into the merged tensor,
-so resident memory stays about one merged tensor, not the 260 GB of the release.
+tools/convert_tp.py (conversion/megatron.py). A merged tensor is written as soon as its pieces are read; the
+rank files are opened by sources.PickleTensors (torch.load(weights_only=True, mmap=True) only to learn where
+each tensor's bytes are) and the bytes are read with plain file reads straight into the merged tensor, so
+resident memory stays about one merged tensor, not the 260 GB of the release.
 
 The published INT8/INT4 checkpoints (tools/convert_tp.py --quantization-bit-width) carry `<weight>` as int8
 (INT4: two columns per byte) and `<weight>_scale` (fp16, one per output row OF EACH RANK); merging keeps every
 rank's scales, so a row-parallel weight gets one scale per row per rank (zoo.architectures.quant, "-g<N>").
 
-`split_ranks` is the inverse (any tensor-parallel degree); `export_sat` writes a native checkpoint back in
-this layout, with safetensors rank files (zoo writes no pickles); this format reads those too.
+`export_sat` writes a native checkpoint back in this layout (any tensor-parallel degree, megatron.split_rank),
+with safetensors rank files (zoo writes no pickles); this format reads those too.
 """
 
 from __future__ import annotations
@@ -34,195 +31,12 @@ from typing import Any
 import torch
 from zoo.architectures.glm import GLMConfig
 from zoo.conversion.base import Format
+from zoo.conversion.megatron import merged_shape, placements, rank_piece_shape, split_rank, tp_layout
 from zoo.conversion.rules import Drop, KeyMap, Rule, rename
-from zoo.conversion.sources import SafetensorsSource, TensorSource, load_pickle
+from zoo.conversion.sources import PickleTensors, SafetensorsSource, TensorSource
 from zoo.weights.format import CheckpointError
 
 RANK_FILE = re.compile(r"mp_rank_(\d+)_model_states\.(pt|safetensors)\Z")
-
-# tools/convert_tp.py's classes of tensors, by the name after "transformer.layers.{i}." / "transformer."
-REPLICATED = ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
-              "post_attention_layernorm.bias", "attention.dense.bias", "mlp.dense_4h_to_h.bias",
-              "final_layernorm.weight", "final_layernorm.bias", "attention.rotary_emb.inv_freq")
-GLU = ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "mlp.dense_h_to_4h.weight_scale")
-ROW_PARALLEL = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")  # cut by input columns
-ROW_PARALLEL_SCALES = ("attention.dense.weight_scale", "mlp.dense_4h_to_h.weight_scale")  # one column per rank
-QUANTIZED = ("attention.query_key_value.weight", "attention.dense.weight", "mlp.dense_h_to_4h.weight",
-             "mlp.dense_4h_to_h.weight")  # the four linear weights the GLM-130B repository quantises
-
-
-def tp_layout(key: str) -> str:
-    """How a SAT tensor is spread over the ranks: replicated | glu | row | row_scale | column."""
-    name = key.split(".", 3)[3] if key.startswith("transformer.layers.") else key.split(".", 1)[-1]
-    if name in REPLICATED:
-        return "replicated"
-    if name in GLU:
-        return "glu"
-    if name in ROW_PARALLEL:
-        return "row"
-    if name in ROW_PARALLEL_SCALES:
-        return "row_scale"
-    return "column"  # query_key_value (+ bias, scale), word_embeddings
-
-
-def _placements(layout: str, piece: tuple[int, ...], tp: int) -> list[list[tuple[tuple, tuple]]]:
-    """For each rank: (index into its piece, index into the merged tensor) pairs."""
-    out = []
-    for r in range(tp):
-        if layout == "replicated":
-            out.append([((), ())] if r == 0 else [])
-        elif layout == "column":
-            n = piece[0]
-            out.append([((), (slice(r * n, (r + 1) * n),))])
-        elif layout == "glu":
-            half = piece[0] // 2
-            out.append([((slice(0, half),), (slice(r * half, (r + 1) * half),)),
-                        ((slice(half, 2 * half),), (slice(tp * half + r * half, tp * half + (r + 1) * half),))])
-        elif layout == "row":
-            n = piece[1]
-            out.append([((), (slice(None), slice(r * n, (r + 1) * n)))])
-        elif layout == "row_scale":  # [out] per rank -> [out, tp] (or [out, g] per rank -> [out, g * tp])
-            g = piece[1] if len(piece) > 1 else 1
-            out.append([((), (slice(None), slice(r * g, (r + 1) * g)))])
-        else:
-            raise ValueError(layout)
-    return out
-
-
-def merged_shape(key: str, piece: tuple[int, ...], tp: int) -> tuple[int, ...]:
-    layout = tp_layout(key)
-    if layout == "replicated" or tp == 1:
-        return piece
-    if layout in ("column", "glu"):
-        if layout == "glu" and piece[0] % 2:
-            raise ValueError(f"a GLU-split tensor needs an even number of rows per rank, got {piece}")
-        return (piece[0] * tp, *piece[1:])
-    if layout == "row":
-        return (piece[0], piece[1] * tp)
-    g = piece[1] if len(piece) > 1 else 1
-    return (piece[0], g * tp)
-
-
-def merge_ranks(key: str, pieces: list[torch.Tensor]) -> torch.Tensor:
-    """One tensor from its rank pieces (in memory; the streaming reader places pieces the same way)."""
-    tp = len(pieces)
-    if tp == 1:
-        return pieces[0].clone()
-    shape = merged_shape(key, tuple(pieces[0].shape), tp)
-    out = torch.empty(shape, dtype=pieces[0].dtype)
-    for r, places in enumerate(_placements(tp_layout(key), tuple(pieces[0].shape), tp)):
-        for src, dst in places:
-            out[dst].copy_(pieces[r][src].reshape(out[dst].shape))
-    return out
-
-
-def rank_piece_shape(key: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
-    """The shape of one rank's piece of a merged tensor of `shape` (ValueError if it does not split)."""
-    layout = tp_layout(key)
-    if layout == "replicated" or tp == 1:
-        return shape
-    if layout in ("column", "glu"):
-        if shape[0] % (2 * tp if layout == "glu" else tp):
-            raise ValueError(f"{key}: {shape[0]} rows do not split over {tp} ranks"
-                             + (" (two GeGLU halves per rank)" if layout == "glu" else ""))
-        return (shape[0] // tp, *shape[1:])
-    if shape[1] % tp:
-        what = "columns" if layout == "row" else "scale groups"
-        raise ValueError(f"{key}: {shape[1]} {what} do not split over {tp} ranks")
-    if layout == "row_scale" and shape[1] == tp:
-        return (shape[0],)
-    return (shape[0], shape[1] // tp)
-
-
-def split_rank(key: str, tensor: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """Rank `rank`'s piece of a merged tensor (a contiguous copy): the inverse of merge_ranks."""
-    piece = rank_piece_shape(key, tuple(tensor.shape), tp)
-    if tp == 1:
-        return tensor.clone()
-    out = torch.empty(piece, dtype=tensor.dtype)
-    for src, dst in _placements(tp_layout(key), piece, tp)[rank] or [((), ())]:
-        out[src].copy_(tensor[dst].reshape(out[src].shape))
-    return out
-
-
-def split_ranks(key: str, tensor: torch.Tensor, tp: int) -> list[torch.Tensor]:
-    """Every rank's piece of a merged tensor."""
-    return [split_rank(key, tensor, tp, r) for r in range(tp)]
-
-
-# -- reading pickled rank files without paging them into this process -----------------------------------------
-
-
-def _file_mapping(path: Path, address: int) -> tuple[int, int, int] | None:
-    """(start, end, file offset) of this process's memory mapping of `path` that contains `address`."""
-    try:
-        inode = os.stat(path).st_ino
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) < 6 or int(parts[4]) != inode:
-                    continue
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                if lo <= address < hi and os.path.samefile(parts[5].strip(), path):
-                    return lo, hi, int(parts[2], 16)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-class PickleTensors:
-    """The tensors of one pickled checkpoint file (torch.load with weights_only=True and mmap=True, through
-    zoo.conversion.sources.load_pickle), read with plain file reads.
-
-    Touching a tensor of a memory-mapped pickle pages it into this process, and those pages stay counted
-    against it while the file is mapped. So each tensor's place in the file is found from the mapping, and its
-    bytes are read into a buffer the caller owns (falling back to a copy from the mapping where that is not
-    possible, e.g. a non-contiguous view or no /proc)."""
-
-    def __init__(self, path: Path, unwrap: tuple[str, ...] = ("module",), allow: tuple = ()):
-        self.path = Path(path)
-        obj = load_pickle(self.path, allow=allow)
-        for k in unwrap:
-            if isinstance(obj, dict) and isinstance(obj.get(k), dict):
-                obj = obj[k]
-                break
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{self.path}: not a state dict (a {type(obj).__name__})")
-        self.tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        first = next((t for t in self.tensors.values() if t.numel()), None)
-        self.mapping = _file_mapping(self.path, first.data_ptr()) if first is not None else None
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def meta(self, key: str) -> torch.Tensor:
-        t = self.tensors[key]
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
-    def read_into(self, key: str, out: torch.Tensor, index: tuple = ()) -> None:
-        """Copy tensor[index] (a basic slice) into `out` (through a buffer when `out` is a strided view)."""
-        t = self.tensors[key][index] if index else self.tensors[key]
-        nbytes = t.numel() * t.element_size()
-        if self.mapping and t.is_contiguous() and nbytes:
-            lo, hi, offset = self.mapping
-            address = t.data_ptr()
-            if lo <= address and address + nbytes <= hi:
-                direct = out.is_contiguous() and out.dtype == t.dtype
-                buffer = out if direct else torch.empty(t.shape, dtype=t.dtype)
-                with open(self.path, "rb") as f:
-                    f.seek(address - lo + offset)
-                    if f.readinto(memoryview(buffer.reshape(-1).view(torch.uint8).numpy())) != nbytes:
-                        raise CheckpointError(f"{self.path}: truncated while reading tensor {key}")
-                if not direct:
-                    out.copy_(buffer.reshape(out.shape))
-                return
-        out.copy_(t.reshape(out.shape))
-
-    def read(self, key: str) -> torch.Tensor:
-        t = self.tensors[key]
-        out = torch.empty(t.shape, dtype=t.dtype)
-        self.read_into(key, out)
-        return out
 
 
 class _SafetensorsRank:
@@ -244,27 +58,6 @@ class _SafetensorsRank:
 
     def read(self, key: str) -> torch.Tensor:
         return self.source.get(key)
-
-
-class PickleSource(TensorSource):
-    """Tensors of several pickled state-dict files (transformers' pytorch_model-*.bin), read with file reads."""
-
-    def __init__(self, files: list[Path]):
-        super().__init__()
-        self.readers: dict[str, PickleTensors] = {}
-        for path in files:
-            reader = PickleTensors(path, unwrap=("module", "state_dict", "model"))
-            for key in reader.keys():
-                if key in self._where:
-                    raise CheckpointError(f"{path}: tensor {key} also appears in {self._where[key][0]}")
-                self._where[key] = (path, None)
-                self.readers[key] = reader
-
-    def meta(self, key: str) -> torch.Tensor:
-        return self.readers[key].meta(key)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.readers[key].read(key)
 
 
 def rank_files(src: Path) -> tuple[str, list[Path]]:
@@ -362,7 +155,7 @@ class SATSource(TensorSource):
             self.ranks[0].read_into(key, out)
             return out
         layout = tp_layout(key)
-        for r, places in enumerate(_placements(layout, piece, self.tp)):
+        for r, places in enumerate(placements(layout, piece, self.tp)):
             for src, dst in places:
                 self.ranks[r].read_into(key, out[dst], src)
         if layout == "replicated" and self.check_replicated:

@@ -2,13 +2,15 @@
 
 Safetensors are read tensor by tensor with plain file reads (not a memory map), so a converter's
 resident memory is the tensors in flight, not every page it has touched. Pickled files are opened
-only with torch.load(weights_only=True, mmap=True): a checkpoint never runs code.
+only with torch.load(weights_only=True, mmap=True) (`load_pickle`): a checkpoint never runs code; the
+map only tells where each tensor's bytes are, and `PickleSource` reads them with plain file reads too.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 import struct
@@ -112,34 +114,106 @@ def load_pickle(path: Path, allow: Sequence[Any] = ()) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
 
 
-class StateDictSource(TensorSource):
-    """Tensors from pickled state dicts (memory-mapped by torch.load)."""
+def _file_mapping(path: Path, address: int) -> tuple[int, int, int] | None:
+    """(start, end, file offset) of this process's memory mapping of `path` that contains `address`."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 6 or int(parts[4]) != inode:
+                    continue
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= address < hi and os.path.samefile(parts[5].strip(), path):
+                    return lo, hi, int(parts[2], 16)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class PickleTensors:
+    """The tensors of one pickled checkpoint file (torch.load with weights_only=True and mmap=True, through
+    load_pickle), read with plain file reads.
+
+    Touching a tensor of a memory-mapped pickle pages it into this process, and those pages stay counted
+    against it while the file is mapped. So each tensor's place in the file is found from the mapping, and its
+    bytes are read into a buffer the caller owns (falling back to a copy from the mapping where that is not
+    possible, e.g. a non-contiguous view or no /proc)."""
+
+    def __init__(self, path: Path, unwrap: tuple[str, ...] = ("module",), allow: tuple = ()):
+        self.path = Path(path)
+        obj = load_pickle(self.path, allow=allow)
+        for k in unwrap:
+            if isinstance(obj, dict) and isinstance(obj.get(k), dict):
+                obj = obj[k]
+                break
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{self.path}: not a state dict (a {type(obj).__name__})")
+        self.tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        first = next((t for t in self.tensors.values() if t.numel()), None)
+        self.mapping = _file_mapping(self.path, first.data_ptr()) if first is not None else None
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def meta(self, key: str) -> torch.Tensor:
+        t = self.tensors[key]
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    def read_into(self, key: str, out: torch.Tensor, index: tuple = ()) -> None:
+        """Copy tensor[index] (a basic slice) into `out` (through a buffer when `out` is a strided view)."""
+        t = self.tensors[key][index] if index else self.tensors[key]
+        nbytes = t.numel() * t.element_size()
+        if self.mapping and t.is_contiguous() and nbytes:
+            lo, hi, offset = self.mapping
+            address = t.data_ptr()
+            if lo <= address and address + nbytes <= hi:
+                direct = out.is_contiguous() and out.dtype == t.dtype
+                buffer = out if direct else torch.empty(t.shape, dtype=t.dtype)
+                with open(self.path, "rb") as f:
+                    f.seek(address - lo + offset)
+                    if f.readinto(memoryview(buffer.reshape(-1).view(torch.uint8).numpy())) != nbytes:
+                        raise CheckpointError(f"{self.path}: truncated while reading tensor {key}")
+                if not direct:
+                    out.copy_(buffer.reshape(out.shape))
+                return
+        out.copy_(t.reshape(out.shape))
+
+    def read(self, key: str) -> torch.Tensor:
+        t = self.tensors[key]
+        out = torch.empty(t.shape, dtype=t.dtype)
+        self.read_into(key, out)
+        return out
+
+
+class PickleSource(TensorSource):
+    """Tensors of pickled state-dict files (transformers' pytorch_model-*.bin, published .pth / .pt files), each
+    read with file reads when asked for. `unwrap`: the keys under which published files often nest the weights
+    one level down (the first that holds a dict is taken)."""
 
     def __init__(self, files: Iterable[Path], unwrap: tuple[str, ...] = ("model", "state_dict", "module")):
         super().__init__()
+        self.readers: dict[str, PickleTensors] = {}
         for path in files:
-            sd = load_pickle(path)
-            for k in unwrap:  # published .pth files often nest the weights one level down
-                if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
-                    sd = sd[k]
-                    break
-            for key, t in sd.items():
-                if isinstance(t, torch.Tensor):
-                    self._where[key] = (path, t)
+            reader = PickleTensors(path, unwrap=unwrap)
+            for key in reader.keys():
+                if key in self._where:
+                    raise CheckpointError(f"{path}: tensor {key} also appears in {self._where[key][0]}")
+                self._where[key] = (path, None)
+                self.readers[key] = reader
 
     def meta(self, key: str) -> torch.Tensor:
-        t = self._where[key][1]
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return self.readers[key].meta(key)
 
     def get(self, key: str) -> torch.Tensor:
-        return self._where[key][1]
+        return self.readers[key].read(key)
 
 
 def open_source(src: Path) -> TensorSource:
     """Tensors of a published checkpoint directory or file (safetensors preferred over pickles)."""
     src = Path(src)
     if src.is_file():
-        return SafetensorsSource([src]) if src.suffix == ".safetensors" else StateDictSource([src])
+        return SafetensorsSource([src]) if src.suffix == ".safetensors" else PickleSource([src])
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = src / index_name
         if index_path.is_file():
@@ -151,7 +225,7 @@ def open_source(src: Path) -> TensorSource:
             for f in files:
                 if not f.is_file():
                     raise CheckpointError(f"{f}: missing shard listed in {index_path.name}")
-            source = SafetensorsSource(files) if index_name.startswith("model.") else StateDictSource(files)
+            source = SafetensorsSource(files) if index_name.startswith("model.") else PickleSource(files)
             missing = set(weight_map) - set(source.keys())
             if missing:
                 raise CheckpointError(f"{index_path}: tensor {sorted(missing)[0]} is listed but in no shard")
@@ -161,5 +235,5 @@ def open_source(src: Path) -> TensorSource:
         return SafetensorsSource(st)
     pk = sorted(p for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pk:
-        return StateDictSource(pk)
+        return PickleSource(pk)
     raise CheckpointError(f"{src}: no weight files (*.safetensors, *.bin, *.pth, *.pt, *.ckpt) found")

@@ -19,12 +19,12 @@ def _zoo_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def olah(tmp_path_factory):
-    """A real Hub-compatible HTTP server (olah, offline) serving git repos; see tests/olah_server.py."""
+    """A real Hub-compatible HTTP server (olah, offline) serving git repos; see zoo/testing/olah_server.py."""
     try:
         import olah as _olah  # noqa: F401
     except ImportError:
         pytest.skip("olah is not installed (pip install olah): the Hub tests need a real Hub-compatible server")
-    from tests.olah_server import OlahServer
+    from zoo.testing.olah_server import OlahServer
 
     server = OlahServer(tmp_path_factory.mktemp("olah"))
     server.start()

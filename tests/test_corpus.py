@@ -1,4 +1,4 @@
-"""The malformed-input corpus (tests/corpus.py): every case, at every entry point, is refused with an error that
+"""The malformed-input corpus (zoo/testing/corpus.py): every case, at every entry point, is refused with an error that
 names what is wrong; nothing crashes, nothing is accepted, nothing is left half-written.
 
 benchmarks/reliability.py runs the same corpus and prints the figure recorded in BENCHMARKS.md.
@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from tests.corpus import Case, failures, run_case, run_corpus, summary
+from zoo.testing.corpus import Case, failures, run_case, run_corpus, summary
 
 ENTRIES = ["convert", "load", "export", "pull", "predict", "generate", "call", "cli"]
 
@@ -26,7 +26,7 @@ def results(tmp_path_factory):
         return run_corpus(root / "work")
     import huggingface_hub.constants
 
-    from tests.olah_server import OlahServer
+    from zoo.testing.olah_server import OlahServer
 
     server = OlahServer(root / "olah")
     server.start()
@@ -55,7 +55,7 @@ def test_every_case_is_refused_by_name_with_nothing_crashed_accepted_or_left_par
 def test_every_published_format_gets_generic_cases_and_seeded_ones_get_mutations(results):
     from zoo.conversion import formats
 
-    from tests.corpus_seeds import SEEDS
+    from zoo.testing.corpus_seeds import SEEDS
 
     counts: dict[str, int] = {}
     for r in results:

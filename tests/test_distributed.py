@@ -20,11 +20,11 @@ import torch
 import zoo
 from tests import helpers
 from tests.helpers import max_abs_diff
-from tests.tp_worker import write_random_native
 from zoo.device_map import check_device, memory_limits, parse_size, plan_device_map
 from zoo.family import families
 from zoo.loading import DistributedConfigError
 from zoo.tensor_parallel import TORCHRUN_ENV
+from zoo.testing.native import write_random_native
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from zoo.architectures.glm import GLM, GLMConfig, glm_positions, prefix_mask
-from zoo.conversion.sat_glm import SATSource, export_sat, merge_ranks, split_ranks
+from zoo.conversion.megatron import merge_ranks, split_ranks
+from zoo.conversion.sat_glm import SATSource, export_sat
 from zoo.weights.format import CheckpointError
 
 import zoo

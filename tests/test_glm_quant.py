@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 from zoo.architectures.quant import PackedLinear, get_scheme
-from zoo.conversion.sat_glm import merge_ranks
+from zoo.conversion.megatron import merge_ranks
 
 import zoo
 from tests import glm_reference as R

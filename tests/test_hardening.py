@@ -17,8 +17,8 @@ from PIL import Image
 from zoo.weights.format import CheckpointError
 
 import zoo
-from tests.corpus import png_bytes, write_frameless_video
 from zoo.cli import main
+from zoo.testing.corpus import png_bytes, write_frameless_video
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "qwen2-tiny-stdlib"
@@ -131,7 +131,7 @@ def test_quantize_by_name_loads_and_a_wrong_name_lists_the_schemes():
     lambda: __import__("zoo.hub").hub.push("/nonexistent", "acme/x", revision="v1.lock"),
 ])
 def test_every_hub_entry_point_checks_repo_ids_and_revisions_before_any_request(call, monkeypatch):
-    from tests.olah_server import free_port
+    from zoo.testing.olah_server import free_port
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # a request would be a ConnectionError
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")

@@ -234,7 +234,7 @@ def test_registry_entry_naming_its_files_downloads_only_those(hub_env, tmp_path,
 
 
 def _closed_port() -> int:
-    from tests.olah_server import free_port
+    from zoo.testing.olah_server import free_port
 
     return free_port()  # bound and released: nothing listens there, so any request would fail
 

@@ -91,3 +91,24 @@ def test_load_maps_the_weights_instead_of_copying_them(tmp_path):
     assert loaded - before < total / 10, f"load grew RSS by {(loaded - before) / 2**20:.0f} MiB"
     # running pages the weights in once (file-backed), never a second copy
     assert after_forward - before < 1.3 * total
+
+
+def as_pickle(path) -> None:
+    """The same published checkpoint as transformers' older layout: one pytorch_model.bin (torch.save)."""
+    from safetensors.torch import load_file
+
+    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+
+
+def test_pickled_checkpoint_conversion_peak_memory_is_bounded_by_the_largest_tensor(tmp_path):
+    """A .bin / .pt goes through the one pickle reader (sources.PickleSource), which streams as safetensors do."""
+    total, largest = write_published_qwen2(tmp_path / "src")
+    write_published_qwen2(tmp_path / "src-tiny", DIM=64, INTER=128, LAYERS=1, VOCAB=64)
+    as_pickle(tmp_path / "src")
+    as_pickle(tmp_path / "src-tiny")
+    res = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "src"), str(tmp_path / "out")],
+                         capture_output=True, text=True, check=True)
+    before, after = map(int, res.stdout.split())
+    assert after - before < 8 * largest, f"peak RSS grew {(after - before) / 2**20:.0f} MiB for {total / 2**20:.0f} MiB"
+    assert (tmp_path / "out" / "model.safetensors").is_file()

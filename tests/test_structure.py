@@ -101,3 +101,18 @@ def test_import_zoo_and_generate_import_nothing_heavy():
             "'transformers', 'timm') if k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_benchmarks_do_not_import_the_test_suite():
+    """What benchmarks and tests share (the malformed-input corpus, the Hub server) lives in zoo.testing."""
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "tests" or n.startswith("tests.") for n in names), f"{path.name} imports {names}"
+
+
+def test_import_zoo_leaves_the_shared_test_machinery_unimported():
+    code = "import sys, zoo; print([m for m in sys.modules if m.startswith('zoo.testing')])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -29,29 +29,6 @@ def peak_rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def write_random_native(directory: Path, family: str, config: dict, seed: int = 0) -> int:
-    """A native checkpoint of random weights (std 0.02, norms 1), written tensor by tensor; returns its bytes."""
-    from zoo.weights.format import NativeConfig, write_config
-    from zoo.weights.writer import TensorSpec, write_tensors
-
-    from zoo.family import get_family
-
-    fam = get_family(family)
-    module = fam.build_meta(fam.config_from_dict(config))
-    specs = [TensorSpec(k, tuple(v.shape), torch.float32) for k, v in module.state_dict().items()]
-    gen = torch.Generator().manual_seed(seed)
-
-    def produce(spec: TensorSpec) -> torch.Tensor:
-        if spec.name.endswith("norm.weight"):
-            return torch.ones(spec.shape)
-        return torch.randn(spec.shape, generator=gen) * 0.02
-
-    directory.mkdir(parents=True, exist_ok=True)
-    write_tensors(directory, specs, produce, progress=False)
-    write_config(directory, NativeConfig(family=family, config=config, name=directory.name, task=fam.task))
-    return sum(s.nbytes for s in specs)
-
-
 def compiled_greedy(model, prompt: list[int]) -> dict:
     """Greedy tokens through the compiled decoding step on sharded (DTensor) weights, and whether it compiled."""
     from zoo.generation import compiled_step

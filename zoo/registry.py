@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib
-import pkgutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from zoo.plugins import declared
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,7 @@ def _ensure_loaded() -> None:
     if _discovered:
         return
     _discovered = True
-    pkg = importlib.import_module("zoo.architectures")
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        module = importlib.import_module(f"{pkg.__name__}.{mod.name}")
-        family = getattr(module, "FAMILY", None)
+    for family in declared("zoo.architectures", "FAMILY"):
         if family is not None:
             register_family(family)
 

@@ -9,8 +9,6 @@ distributed code.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from zoo.family import Family
+from zoo.plugins import declared
 from zoo.weights.format import CARD_FILE, NativeConfig
 
 TASKS: dict[str, type[ZooModel]] = {}
@@ -38,8 +37,7 @@ def get_task(name: str) -> type[ZooModel]:
     global _discovered
     if name not in TASKS and not _discovered:
         _discovered = True
-        for mod in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{mod.name}")
+        declared(__name__)
     try:
         return TASKS[name]
     except KeyError:

@@ -1,10 +1,13 @@
-"""Valid tiny checkpoints, one per published layout, that the malformed-input corpus (tests/corpus.py) breaks.
+"""Valid tiny checkpoints, one per published layout, that the malformed-input corpus (zoo.testing.corpus) breaks.
 
 SEEDS maps a format name (zoo.conversion.formats()) to a builder: builder(directory) writes a small published
 checkpoint under `directory` and returns the path `zoo convert` takes (the directory, or a file in it). Every
 format, seeded or not, gets the corpus's generic cases (junk, empty, missing, other layouts' checkpoints);
 a seeded one also gets every mutation of its own files. A new layout gets mutation cases by adding one builder
 here (the family's own tests usually have one to call).
+
+The builders reuse the test suite's tiny-model fixtures (tests/, where the published reference code they need
+may live), imported when a seed is built: the seeded cases run from a source checkout, with its root on sys.path.
 """
 
 from __future__ import annotations
@@ -164,8 +167,11 @@ def _sat_glm(d: Path) -> Path:
 def _wala(d: Path) -> Path:
     import sys
 
-    if str(Path(__file__).parent) not in sys.path:  # test_wala imports its reference as a top-level module
-        sys.path.insert(0, str(Path(__file__).parent))
+    import tests
+
+    here = list(tests.__path__)[0]  # a namespace package: no __file__
+    if here not in sys.path:  # test_wala imports its reference as a top-level module
+        sys.path.insert(0, here)
     from tests.test_wala import LAYOUTS, Published, base_args
 
     return Published(base_args(**LAYOUTS["sk"][0]), seed=0).save(d)  # the sketch-conditioned layout

@@ -15,7 +15,8 @@ and, apart from that, `partial` when an output (or a temporary directory beside 
 
 Conversion cases are derived from zoo.conversion.formats() at run time, so a format that lands later gets its
 generic cases (junk, empty, missing, other layouts' checkpoints, forced onto it) with no change here, and the
-mutations of its own files once tests/corpus_seeds.py has a builder for it.
+mutations of its own files once zoo/testing/corpus_seeds.py has a builder for it. The tests
+(tests/test_corpus.py) and the reliability figure (benchmarks/reliability.py) both run this module.
 """
 
 from __future__ import annotations
@@ -363,10 +364,9 @@ class Workspace:
         return d
 
     def build_seeds(self, only: set[str] | None = None) -> None:
-        from zoo.conversion import formats
-
         import zoo
-        from tests.corpus_seeds import SEEDS
+        from zoo.conversion import formats
+        from zoo.testing.corpus_seeds import SEEDS
 
         known = formats()
         for fmt, builders in SEEDS.items():
@@ -382,10 +382,9 @@ class Workspace:
 
 
 def convert_cases(ws: Workspace) -> list[Case]:
+    import zoo
     from zoo.conversion import formats
     from zoo.weights.format import CheckpointError
-
-    import zoo
 
     refused = (CheckpointError, ValueError, FileNotFoundError)
     cases: list[Case] = []
@@ -506,6 +505,7 @@ def _and_unchanged(fn: Callable[[], Any], path: Path) -> Callable[[], Any]:
 def native_mutations(native: Path) -> list[tuple[str, Callable[[Path], None], str]]:
     """(name, mutate(copy of a native dir), regex) for zoo.load."""
     from safetensors.torch import load_file, save_file
+
     from zoo.weights.reader import sha256_file
 
     def shard(copy: Path) -> Path:
@@ -605,10 +605,9 @@ def shard_dir(copy: Path) -> None:
 
 
 def load_cases(ws: Workspace) -> list[Case]:
-    from zoo.weights.format import CheckpointError
-
     import zoo
     from zoo.registry import UnknownModelError
+    from zoo.weights.format import CheckpointError
 
     cases: list[Case] = []
     for family, native in sorted(ws.natives.items()):
@@ -669,10 +668,9 @@ def load_cases(ws: Workspace) -> list[Case]:
 
 
 def export_cases(ws: Workspace) -> list[Case]:
+    import zoo
     from zoo.conversion import formats
     from zoo.weights.format import CheckpointError
-
-    import zoo
 
     cases: list[Case] = []
     exportable = {f.family for f in formats().values() if f.exports_as}
@@ -713,9 +711,8 @@ def _json_edit(path: Path, edit) -> None:
 def pull_cases(ws: Workspace, hub: Any = None) -> list[Case]:
     """Names and revisions are refused before any request (an unreachable endpoint proves none is made); with a
     Hub test server, what a server can send back wrong as well."""
-    from zoo.weights.format import CheckpointError
-
     from zoo.hub import pull, push
+    from zoo.weights.format import CheckpointError
 
     cases: list[Case] = []
     for spec in ["acme/../x", "-acme/x", "a/b/c", "acme/x y", "acme/x@..", "acme/x@a..b", "acme/x@-rf",
@@ -770,7 +767,7 @@ def hub_repos(ws: Workspace) -> list[tuple[str, dict[str, bytes], str]]:
 def _offline_endpoint(fn: Callable[[], Any]) -> Callable[[], Any]:
     """Run with HF_ENDPOINT at a closed port: a request would fail with ConnectionError, not the expected error."""
     def run():
-        from tests.olah_server import free_port
+        from zoo.testing.olah_server import free_port
 
         saved = os.environ.get("HF_ENDPOINT")
         os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
