@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.decoder import TP_PLAN, DecoderLM
+from zoo.architectures.kernels.dispatch import COMPILED, backend
 from zoo.architectures.layers import GatedMLP, Rotary
 from zoo.architectures.quant import stack_linear
 
@@ -79,7 +80,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H]; experts, weights [N, k] -> sum_j weights[:, j] * Expert_{experts[:, j]}(x), [N, H]."""
-        if torch.compiler.is_compiling():
+        if backend(x, has_kernel=False) == COMPILED:
             return self.per_token(x, experts, weights)
         k = experts.shape[1]
         flat = experts.reshape(-1)

@@ -18,8 +18,8 @@ own packing of the codes (quant.to_int4pack_cpu), which the quantised model make
 from __future__ import annotations
 
 import torch
+from zoo.architectures.kernels.dispatch import COMPILED, TRITON, backend
 from zoo.architectures.kernels.matvec import computed_once
-from zoo.architectures.kernels.rmsnorm import use_triton
 
 
 def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
@@ -59,13 +59,14 @@ def fast_dequant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b
     int4 single tokens take the reference on CPU too: Inductor vectorises the nibble unpacking poorly (about
     2 GB/s against 20 for int8 codes, `bench_decode.py --kernels`), so there the fast path is aten's own int4
     kernel on its own packing (quant.to_int4pack_cpu), which the quantised model prepares once."""
-    if use_triton(x, scale):
+    where = backend(x, scale)
+    if where == TRITON:
         from zoo.architectures.kernels.dequant_matmul_triton import dequant_matmul_triton
 
         return dequant_matmul_triton(x, q, scale, bits, bias, zero)
     one_row = x.numel() == x.shape[-1]
     if bits == 8 and one_row and zero is None and x.device.type == "cpu":
-        if torch.compiler.is_compiling():
+        if where == COMPILED:
             return dequant_matvec(x, q, scale, bits, bias)
         if x.dtype in (torch.bfloat16, torch.float16) and scale.numel() == q.shape[0]:
             y = torch._weight_int8pack_mm(x.reshape(1, -1), q, scale.reshape(-1).to(x.dtype))

@@ -10,7 +10,7 @@ of any weight is made. ZOO_ONEDNN=pack also packs each weight once into oneDNN's
 at small batches, at the cost of a second copy of every weight: kept on the layer (not in its state dict),
 keyed by the weight's storage and version counter, so a reloaded or modified weight is packed again.
 ZOO_ONEDNN=0 turns the path off. It applies only to fp32 CPU tensors outside autograd and outside
-torch.compile (Inductor has its own); everywhere else it is F.linear (+ F.gelu).
+torch.compile (the dispatch's EAGER; Inductor has its own); everywhere else it is F.linear (+ F.gelu).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures.kernels.dispatch import EAGER, backend
 
 ACTIVATIONS = (None, "gelu")
 _PACKED = "_zoo_onednn_weight"  # attribute of the nn.Linear holding (key, packed weight)
@@ -59,7 +60,7 @@ def packed_weight(layer: nn.Linear) -> torch.Tensor:  # only under ZOO_ONEDNN=pa
 def _fast(layer: nn.Linear, x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
-            and not torch.compiler.is_compiling())
+            and backend(x, has_kernel=False) == EAGER)
 
 
 def _pointwise(*args) -> torch.Tensor:
