@@ -17,17 +17,13 @@ from zoo.architectures.quant import PACKED, float_key, pack_linears, packable_pa
 from zoo.checks import find_nan
 from zoo.family import Family
 from zoo.registry import get_entry, get_family
+from zoo.settings import zoo_home
 from zoo.weights.format import CheckpointError, NativeConfig
 from zoo.weights.reader import Checkpoint, VerifiedFiles
 
 
 class DistributedConfigError(ValueError):
     """A tensor-parallel degree, device map or memory limit that cannot work; raised before loading."""
-
-
-def zoo_home() -> Path:
-    """Where converted registry models live: $ZOO_HOME, else ~/.cache/zoo."""
-    return Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo")
 
 
 def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
