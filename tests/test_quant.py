@@ -165,3 +165,17 @@ def test_quantize_packs_qwen2_moe_expert_stacks_measured_in_bytes(tmp_path):
     assert 0 < err < 0.05
     assert stored.generate([5, 6, 7], max_new_tokens=4, temperature=0) == \
         on_load.generate([5, 6, 7], max_new_tokens=4, temperature=0)
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_a_schemes_plan_names_its_tensors_and_how_they_lie_along_rows_and_columns(name):
+    """What conversion asks without a shape (`names`) is what the plan holds; each stored tensor's by_row /
+    columns say how it splits with the weight (what a tensor-parallel split of a packed weight reads)."""
+    scheme = get_scheme(name)
+    plan = scheme.tensors(48, 128)
+    assert tuple(plan) == scheme.names
+    packed = scheme.pack(torch.randn(48, 128))
+    for key, stored in plan.items():
+        assert tuple(packed[key].shape) == stored.shape
+        assert not stored.by_row or stored.shape[0] == 48
+        assert not stored.columns or stored.shape[-1] * stored.columns == 128
