@@ -1,11 +1,19 @@
-"""Layers shared by the decoder-only language models (the KV cache behind their generation is in state.py)."""
+"""Layers shared by the decoder-only language models (the KV cache behind their generation is in state.py).
+
+RMSNorm, the rotary embedding and the gated MLP's activation run through the kernels of architectures/kernels/
+(rmsnorm.py, rotary.py, swiglu.py): their Triton kernels where the dispatch picks Triton (CUDA at inference), their
+PyTorch references, this module's former arithmetic exactly, everywhere else."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures.kernels.dispatch import COMPILED, backend
 from zoo.architectures.kernels.matvec import one_query_attention
+from zoo.architectures.kernels.rmsnorm import rms_norm
+from zoo.architectures.kernels.rotary import apply_rotary, rotate_half  # noqa: F401  (rotate_half: glm, dinov3)
+from zoo.architectures.kernels.swiglu import silu_mul
 from zoo.architectures.state import KVCache
 
 
@@ -18,9 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -50,20 +56,6 @@ class Rotary(nn.Module):
         return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, hd]; rotates the first cos.shape[-1] dims, passes the rest through."""
-    cos, sin = cos[:, None], sin[:, None]
-    d = cos.shape[-1]
-    rot, rest = x[..., :d], x[..., d:]
-    rot = rot * cos + rotate_half(rot) * sin
-    return torch.cat([rot, rest], dim=-1) if rest.shape[-1] else rot
-
-
 class Attention(nn.Module):
     """Causal multi-head attention with grouped key/value heads (GQA).
 
@@ -89,7 +81,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if T == 1 and mask is not None and torch.compiler.is_compiling():  # a compiled decoding step
+        if T == 1 and mask is not None and backend(q, has_kernel=False) == COMPILED:  # a compiled decoding step
             y = one_query_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
@@ -120,4 +112,4 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))

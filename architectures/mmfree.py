@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from zoo.architectures.kernels.bitlinear import bitlinear, bitlinear_latent, widen
+from zoo.architectures.kernels.bitlinear import bitlinear_latent, widen
 from zoo.architectures.kernels.hgrn import hgrn
 from zoo.architectures.quant import PackedLinear
 from zoo.architectures.state import State
@@ -91,12 +91,8 @@ class BitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linear
-        if isinstance(linear, PackedLinear):
-            if linear.scheme.name == TERNARY:
-                return bitlinear(x, self.norm.weight, self.eps, linear.weight, linear.weight_scale,
-                                 linear.in_features)
-            # packed by another scheme (e.g. zoo.load(quantize="int8")): its weight stands in for the latent one
-            return bitlinear_latent(x, self.norm.weight, self.eps, linear.dequantized(x.dtype))
+        if isinstance(linear, PackedLinear):  # its scheme runs it (ternary: the fused kernel on the packed bytes)
+            return linear.bitlinear(x, self.norm.weight, self.eps)
         return bitlinear_latent(x, self.norm.weight, self.eps, linear.weight)
 
     @torch.no_grad()

@@ -1,52 +1,66 @@
-"""Packed weights: a linear layer whose weight is stored as low-bit integers with their scales.
+"""Packed weights: a weight stored as low-bit integers with their scales. Every quantiser, packer and unpacker of
+the project is here; the kernels (architectures/kernels/) only multiply what this module packs.
 
 GLM-130B's published INT8/INT4 checkpoints, MatMul-free LM's ternary weights and weight-only int8/int4
 for any language model are one idea, built once here:
 
-    Scheme        how a [out, in] weight is stored (names, shapes, dtypes), packed, unpacked and multiplied
-    PackedLinear  nn.Linear's stand-in; its stored tensors are buffers named by the scheme
-    pack_linears  swaps nn.Linear modules for PackedLinear (on the meta device, before weights are assigned)
+    Scheme          how a [out, in] weight is stored (`tensors`: names, shapes, dtypes and how each tensor lies
+                    along the weight's rows and columns), packed, unpacked, and multiplied (`linear`, `bitlinear`)
+    PackedLinear    nn.Linear's stand-in; its stored tensors are buffers named by the scheme
+    PackedEmbedding a tied output embedding, looked up by rows and used whole as the head
+    PackedStack     a stacked [n, out, in] parameter (a mixture of experts' weights), each matrix packed
+    pack_linears    swaps each of them in (on the meta device, before weights are assigned)
 
-The native config records {"scheme": name, "modules": [paths]} (NativeConfig.quantization), so loading
-rebuilds the packed modules without guessing. Each scheme's `linear` routes to the fastest kernel measured for
-the call (architectures/kernels/dequant_matmul.py: Triton on GPUs; on CPU fused matrix-vector code inside a
-compiled decoding step, aten's int8 / int4 kernels eagerly), the plain reference (dequantise, then multiply)
-elsewhere. A kernel that reads its own arrangement of the codes (aten's int4 one) gets it from the scheme's
-`prepare`, once, at the layer's first call: the stored tensors are replaced by it, not kept beside it, and the
-layer's state_dict still gives the stored form.
+What a model can pack (`packable_paths`): every nn.Linear, every stacked weight a module lists in its
+`packable_stacks`, and the embedding it names as `tied_embedding`. The native config records
+{"scheme": name, "modules": [paths]} (NativeConfig.quantization), so loading rebuilds the packed modules without
+guessing. Each scheme's `linear` runs the fastest kernel for the call where one applies (`Scheme.kernel`:
+kernels/dequant_matmul.py, whose dispatch picks Triton on GPUs; on CPU fused matrix-vector code inside a compiled
+decoding step, aten's int8 / int4 kernels eagerly), its `reference` (dequantise, then multiply) elsewhere.
+A kernel that reads its own arrangement of the codes (aten's int4 one) gets it from the scheme's `prepare`, once,
+at the layer's first call: the stored tensors are replaced by it, not kept beside it, and the layer's state_dict
+still gives the stored form.
 
 Schemes: "int8-row" (symmetric, one scale per output row), "int4-row" (GLM-130B's published INT4: symmetric per
 row, signed nibbles), both with "-gN" variants (N scale groups per row: GLM's merged tensor-parallel ranks),
-"int4-group32/64/128" (affine: a scale and a zero point per group of 32/64/128 input columns, torchao's int4
-weight-only arithmetic) and "ternary" (MatMul-free LM). `quantize="int8"` is int8-row, `quantize="int4"`
-int4-group128 (the measured choice: BENCHMARKS.md).
+"int4-group32/64/128" (and any even group size: affine, a scale and a zero point per group of input columns,
+torchao's int4 weight-only arithmetic) and "ternary" (MatMul-free LM; its BitLinear is the fused kernel).
+`quantize="int8"` is int8-row, `quantize="int4"` int4-group128 (the measured choice: BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures.kernels import bitlinear as bitlinear_kernels
 from zoo.architectures.kernels.bitlinear import pack_ternary, ternarize, unpack_ternary
-from zoo.architectures.kernels.dequant_matmul import (
-    dequant_matmul,
-    dequantize,
-    from_int4pack_cpu,
-    int4pack_mm_cpu,
-    quantize_affine_int4,
-    to_int4pack_cpu,
-)
+from zoo.architectures.kernels.dequant_matmul import fast_dequant_matmul, int4pack_mm_cpu
 
-TensorPlan = dict[str, tuple[tuple[int, ...], torch.dtype | None]]  # name -> (shape, dtype; None = float)
+
+class Stored(NamedTuple):
+    """One stored tensor of a packed [out, in] weight: its shape and dtype, and how it lies along the weight's
+    rows and columns (what splitting a packed weight by rows or columns, as tensor parallelism does, needs)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None  # None: the weight's float dtype
+    by_row: bool  # axis 0 is the weight's output rows
+    columns: int  # input columns one element of the last axis stands for (0: none: a per-row or per-matrix value)
+
+
+TensorPlan = dict[str, Stored]  # stored tensor name -> Stored, in storage order
 
 
 class Scheme:
-    """How one weight matrix is stored packed. Subclasses define the layout; `linear` may be overridden."""
+    """How one weight matrix is stored packed: its quantiser, packing and unpacking (`tensors`, `pack`, `unpack`)
+    and its linear (`linear`: the fastest kernel for the call, else `reference`) and BitLinear (`bitlinear`)."""
 
     name = ""
+    names: tuple[str, ...] = ("weight", "weight_scale")  # what tensors() names, whatever the shape
     rows_independent = True  # a row's stored tensors depend on that row alone (every packed tensor is [out, ...])
 
     def tensors(self, out_features: int, in_features: int) -> TensorPlan:
@@ -57,7 +71,12 @@ class Scheme:
 
     def pack_rows(self, weight: torch.Tensor, rows: int = 8192) -> dict[str, torch.Tensor]:
         """`pack`, a block of rows at a time where rows are independent: quantising works in fp32 with a few
-        temporaries the size of its input, which for a whole 151936 x 896 embedding table is 2 GB at once."""
+        temporaries the size of its input, which for a whole 151936 x 896 embedding table is 2 GB at once.
+        A stack of matrices [E, out, in] (a mixture of experts' weights) is packed matrix by matrix."""
+        if weight.dim() > 2:
+            mats = [self.pack_rows(w, rows) for w in weight.reshape(-1, *weight.shape[-2:])]
+            return {name: torch.stack([m[name] for m in mats]).reshape(*weight.shape[:-2], *mats[0][name].shape)
+                    for name in mats[0]}
         if not self.rows_independent or weight.shape[0] <= rows:
             return self.pack(weight)
         blocks = [self.pack(weight[i:i + rows]) for i in range(0, weight.shape[0], rows)]
@@ -67,8 +86,23 @@ class Scheme:
         """The [out, in] weight the packed tensors stand for, in `dtype`."""
         raise NotImplementedError
 
-    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    def kernel(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor | None:
+        """x W^T + b by a kernel that reads the packed tensors, or None where none beats `reference` for this call."""
+        return None
+
+    def reference(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        """The definition: dequantise, then an ordinary linear in x's dtype."""
         return F.linear(x, self.unpack(t, x.dtype), bias)
+
+    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        y = self.kernel(x, t, bias)
+        return self.reference(x, t, bias) if y is None else y
+
+    def bitlinear(self, x: torch.Tensor, t: dict[str, torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                  in_features: int) -> torch.Tensor:
+        """The MatMul-free LM's BitLinear (kernels/bitlinear.py) on this packed weight: a weight packed by another
+        scheme (zoo.load(quantize="int8") of a latent checkpoint) stands in for the latent one."""
+        return bitlinear_kernels.bitlinear_latent(x, norm_weight, eps, self.unpack(t, x.dtype))
 
     def prepare(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """The stored tensors rearranged for a faster kernel on this machine, or None where the stored form is
@@ -85,6 +119,99 @@ class Scheme:
         return self
 
 
+# -- the codes: int8, signed int4 nibbles, and aten's own int4 arrangement --------------------------------------
+
+
+def nibbles(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], [out, in] -> int8 bytes [out, in/2], (even << 4) | (odd & 0xF): GLM-130B's order
+    (cuda/quantization.cu), the one int4 layout every scheme and kernel reads."""
+    return (q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)
+
+
+def unnibble(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of nibbles: arithmetic shifts sign-extend each half."""
+    high, low = packed >> 4, (packed << 4) >> 4
+    return torch.stack([high, low], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+               zero: torch.Tensor | None = None) -> torch.Tensor:
+    """codes [out, in] (any integer dtype) times their row's (or row group's) scale, plus the group's zero point,
+    in `dtype`. In a 16-bit dtype with scales already in it (and no zero) directly in that dtype: the same numbers
+    (a code of at most 8 bits times a 16-bit scale is exact in fp32, so both ways round once) for less than half the
+    memory traffic; otherwise in fp32 (or wider), rounded once at the end."""
+    out_f, in_f = codes.shape
+    direct = zero is None and dtype in (torch.bfloat16, torch.float16) and scale.dtype == dtype
+    work = dtype if direct else torch.promote_types(dtype, torch.float32)
+    s = scale.to(work).reshape(out_f, -1)
+    w = codes.to(work).view(out_f, s.shape[1], -1) * s[..., None]
+    if zero is not None:
+        w = w + zero.to(work).reshape(out_f, -1)[..., None]
+    return w.view(out_f, in_f).to(dtype)
+
+
+def quantize_affine_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (int4 codes in [-8, 7] as nibbles, int8 [out, in / 2], scale, zero [out, in / group_size])
+    by torchao's int4 weight-only arithmetic (`_choose_qparams_affine_tinygemm`, `_quantize_affine_tinygemm`):
+    per group min/max, no zero kept exact, scale and zero in w's dtype and the codes rounded against those stored
+    values. Computed in fp32 for fp32 weights, in w's dtype otherwise, as torchao."""
+    out_f, in_f = w.shape
+    if in_f % group_size or group_size % 2:
+        raise ValueError(f"cannot quantise a [{out_f}, {in_f}] weight to int4 in groups of {group_size}: the input "
+                         "size must be a multiple of the (even) group size")
+    g = w.reshape(out_f, in_f // group_size, group_size)
+    low, high = g.amin(-1), g.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-6)
+    zero = low + scale * 8  # the mid-point code 8 stands at zero's place: w = (u - 8) * scale + zero
+    start = zero - scale * 8
+    u = torch.clamp(torch.round((g - start[..., None]) / scale[..., None]), 0, 15)
+    codes = (u - 8).to(torch.int8).reshape(out_f, in_f)
+    return nibbles(codes), scale, zero
+
+
+INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes aten's CPU int4 kernel takes, largest first
+
+
+def int4pack_group(in_features: int, group: int) -> int | None:
+    """The largest group size aten's kernel takes that tiles a quantisation group of `group` columns (a per-row
+    scale is one group of in_features), or None."""
+    return next((g for g in INT4PACK_GROUPS if group % g == 0 and in_features % g == 0), None)
+
+
+def to_int4pack_cpu(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Int4 nibbles, scale and zero [out, groups] -> (aten's packed weight, its scales and zeros [in / g, out, 2]
+    in `dtype`) for kernels.dequant_matmul.int4pack_mm_cpu, or None where the kernel does not apply (outputs not a
+    multiple of 16, groups it cannot tile). Its packing depends on the CPU's vector width: made when loading, never
+    stored. Same bytes as ours: the weight is replaced, not duplicated."""
+    out_f, in_f = q.shape[0], q.shape[1] * 2
+    s = scale.reshape(out_f, -1)
+    group = int4pack_group(in_f, in_f // s.shape[1])
+    if out_f % 16 or group is None or q.device.type != "cpu":
+        return None
+    repeat = in_f // s.shape[1] // group  # a wider quantisation group spans several kernel groups
+    s = s.repeat_interleave(repeat, dim=1)
+    z = zero.reshape(out_f, -1).repeat_interleave(repeat, dim=1) if zero is not None else torch.zeros_like(s)
+    codes = unnibble(q.view(torch.int8)).to(torch.int32) + 8  # the kernel reads unsigned codes: w = (u - 8) s + z
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    scales_zeros = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return packed, scales_zeros
+
+
+def from_int4pack_cpu(packed: torch.Tensor, scales_zeros: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Our nibbles back from aten's packing (exactly: the kernel applied to the identity with unit scales and zero
+    offsets returns the signed codes themselves)."""
+    n_groups, out_f = scales_zeros.shape[0], scales_zeros.shape[1]
+    unit = torch.zeros(n_groups, out_f, 2, dtype=torch.bfloat16)
+    unit[..., 0] = 1
+    eye = torch.eye(in_features, dtype=torch.bfloat16)
+    codes = torch._weight_int4pack_mm_for_cpu(eye, packed, in_features // n_groups, unit)  # [in, out]
+    return nibbles(codes.t().to(torch.int8))
+
+
+# -- the schemes ------------------------------------------------------------------------------------------------
+
+
 class Int4Kernel:
     """prepare/restore of the int4 schemes: aten's CPU int4 kernel (tinygemm) on its own packing of the codes,
     for bf16/fp16 computation (in fp32 that kernel is slower than dequantising: `bench_decode.py --kernels`)."""
@@ -97,21 +224,26 @@ class Int4Kernel:
         return None if made is None else {"int4pack": made[0], "int4pack_scales_zeros": made[1]}
 
     def restore(self, k: dict[str, torch.Tensor], plan: TensorPlan) -> dict[str, torch.Tensor]:
-        (out_f, half_in), _ = plan["weight"]
-        scale_shape, _ = plan["weight_scale"]
+        half_in = plan["weight"].shape[1]
+        scale_shape = plan["weight_scale"].shape
         groups = scale_shape[1] if len(scale_shape) == 2 else 1
         sz = k["int4pack_scales_zeros"]
         every = sz.shape[0] // groups  # kernel groups per stored group
         out = {"weight": from_int4pack_cpu(k["int4pack"], sz, half_in * 2),
                "weight_scale": sz[::every, :, 0].t().contiguous().reshape(scale_shape)}
         if "weight_zero" in plan:
-            out["weight_zero"] = sz[::every, :, 1].t().contiguous().reshape(plan["weight_zero"][0])
+            out["weight_zero"] = sz[::every, :, 1].t().contiguous().reshape(plan["weight_zero"].shape)
         return out
 
-    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    def kernel(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor | None:
         if "int4pack" in t:
             return int4pack_mm_cpu(x, t["int4pack"], t["int4pack_scales_zeros"], bias)
-        return dequant_matmul(x, t["weight"], t["weight_scale"], 4, bias, t.get("weight_zero"))
+        return fast_dequant_matmul(x, t["weight"], t["weight_scale"], 4, bias, t.get("weight_zero"))
+
+    def reference(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        if "int4pack" in t:  # the stored form is gone: aten's kernel is the layer's arithmetic
+            return int4pack_mm_cpu(x, t["int4pack"], t["int4pack_scales_zeros"], bias)
+        return F.linear(x, self.unpack(t, x.dtype), bias)
 
     def embedding_scheme(self) -> Scheme | None:
         # the fast int4 kernel reads its own arrangement, from which rows cannot be looked up: one copy of a tied
@@ -128,17 +260,20 @@ class RowwiseInt(Scheme):
     columns: GLM-130B's published INT8/INT4 files merged from their tensor-parallel ranks keep one scale per row
     per rank for the row-parallel weights."""
 
+    per_byte = 1  # codes per stored byte
+
     def __init__(self, name: str, bits: int, groups: int = 1):
         self.name, self.bits, self.qmax, self.groups = name, bits, 2 ** (bits - 1) - 1, groups
-
-    def columns(self, in_features: int) -> int:
-        return in_features
 
     def tensors(self, out_features: int, in_features: int) -> TensorPlan:
         if in_features % self.groups:
             raise ValueError(f"{self.name}: in_features {in_features} is not a multiple of {self.groups} groups")
+        if in_features % self.per_byte:
+            raise ValueError(f"{self.name} packs {self.per_byte} columns per byte; in_features {in_features} is not "
+                             f"a multiple of {self.per_byte}")
         scale = (out_features,) if self.groups == 1 else (out_features, self.groups)
-        return {"weight": ((out_features, self.columns(in_features)), torch.int8), "weight_scale": (scale, None)}
+        return {"weight": Stored((out_features, in_features // self.per_byte), torch.int8, True, self.per_byte),
+                "weight_scale": Stored(scale, None, True, 0 if self.groups == 1 else in_features // self.groups)}
 
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, n = weight.shape
@@ -162,26 +297,17 @@ class RowwiseInt(Scheme):
         return t["weight"]
 
     def unpack(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        q, scale = self.integers(t).to(dtype), t["weight_scale"].to(dtype)
-        if scale.dim() == 1:
-            return q * scale[:, None]
-        out, n = q.shape
-        return (q.view(out, scale.shape[1], n // scale.shape[1]) * scale[:, :, None]).view(out, n)
+        return dequantize(self.integers(t), t["weight_scale"], dtype)
 
-    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
-        # the same product as dequantising in x's dtype (codes and a scale multiply exactly in fp32, and rounding
-        # that product to x's dtype is what multiplying in x's dtype does), through the dispatching kernel
-        return dequant_matmul(x, t["weight"], t["weight_scale"], self.bits, bias)
+    def kernel(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor | None:
+        return fast_dequant_matmul(x, t["weight"], t["weight_scale"], self.bits, bias)
 
 
 class NibbleInt4(Int4Kernel, RowwiseInt):
     """4-bit rowwise integers, two per byte as GLM-130B publishes them (cuda/quantization.cu): byte j of a
-    row holds column 2j in its high nibble and column 2j+1 in its low nibble, both signed."""
+    row holds column 2j in its high nibble and column 2j+1 in its low nibble, both signed (`nibbles`)."""
 
-    def columns(self, in_features: int) -> int:
-        if in_features % 2:
-            raise ValueError(f"{self.name} packs two columns per byte; in_features {in_features} is odd")
-        return in_features // 2
+    per_byte = 2
 
     def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         q, scale = self.quantize(weight)
@@ -189,17 +315,6 @@ class NibbleInt4(Int4Kernel, RowwiseInt):
 
     def integers(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return unnibble(t["weight"])
-
-
-def nibbles(q: torch.Tensor) -> torch.Tensor:
-    """int8 values in [-8, 7], [out, in] -> int8 bytes [out, in/2], (even << 4) | (odd & 0xF)."""
-    return (q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)
-
-
-def unnibble(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of nibbles: arithmetic shifts sign-extend each half."""
-    high, low = packed >> 4, (packed << 4) >> 4
-    return torch.stack([high, low], dim=-1).reshape(packed.shape[0], -1)
 
 
 class AffineInt4(Int4Kernel, Scheme):
@@ -211,6 +326,8 @@ class AffineInt4(Int4Kernel, Scheme):
     A layer whose input size the group size does not divide takes the largest of group_size / 2, / 4, ... that
     does (an even number: two codes per byte), so "int4" applies to every model; the shapes of its scales say which.
     """
+
+    names = ("weight", "weight_scale", "weight_zero")
 
     def __init__(self, group_size: int):
         self.name, self.group_size = f"int4-group{group_size}", group_size
@@ -224,27 +341,30 @@ class AffineInt4(Int4Kernel, Scheme):
         return g
 
     def tensors(self, out_features: int, in_features: int) -> TensorPlan:
-        groups = (out_features, in_features // self.group(in_features))
-        return {"weight": ((out_features, in_features // 2), torch.int8), "weight_scale": (groups, None),
-                "weight_zero": (groups, None)}
+        g = self.group(in_features)
+        groups = Stored((out_features, in_features // g), None, True, g)
+        return {"weight": Stored((out_features, in_features // 2), torch.int8, True, 2), "weight_scale": groups,
+                "weight_zero": groups}
 
     def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         q, scale, zero = quantize_affine_int4(weight, self.group(weight.shape[1]))
         return {"weight": q, "weight_scale": scale, "weight_zero": zero}
 
     def unpack(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(t["weight"], t["weight_scale"], 4, t["weight_zero"]).to(dtype)
+        return dequantize(unnibble(t["weight"]), t["weight_scale"], torch.float32, t["weight_zero"]).to(dtype)
 
 
 class Ternary(Scheme):
     """BitNet b1.58 / MatMul-free LM weights: codes {-1, 0, +1} and one absmean scale per matrix,
-    w ~ codes * mean|w|; the codes 2 bits each, 4 per byte (zoo.architectures.kernels.bitlinear)."""
+    w ~ codes * mean|w|; the codes 2 bits each, 4 per byte (zoo.architectures.kernels.bitlinear).
+    Its BitLinear is the fused kernel on the packed bytes."""
 
     name = "ternary"
     rows_independent = False  # one scale for the whole matrix
 
     def tensors(self, out_features: int, in_features: int) -> TensorPlan:
-        return {"weight": ((out_features, -(-in_features // 4)), torch.uint8), "weight_scale": ((1,), None)}
+        return {"weight": Stored((out_features, -(-in_features // 4)), torch.uint8, True, 4),
+                "weight_scale": Stored((1,), None, False, 0)}
 
     def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         if weight.shape[1] % 4:
@@ -255,6 +375,15 @@ class Ternary(Scheme):
 
     def unpack(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return unpack_ternary(t["weight"], t["weight"].shape[1] * 4, dtype) * t["weight_scale"].to(dtype)
+
+    def reference(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        # the codes are exact in any float dtype: multiply by them, then scale once (no dequantised weight)
+        y = F.linear(x, unpack_ternary(t["weight"], x.shape[-1], x.dtype)) * t["weight_scale"].to(x.dtype)
+        return y if bias is None else y + bias
+
+    def bitlinear(self, x: torch.Tensor, t: dict[str, torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                  in_features: int) -> torch.Tensor:
+        return bitlinear_kernels.bitlinear(x, norm_weight, eps, t["weight"], t["weight_scale"], in_features)
 
     def embedding_scheme(self) -> Scheme | None:
         return None  # one scale per matrix: not a table of rows
@@ -305,8 +434,8 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.scheme = get_scheme(scheme)
         self.stored = tuple(self.scheme.tensors(out_features, in_features))
-        for name, (shape, dt) in self.scheme.tensors(out_features, in_features).items():
-            self.register_buffer(name, torch.empty(shape, dtype=dt or dtype or torch.get_default_dtype()))
+        for name, plan in self.scheme.tensors(out_features, in_features).items():
+            self.register_buffer(name, torch.empty(plan.shape, dtype=plan.dtype or dtype or torch.get_default_dtype()))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
         self.kernel: tuple[str, ...] | None = None  # names of the kernel's tensors once prepared; () = stored form
         self.register_state_dict_post_hook(_stored_form)
@@ -337,6 +466,10 @@ class PackedLinear(nn.Module):
         names = self.kernel or self.stored
         return self.scheme.linear(x, {name: getattr(self, name) for name in names}, self.bias)
 
+    def bitlinear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """The MatMul-free LM's BitLinear with this weight (Scheme.bitlinear: the fused kernel for ternary codes)."""
+        return self.scheme.bitlinear(x, self.packed(), norm_weight, eps, self.in_features)
+
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.scheme.unpack(self.packed(), dtype or (self.bias.dtype if self.bias is not None else torch.float32))
 
@@ -358,8 +491,8 @@ class PackedEmbedding(nn.Module):
         self.scheme = get_scheme(scheme)
         self.dtype = dtype or torch.get_default_dtype()
         self.stored = tuple(self.scheme.tensors(num_embeddings, embedding_dim))
-        for name, (shape, dt) in self.scheme.tensors(num_embeddings, embedding_dim).items():
-            self.register_buffer(name, torch.empty(shape, dtype=dt or self.dtype))
+        for name, plan in self.scheme.tensors(num_embeddings, embedding_dim).items():
+            self.register_buffer(name, torch.empty(plan.shape, dtype=plan.dtype or self.dtype))
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -383,6 +516,71 @@ class PackedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name}"
 
 
+class PackedStack(nn.Module):
+    """A stack of weight matrices [n, out, in] held as one nn.Parameter (a mixture of experts' stacked expert
+    weights) stored packed: each matrix packed by the scheme, the packed tensors stacked ([n, *stored shape]).
+
+    It stands where the parameter stood: `stack[i]` (an index or a tensor of indices) is the dequantised matrices,
+    `stack.linear(x, i)` multiplies x by matrix i through the scheme's kernel."""
+
+    def __init__(self, n: int, out_features: int, in_features: int, scheme: str | Scheme,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.n, self.out_features, self.in_features = n, out_features, in_features
+        self.scheme = get_scheme(scheme)
+        self.stored = tuple(self.scheme.tensors(out_features, in_features))
+        for name, plan in self.scheme.tensors(out_features, in_features).items():
+            self.register_buffer(name, torch.empty((n, *plan.shape),
+                                                   dtype=plan.dtype or dtype or torch.get_default_dtype()))
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int]:
+        return self.n, self.out_features, self.in_features
+
+    @property
+    def shape(self) -> torch.Size:  # the parameter's shape, for code that asked it how many matrices it holds
+        return torch.Size(self.weight_shape)
+
+    def packed(self, index: int | None = None) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) if index is None else getattr(self, name)[index] for name in self.stored}
+
+    def linear(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """x [..., in] @ matrix[index]^T."""
+        return self.scheme.linear(x, self.packed(index), None)
+
+    def __getitem__(self, index: int | torch.Tensor) -> torch.Tensor:
+        """The dequantised matrices at `index`: [*index.shape, out, in], in the scales' dtype."""
+        index = torch.as_tensor(index, device=self.weight_scale.device)
+        picked = {name: t[index.reshape(-1)] for name, t in self.packed().items()}  # [k, *stored shape]
+        dtype = self.weight_scale.dtype
+        if self.scheme.rows_independent:  # every stored tensor is by row: all k matrices unpack as one
+            mats = self.scheme.unpack({name: t.flatten(0, 1) for name, t in picked.items()}, dtype)
+        else:
+            mats = torch.stack([self.scheme.unpack({name: t[j] for name, t in picked.items()}, dtype)
+                                for j in range(index.numel())])
+        return mats.reshape(*index.shape, self.out_features, self.in_features)
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self[torch.arange(self.n, device=self.weight_scale.device)].to(dtype or self.weight_scale.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.n}, {self.out_features}, {self.in_features}, scheme={self.scheme.name}"
+
+
+PACKED = (PackedLinear, PackedEmbedding, PackedStack)  # the modules whose weight is stored packed
+
+
+def stack_linear(x: torch.Tensor, stack: torch.Tensor | PackedStack, index: int) -> torch.Tensor:
+    """x @ stack[index]^T for a stacked weight, float (an nn.Parameter [n, out, in]) or packed (PackedStack)."""
+    return stack.linear(x, index) if isinstance(stack, PackedStack) else x @ stack[index].T
+
+
+def float_key(path: str, module: nn.Module) -> str:
+    """The state-dict key of the float weight a packed module at `path` stands for: "path.weight" for a linear
+    layer or an embedding, the path itself for a stack (it replaced a parameter of that name)."""
+    return path if isinstance(module, PackedStack) else f"{path}.weight"
+
+
 def _stored_form(module: PackedLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """state_dict post-hook: a layer holding a kernel's arrangement reports its stored tensors."""
     if module.kernel:
@@ -396,32 +594,59 @@ def linear_paths(module: nn.Module, patterns: list[str] | tuple[str, ...] = ("*"
             if type(sub) is nn.Linear and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 
+def stack_paths(module: nn.Module) -> list[str]:
+    """Paths of the stacked weights a family's modules declare packable: a module lists the names of its
+    [n, out, in] nn.Parameters in a `packable_stacks` attribute (qwen2_moe.Experts: its experts' weights)."""
+    return [f"{path}.{name}" if path else name for path, sub in module.named_modules()
+            for name in getattr(sub, "packable_stacks", ())]
+
+
 def packable_paths(module: nn.Module, scheme: str | Scheme) -> list[str]:
-    """What weight-only quantisation with `scheme` packs: every nn.Linear, and the embedding table a model also
-    reads as its output head (the path it names in `tied_embedding`; the head streams the whole table for every
-    token), when the scheme has an embedding scheme."""
-    paths = linear_paths(module)
+    """What weight-only quantisation with `scheme` packs: every nn.Linear, every stacked weight a module declares
+    (stack_paths), and the embedding table a model also reads as its output head (the path it names in
+    `tied_embedding`; the head streams the whole table for every token), when the scheme has an embedding scheme."""
+    paths = linear_paths(module) + stack_paths(module)
     tied = getattr(module, "tied_embedding", None)
     if tied and get_scheme(scheme).embedding_scheme() is not None:
         paths.append(tied)
     return paths
 
 
+def _target(module: nn.Module, path: str) -> nn.Module | torch.Tensor:
+    """The module at `path`, or the parameter (a stacked weight) of that name."""
+    owner, _, attr = path.rpartition(".")
+    parent = module.get_submodule(owner) if owner else module
+    if attr in parent._parameters:
+        return parent._parameters[attr]
+    return module.get_submodule(path)
+
+
 def module_scheme(module: nn.Module, path: str, scheme: str | Scheme) -> Scheme:
-    """The scheme the module at `path` is packed with under `scheme` (an embedding: its embedding scheme)."""
+    """The scheme the weight at `path` is packed with under `scheme` (an embedding: its embedding scheme)."""
     scheme = get_scheme(scheme)
-    if isinstance(module.get_submodule(path), nn.Embedding | PackedEmbedding):
+    if isinstance(_target(module, path), nn.Embedding | PackedEmbedding):
         return scheme.embedding_scheme() or scheme
     return scheme
 
 
 def pack_linears(module: nn.Module, scheme: str | Scheme, paths: list[str]) -> list[str]:
-    """Replace the nn.Linear at each path by a PackedLinear of the same shape, and an nn.Embedding (a tied output
-    embedding, see packable_paths) by a PackedEmbedding (call on the meta device)."""
+    """Replace the nn.Linear at each path by a PackedLinear of the same shape, a stacked [n, out, in] parameter by
+    a PackedStack, and an nn.Embedding (a tied output embedding, see packable_paths) by a PackedEmbedding (call on
+    the meta device)."""
     scheme = get_scheme(scheme)
     for path in paths:
-        old = module.get_submodule(path)
+        old = _target(module, path)
         owner, _, attr = path.rpartition(".")
+        parent = module.get_submodule(owner) if owner else module
+        if isinstance(old, nn.Parameter):
+            if old.dim() != 3:
+                raise ValueError(f"quantization record names {path}, a parameter of shape {tuple(old.shape)}, not "
+                                 "a stack of weight matrices [n, out, in]")
+            with torch.device(old.device):
+                new = PackedStack(*old.shape, scheme, old.dtype)
+            delattr(parent, attr)
+            setattr(parent, attr, new)
+            continue
         with torch.device(old.weight.device):
             if isinstance(old, nn.Linear):
                 new = PackedLinear(old.in_features, old.out_features, old.bias is not None, scheme, old.weight.dtype)
@@ -431,5 +656,5 @@ def pack_linears(module: nn.Module, scheme: str | Scheme, paths: list[str]) -> l
             else:
                 raise ValueError(f"quantization record names {path}, which is a {type(old).__name__}, not a "
                                  "linear layer (or a tied output embedding)")
-        setattr(module.get_submodule(owner) if owner else module, attr, new)
+        setattr(parent, attr, new)
     return paths

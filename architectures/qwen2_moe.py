@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.decoder import TP_PLAN, DecoderLM
+from zoo.architectures.kernels.dispatch import COMPILED, backend
 from zoo.architectures.layers import GatedMLP, Rotary
+from zoo.architectures.quant import stack_linear
 
 from zoo.family import Family
 from zoo.registry import Entry, Source
@@ -65,7 +67,10 @@ class Qwen2MoeConfig:
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts with stacked weights: gate/up [E, I, H], down [E, H, I]."""
+    """E SwiGLU experts with stacked weights: gate/up [E, I, H], down [E, H, I]. Weight-only quantisation packs
+    each stack (`packable_stacks`: quant.PackedStack, which stands in for the parameter)."""
+
+    packable_stacks = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
@@ -75,7 +80,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H]; experts, weights [N, k] -> sum_j weights[:, j] * Expert_{experts[:, j]}(x), [N, H]."""
-        if torch.compiler.is_compiling():
+        if backend(x, has_kernel=False) == COMPILED:
             return self.per_token(x, experts, weights)
         k = experts.shape[1]
         flat = experts.reshape(-1)
@@ -88,8 +93,8 @@ class Experts(nn.Module):
         for e, n in enumerate(counts):  # one matmul per expert over its whole group
             if n:
                 h = xs[start : start + n]
-                h = F.silu(h @ self.gate_proj[e].T) * (h @ self.up_proj[e].T)
-                out[start : start + n] = h @ self.down_proj[e].T
+                h = F.silu(stack_linear(h, self.gate_proj, e)) * stack_linear(h, self.up_proj, e)
+                out[start : start + n] = stack_linear(h, self.down_proj, e)
                 start += n
         out = out * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, out)

@@ -31,7 +31,8 @@ def kernels(args) -> list[tuple[str, float]]:
     (q, k, v, o, gate, up, down per layer; --layers layers so the weights are far larger than the cache)."""
     import torch
     import torch.nn.functional as F
-    from zoo.architectures.kernels.dequant_matmul import dequant_matvec, quantize
+    from zoo.architectures.kernels.dequant_matmul import dequant_matvec
+    from zoo.architectures.quant import get_scheme
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -75,7 +76,8 @@ def kernels(args) -> list[tuple[str, float]]:
               lambda c=c, wd=wd, xd=xd: c(xd[896], xd[4864], *wd), nb)
     xb = {k: v.to(torch.bfloat16) for k, v in xs.items()}
     for bits, group in ((8, None), (8, 64), (4, None), (4, 64)):
-        packed = [t for w in ws for t in quantize(w, bits, group)]
+        packed = [t for w in ws for t in get_scheme(f"int{bits}-row" + (f"-g{w.shape[1] // group}" if group else ""))
+                  .pack(w).values()]
         nb = sum(t.nbytes for t in packed)
         label = f"int{bits} {'per row' if group is None else f'groups of {group}'}"
         if bits == 8 and group is None:
@@ -133,11 +135,12 @@ def triton_kernels(args) -> str:
     cuBLAS bf16), microseconds per call and GB/s of the bytes the call must move, decode and prefill shapes."""
     import torch
     import torch.nn.functional as F
-    from zoo.architectures.kernels import dequant_matmul, rmsnorm, rotary, swiglu
+    from zoo.architectures.kernels import rmsnorm, rotary, swiglu
     from zoo.architectures.kernels.dequant_matmul_triton import dequant_matmul_triton
     from zoo.architectures.kernels.rmsnorm_triton import rms_norm_triton
     from zoo.architectures.kernels.rotary_triton import apply_rotary_triton
     from zoo.architectures.kernels.swiglu_triton import silu_mul_triton
+    from zoo.architectures.quant import get_scheme
 
     dev, bf = args.device, torch.bfloat16
     torch.manual_seed(0)
@@ -169,12 +172,13 @@ def triton_kernels(args) -> str:
         for bits in (8, 4):
             for out_f, in_f in ((4864, 896), (896, 4864), (151936, 896)):
                 wf = torch.randn(out_f, in_f, device=dev) * 0.02
-                qw, sc = dequant_matmul.quantize(wf, bits)
+                qw, sc = get_scheme(f"int{bits}-row").pack(wf).values()
                 wb = wf.to(bf)
                 xx = torch.randn(tokens, in_f, device=dev, dtype=bf)
                 pair(f"int{bits} matmul [{tokens}, {in_f}] x [{out_f}, {in_f}]^T", qw.nbytes + sc.nbytes,
                      lambda x=xx, q=qw, s=sc, b=bits: dequant_matmul_triton(x, q, s, b),
-                     lambda x=xx, q=qw, s=sc, b=bits: dequant_matmul.dequant_matmul_reference(x, q, s, b),
+                     lambda x=xx, q=qw, s=sc, b=bits: get_scheme(f"int{b}-row").reference(
+                         x, {"weight": q, "weight_scale": s}, None),
                      lambda x=xx, w=wb: F.linear(x, w))
     lines = [
         "## Triton kernels on the GPU (`benchmarks/bench_kernels.py --device cuda`)",

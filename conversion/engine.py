@@ -135,12 +135,15 @@ def stream_write(
 
 
 def pack_jobs(jobs: list[Job], paths: list[str], scheme) -> list[Job]:
-    """The same jobs, except that the weight of each linear layer at `paths` comes out packed by `scheme`
+    """The same jobs, except that the weight at each of `paths` comes out packed by `scheme`
     (zoo.architectures.quant; or a {path: scheme} mapping), as the tensors the scheme stores: quantising while
-    converting, tensor by tensor."""
-    names = {f"{p}.weight": p for p in paths}
+    converting, tensor by tensor. A path names a linear layer or embedding (its float weight is "path.weight") or a
+    stacked weight (a parameter [n, out, in]: its float weight is "path"); either way the stored tensors are
+    "path.<name>" for each name the scheme stores."""
+    produced = {d for job in jobs for d in job.dst}
+    names = {(f"{p}.weight" if f"{p}.weight" in produced else p): p for p in paths}
     schemes = scheme if isinstance(scheme, dict) else {p: scheme for p in paths}
-    stored = {p: list(schemes[p].tensors(2, 2)) for p in paths}  # the names of what each scheme stores per weight
+    stored = {p: schemes[p].names for p in paths}  # the names of what each scheme stores per weight
     out = []
     for job in jobs:
         if not any(d in names for d in job.dst):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from zoo.architectures.kernels.matvec import matvec_linear
 from zoo.architectures.state import KVCache
 
-from zoo import generation
+from zoo import generation, settings
 from zoo.family import get_family
 from zoo.generation import Sampling, compiled_step, decode
 
@@ -143,14 +143,16 @@ def test_static_state_is_written_in_place_at_a_device_side_position():
 
 def test_compile_default_is_where_it_pays(monkeypatch):
     model = tiny("qwen2")
-    monkeypatch.delenv("ZOO_COMPILE", raising=False)
+    monkeypatch.setattr(settings.SETTINGS, "compile", None)
     assert not generation.compile_wanted(None, model, 1, 128)  # 0.5 MB of weights: never pays
     assert generation.compile_wanted(None, model, 1, generation.COMPILE_PAYS)  # long enough, it does
     assert generation.compile_wanted(True, model, 1, 2) and not generation.compile_wanted(False, model, 1, 10**12)
-    monkeypatch.setenv("ZOO_COMPILE", "1")
+    monkeypatch.setattr(settings.SETTINGS, "compile", True)  # ZOO_COMPILE=1
     assert generation.compile_wanted(None, model, 1, 2)
-    monkeypatch.setenv("ZOO_COMPILE", "0")
+    monkeypatch.setattr(settings.SETTINGS, "compile", False)  # ZOO_COMPILE=0
     assert not generation.compile_wanted(None, model, 1, 10**12)
+    assert [settings.from_environ({"ZOO_COMPILE": v}).compile for v in ("", "1", "0", " 1 ")] == [None, True, False,
+                                                                                                True]
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from zoo.architectures.kernels.dequant_matmul import dequantize, quantize_affine_int4, unpack_int4
-from zoo.architectures.quant import PackedEmbedding, PackedLinear, get_scheme
+from zoo.architectures.quant import (
+    PackedEmbedding,
+    PackedLinear,
+    dequantize,
+    get_scheme,
+    quantize_affine_int4,
+    unnibble,
+)
 
 import zoo
 from tests.helpers import converted_tiny_qwen2
@@ -31,8 +37,8 @@ def test_int4_groups_quantise_with_torchaos_arithmetic(dtype, group):
                                                           None, dtype)
     ref_codes = _quantize_affine_tinygemm(w, block, ref_scale, ref_zero, torch.int32, 0, 15)
     assert torch.equal(scale, ref_scale.reshape(48, -1)) and torch.equal(zero, ref_zero.reshape(48, -1))
-    assert torch.equal(unpack_int4(q).to(torch.int32) + 8, ref_codes)  # stored as signed nibbles: code - 8
-    error = (dequantize(q, scale, 4, zero) - w.float()).abs().view(48, -1, group)
+    assert torch.equal(unnibble(q).to(torch.int32) + 8, ref_codes)  # stored as signed nibbles: code - 8
+    error = (dequantize(unnibble(q), scale, torch.float32, zero) - w.float()).abs().view(48, -1, group)
     # half a step in fp32; bf16 rounds the scale, the zero point and w / scale on the way (as torchao does)
     steps = 0.5 if dtype == torch.float32 else 1.0
     assert (error <= scale.float()[..., None] * steps + 1e-7).all()

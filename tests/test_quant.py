@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from zoo.architectures.quant import PackedLinear, get_scheme, nibbles, unnibble
+from zoo.architectures.quant import ALIASES, SCHEMES, PackedLinear, get_scheme, nibbles, unnibble
 
 import zoo
-from tests.helpers import converted_tiny_qwen2, max_abs_diff
+from tests.helpers import converted_tiny_qwen2, max_abs_diff, tiny_qwen2_moe
+from zoo.checks import check_quantize
 
 
 def test_int4_packs_two_signed_nibbles_per_byte_high_nibble_first():
@@ -88,3 +89,93 @@ def test_packing_a_block_of_rows_at_a_time_stores_the_same_tensors(name):
     assert whole.keys() == blocks.keys()
     for k in whole:
         assert torch.equal(whole[k], blocks[k]), k
+
+
+def test_int4_nibbles_round_trip_every_value_in_both_halves():
+    every = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
+    assert torch.equal(unnibble(nibbles(every)), every)
+
+
+ACCEPTED = sorted({*ALIASES, *SCHEMES, "int8-row-g2", "int4-row-g8", "int4-group16"})  # every kind of name
+
+
+@pytest.mark.parametrize("scheme", ACCEPTED)
+def test_every_accepted_scheme_converts_loads_and_generates(qwen, scheme):
+    assert check_quantize(scheme) == scheme
+    out = qwen / f"walk-{scheme}"
+    zoo.convert(qwen / "hf", out, quantize=scheme, progress=False)
+    stored = zoo.load(out)
+    assert stored.native.quantization["scheme"] == get_scheme(scheme).name
+    layer = stored.module.layers[0].mlp.down_proj
+    assert isinstance(layer, PackedLinear) and layer.scheme is get_scheme(scheme)
+    tokens = stored.generate([5, 6, 7], max_new_tokens=3, temperature=0)
+    assert len(tokens) == 3 and all(0 <= t < 256 for t in tokens)
+    on_load = zoo.load(qwen / "native", quantize=scheme)
+    assert on_load.generate([5, 6, 7], max_new_tokens=3, temperature=0) == tokens
+
+
+@pytest.mark.parametrize("name", ["int8-row", "int4-row-g4", "int4-group32", "ternary"])
+def test_packed_tensors_round_trip_through_safetensors_into_the_kernels(tmp_path, name):
+    """Packing, storage and the kernels agree: what a scheme packs is written as a native safetensors file, read
+    back bit for bit, and the layer built on it multiplies (the dispatching kernel, and the Triton kernel under its
+    interpreter where the scheme has one) to the scheme's reference on its unpacked weight."""
+    from safetensors.torch import load_file, save_file
+    from zoo.architectures.kernels.dequant_matmul_triton import dequant_matmul_triton
+
+    scheme = get_scheme(name)
+    w, x, b = torch.randn(48, 64) * 0.05, torch.randn(1, 64), torch.randn(48)
+    save_file(scheme.pack(w), tmp_path / "packed.safetensors")
+    back = load_file(tmp_path / "packed.safetensors")
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in back.items()} == {
+        k: (plan.dtype or torch.float32, plan.shape) for k, plan in scheme.tensors(48, 64).items()}
+    assert all(torch.equal(back[k], v) for k, v in scheme.pack(w).items())
+    layer = PackedLinear(64, 48, True, scheme)
+    layer.load_state_dict({**back, "bias": b})
+    expected = torch.nn.functional.linear(x, scheme.unpack(back, torch.float32), b)
+    assert max_abs_diff(layer(x), expected) < 1e-5
+    assert max_abs_diff(layer(x.repeat(5, 1)), expected.repeat(5, 1)) < 1e-5
+    if name != "ternary":
+        bits = 8 if name.startswith("int8") else 4
+        y = dequant_matmul_triton(x, back["weight"], back["weight_scale"], bits, b, back.get("weight_zero"))
+        assert max_abs_diff(y, expected) < 1e-5
+
+
+def test_quantize_packs_qwen2_moe_expert_stacks_measured_in_bytes(tmp_path):
+    """The routed experts hold most of a mixture of experts' weights: int8 packs their stacks (one byte a weight
+    and a scale per row), stored packed or packed while loading, the same tensors either way."""
+    from zoo.architectures.quant import PackedStack
+
+    tiny_qwen2_moe(tmp_path / "hf")
+    zoo.convert(tmp_path / "hf", tmp_path / "native", progress=False)
+    zoo.convert(tmp_path / "hf", tmp_path / "q8", quantize="int8", progress=False)
+    full = zoo.load(tmp_path / "native", dtype=torch.float32)
+    stored, on_load = zoo.load(tmp_path / "q8"), zoo.load(tmp_path / "native", quantize="int8")
+    assert "layers.0.mlp.experts.gate_proj" in stored.native.quantization["modules"]
+    float_bytes = sum(p.nbytes for n, p in full.module.named_parameters() if ".experts." in n)
+    for model in (stored, on_load):
+        stacks = [m for m in model.module.modules() if isinstance(m, PackedStack)]
+        assert len(stacks) == 6  # gate, up, down in each of the two layers
+        packed_bytes = sum(t.nbytes for m in stacks for t in m.buffers())
+        weights = float_bytes // 4  # fp32 -> one byte each, plus one fp32 scale per row of every expert
+        assert packed_bytes == weights + sum(m.n * m.out_features * 4 for m in stacks)
+        assert packed_bytes < 0.3 * float_bytes
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(stored(ids), on_load(ids))
+    err = ((stored(ids) - full(ids)).norm() / full(ids).norm()).item()
+    assert 0 < err < 0.05
+    assert stored.generate([5, 6, 7], max_new_tokens=4, temperature=0) == \
+        on_load.generate([5, 6, 7], max_new_tokens=4, temperature=0)
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_a_schemes_plan_names_its_tensors_and_how_they_lie_along_rows_and_columns(name):
+    """What conversion asks without a shape (`names`) is what the plan holds; each stored tensor's by_row /
+    columns say how it splits with the weight (what a tensor-parallel split of a packed weight reads)."""
+    scheme = get_scheme(name)
+    plan = scheme.tensors(48, 128)
+    assert tuple(plan) == scheme.names
+    packed = scheme.pack(torch.randn(48, 128))
+    for key, stored in plan.items():
+        assert tuple(packed[key].shape) == stored.shape
+        assert not stored.by_row or stored.shape[0] == 48
+        assert not stored.columns or stored.shape[-1] * stored.columns == 128

@@ -6,7 +6,15 @@ import os
 
 import torch
 
-from zoo.checks import check_bool, check_device, check_int, check_memory_map, check_name_or_path, check_quantize
+from zoo.checks import (
+    check_bool,
+    check_device,
+    check_int,
+    check_memory_map,
+    check_name_or_path,
+    check_onednn,
+    check_quantize,
+)
 from zoo.family import init_derived_buffers
 from zoo.loading import build_model, materialize, open_checkpoint, resolve
 from zoo.tasks import ZooModel, get_task
@@ -24,6 +32,7 @@ def load(
     max_memory: dict | None = None,
     quantize: str | None = None,
     compile: bool | None = None,
+    onednn: str | None = None,
 ) -> ZooModel:
     """Load a model by registry name, native directory or "hf://org/name@revision".
 
@@ -33,6 +42,9 @@ def load(
         linear layer while loading, one layer at a time; a checkpoint stored quantized loads packed by itself.
     compile: language models: decode each new token through one torch.compile'd step (zoo.generation); None takes
         the default (see zoo.generation.compile_wanted; ZOO_COMPILE=0 turns it off).
+    onednn: "dense" | "pack" | "off": the vision models' linear layers on CPU through oneDNN on their own weights,
+        on a packed second copy of each, or not (architectures/kernels/linear.py); None: ZOO_ONEDNN's setting
+        (default "dense"). zoo.settings lists every switch.
     """
     # every argument is checked before anything is read or downloaded; errors name the argument and value
     name_or_path = check_name_or_path(name_or_path)
@@ -41,6 +53,7 @@ def load(
     tp = check_int(tp, "tp", minimum=1, allow_none=True)
     quantize = check_quantize(quantize)
     compile = None if compile is None else check_bool(compile, "compile")
+    onednn = check_onednn(onednn)
     check_memory_map(device_map, max_memory)
     if device_map is None:
         device = check_device(device)
@@ -61,21 +74,30 @@ def load(
         from zoo.tensor_parallel import load_tensor_parallel
 
         model = load_tensor_parallel(name_or_path, tp=tp, dtype=dtype, revision=revision, verify=verify)
-        return _compile_option(model, compile)  # (DTensor compiles on CPU, measured: BENCHMARKS.md)
+        # (DTensor compiles on CPU, measured: BENCHMARKS.md)
+        return _onednn_option(_compile_option(model, compile), onednn)
     if device_map is not None:
         from zoo.device_map import load_with_device_map
 
         model = load_with_device_map(name_or_path, device_map=device_map, max_memory=max_memory, dtype=dtype,
                                      revision=revision, verify=verify)
         # plain path unless asked: parts move between devices by hooks, streamed ones swap their weights per call
-        return _compile_option(model, False if compile is None else compile)
+        return _onednn_option(_compile_option(model, False if compile is None else compile), onednn)
     directory = resolve(name_or_path, revision)
     native = read_config(directory)
     family, module = build_model(native, quantize, str(directory / "config.json"))
     materialize(module, open_checkpoint(directory, verify), dtype, device, str(directory), native=native)
     init_derived_buffers(module, device)
     module.eval()
-    return _compile_option(get_task(family.task)(module, native, family, directory), compile)
+    return _onednn_option(_compile_option(get_task(family.task)(module, native, family, directory), compile), onednn)
+
+
+def _onednn_option(model: ZooModel, onednn: str | None) -> ZooModel:
+    if onednn is not None:
+        from zoo.architectures.kernels.linear import set_onednn
+
+        set_onednn(model.module, onednn)
+    return model
 
 
 def _compile_option(model: ZooModel, compile: bool | None) -> ZooModel:

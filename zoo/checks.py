@@ -136,3 +136,15 @@ def find_nan(value: Any, path: str = "") -> str | None:
     else:
         return None
     return next((hit for p, v in items if (hit := find_nan(v, p))), None)
+
+
+def check_onednn(mode: Any, arg: str = "onednn") -> str | None:
+    """None (the process's setting, ZOO_ONEDNN), or one of zoo.settings.ONEDNN_MODES: "off", "dense", "pack"."""
+    from zoo.settings import ONEDNN_MODES
+
+    if mode is None:
+        return None
+    if not isinstance(mode, str) or mode not in ONEDNN_MODES:
+        raise ValueError(f"{arg}={mode!r}: must be one of {', '.join(repr(m) for m in ONEDNN_MODES)} (or None: "
+                         "ZOO_ONEDNN's setting)")
+    return mode

@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--out", help="write the result here (segmentation: the label mask as a PNG, plus an overlay)")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--onednn", choices=("dense", "pack", "off"),
+                   help="linear layers on CPU through oneDNN on the model's weights, on a packed copy, or not "
+                        "(default: ZOO_ONEDNN's setting, dense)")
 
     s = add("push", "Upload a native checkpoint directory to the Hugging Face Hub in one commit.",
             "zoo push ./qwen2-0.5b me/qwen2-0.5b-zoo --dry-run")
@@ -185,7 +188,7 @@ def _cmd_predict(a) -> None:
 
     if a.top_k < 1:
         raise ValueError(f"--top-k {a.top_k}: must be an integer >= 1")
-    zoo.load(a.model, device=a.device).cli_predict(a)
+    zoo.load(a.model, device=a.device, onednn=a.onednn).cli_predict(a)
 
 
 def _cmd_push(a) -> None:

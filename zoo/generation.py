@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import types
 import warnings
 import weakref
@@ -17,6 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from zoo.settings import SETTINGS
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,8 @@ def compile_wanted(compile: bool | None, model: torch.nn.Module, batch: int, new
         return False
     if compile is not None:
         return bool(compile)
-    env = os.environ.get("ZOO_COMPILE", "").strip()
-    if env:
-        return env != "0"
+    if SETTINGS.compile is not None:  # ZOO_COMPILE, read once by zoo.settings
+        return SETTINGS.compile
     done = _STEPS.get(model)
     if done is not None and batch in done.batches:
         return True

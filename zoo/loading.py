@@ -13,21 +13,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from zoo.architectures.quant import PackedEmbedding, PackedLinear, pack_linears, packable_paths
+from zoo.architectures.quant import PACKED, float_key, pack_linears, packable_paths
 from zoo.checks import find_nan
 from zoo.family import Family
 from zoo.registry import get_entry, get_family
+from zoo.settings import zoo_home
 from zoo.weights.format import CheckpointError, NativeConfig
 from zoo.weights.reader import Checkpoint, VerifiedFiles
 
 
 class DistributedConfigError(ValueError):
     """A tensor-parallel degree, device map or memory limit that cannot work; raised before loading."""
-
-
-def zoo_home() -> Path:
-    """Where converted registry models live: $ZOO_HOME, else ~/.cache/zoo."""
-    return Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo")
 
 
 def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
@@ -124,10 +120,10 @@ def expected_shapes(module: nn.Module, native: NativeConfig) -> dict[str, tuple[
     if native.quantization:
         return shapes
     for path, sub in module.named_modules():
-        if isinstance(sub, PackedLinear | PackedEmbedding):
+        if isinstance(sub, PACKED):
             for name in sub.stored:
                 del shapes[f"{path}.{name}"]
-            shapes[f"{path}.weight"] = sub.weight_shape
+            shapes[float_key(path, sub)] = sub.weight_shape
     return shapes
 
 
@@ -137,16 +133,16 @@ def materialize(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None, 
 
     Tensors are memory-mapped from safetensors; with no dtype/device change they stay mapped.
     `keys` assigns only those (a device map places parts one device at a time; it checks the whole first).
-    A PackedLinear whose checkpoint holds a float weight (quantising while loading) is packed one layer at a
+    A packed module whose checkpoint holds a float weight (quantising while loading) is packed one weight at a
     time, so the float model never exists whole.
     """
     native = native or NativeConfig(family="", config={})
     shapes = expected_shapes(module, native)
-    packing = {} if native.quantization else {
-        path: sub for path, sub in module.named_modules() if isinstance(sub, PackedLinear | PackedEmbedding)}
+    packing = {} if native.quantization else {  # float weight key -> (path, packed module)
+        float_key(path, sub): (path, sub) for path, sub in module.named_modules() if isinstance(sub, PACKED)}
     if keys is None:
         dtypes = {k: v.dtype for k, v in module.state_dict().items() if k in shapes}
-        dtypes.update({f"{path}.weight": torch.float32 for path in packing})  # packed here from a float weight
+        dtypes.update({k: torch.float32 for k in packing})  # packed here from a float weight
         check_keys(shapes, ckpt, what, {k: dtypes.get(k, torch.float32) for k in shapes})
     wanted = list(shapes) if keys is None else keys
 
@@ -156,10 +152,10 @@ def materialize(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None, 
 
     state = {}
     for k in wanted:
-        owner, _, attr = k.rpartition(".")
-        if owner in packing and attr == "weight":
-            for name, t in packing[owner].scheme.pack_rows(cast(ckpt.get(k))).items():
-                state[f"{owner}.{name}"] = cast(t)
+        if k in packing:
+            path, sub = packing[k]
+            for name, t in sub.scheme.pack_rows(cast(ckpt.get(k))).items():
+                state[f"{path}.{name}"] = cast(t)
         else:
             state[k] = cast(ckpt.get(k))
     module.load_state_dict(state, strict=keys is None, assign=True)

@@ -10,8 +10,8 @@ and multiplies by a ternary weight matrix, so the "matmul" is additions and subt
     y    = (x_q / s_x) @ (t * a)^T  =  (x_q @ t^T) * a / s_x
 
 This module holds the plain PyTorch reference of each step, the 2-bit packing of ternary codes (4 per byte),
-and `bitlinear`, the dispatch: the fused Triton kernel (bitlinear_triton.py: normalise, quantise, ternary
-matmul on the packed bytes, rescale, in one launch) for CUDA tensors, the reference otherwise. No triton
+and `bitlinear`: the fused Triton kernel (bitlinear_triton.py: normalise, quantise, ternary matmul on the packed
+bytes, rescale, in one launch) where the dispatch (dispatch.py) picks Triton, the reference otherwise. No triton
 import here, so `import zoo` stays fast.
 """
 
@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from zoo.architectures.kernels.dispatch import use_triton
+from zoo.architectures.kernels.precision import widen
 
 ACT_MIN = 1e-5  # floor of a token's absmax before 127 / absmax (an all-zero token quantises to zeros)
 WEIGHT_MIN = 1e-5  # floor of a weight tensor's mean |W|
 CODES_PER_BYTE = 4  # ternary codes, 2 bits each
-
-
-def widen(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32, or wider if it already is (fp64 runs everything in fp64: the tests' exact comparison)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -96,9 +93,9 @@ def bitlinear_latent(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wei
 
 def bitlinear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, packed: torch.Tensor,
               scale: torch.Tensor, in_features: int) -> torch.Tensor:
-    """BitLinear on packed ternary weights: the fused Triton kernel for CUDA tensors, else the reference
-    (which unpacks this one layer's weights for the call and drops them after)."""
-    if x.is_cuda:
+    """BitLinear on packed ternary weights: the fused Triton kernel where the dispatch picks it (CUDA tensors at
+    inference), else the reference (which unpacks this one layer's weights for the call and drops them after)."""
+    if use_triton(x, norm_weight):
         from zoo.architectures.kernels.bitlinear_triton import bitlinear_triton
 
         return bitlinear_triton(x, norm_weight, eps, packed, scale)

@@ -12,16 +12,12 @@ a [BLOCK_M x BLOCK_N] output tile per program accumulated with tl.dot in fp32.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from zoo.architectures.kernels.dispatch import interpreted
 
 GEMV_MAX_ROWS = 4  # up to this many rows of x, reading the weights once per row beats padding to a dot tile
-# Triton's CPU interpreter (TRITON_INTERPRET=1, the tests) multiplies bf16/fp16 dot operands wrongly (numpy has no
-# bf16), so under it the tiles go to tl.dot in fp32; on a GPU they stay in x's dtype for the tensor cores.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -88,7 +84,9 @@ def _gemm_kernel(X, Q, S, Z, BIAS, Y, M, N, K, G, n_groups, stride_xm, stride_qn
 
 def dequant_matmul_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
                           bias: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ dequant(q, scale, zero)^T (+ bias) -> [..., out] in x's dtype."""
+    """x [..., in] @ dequant(q, scale, zero)^T (+ bias) -> [..., out] in x's dtype. Under Triton's CPU interpreter
+    (dispatch.interpreted: it multiplies bf16/fp16 dot operands wrongly) the tiles go to tl.dot in fp32; on a GPU
+    they stay in x's dtype for the tensor cores."""
     if bits not in (4, 8):
         raise ValueError(f"dequant_matmul supports 8 or 4 bits, not {bits}")
     N = q.shape[0]
@@ -115,6 +113,6 @@ def dequant_matmul_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         else:
             _gemm_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 64))](
                 *args, M, N, K, K // n_groups, n_groups, x2.stride(0), q.stride(0), y.stride(0),
-                PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=INTERPRETED,
+                PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=interpreted(),
                 BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, **common)
     return y.view(*x.shape[:-1], N)

@@ -15,11 +15,8 @@ Three forms that compute the same thing:
 from __future__ import annotations
 
 import torch
-
-
-def widen(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32, or wider if it already is (fp64 runs everything in fp64: the tests' exact comparison)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+from zoo.architectures.kernels.dispatch import use_triton
+from zoo.architectures.kernels.precision import widen
 
 
 def hgrn_recurrent(i: torch.Tensor, f: torch.Tensor,
@@ -56,8 +53,9 @@ def hgrn_scan(i: torch.Tensor, f: torch.Tensor, h0: torch.Tensor | None = None) 
 
 def hgrn(i: torch.Tensor, f: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
     """Outputs [B, T, D] (i's dtype) of the recurrence started from h0 [B, D] fp32, which is overwritten in
-    place with the final state. Triton on CUDA; on CPU one step (decoding) or the parallel scan (prompts)."""
-    if i.is_cuda:
+    place with the final state. Triton where the dispatch picks it (CUDA at inference); elsewhere one step
+    (decoding) or the parallel scan (prompts)."""
+    if use_triton(i, f):
         from zoo.architectures.kernels.hgrn_triton import hgrn_triton
 
         return hgrn_triton(i, f, h0)

@@ -5,32 +5,45 @@
 oneDNN's matmul (torch.ops.mkldnn._linear_pointwise) applies GELU in the matmul's epilogue instead of a
 second pass over the output, and runs faster than F.linear on the vision models' shapes: measured 1.2-3x
 per matmul with the plain row-major weight the model already holds (fp32, 2 cores), so by default no copy
-of any weight is made. ZOO_ONEDNN=pack also packs each weight once into oneDNN's blocked layout
+of any weight is made. The mode "pack" also packs each weight once into oneDNN's blocked layout
 (torch.ops.mkldnn._reorder_linear_weight, the packing Inductor's freezing pass applies) for another 5-15%
 at small batches, at the cost of a second copy of every weight: kept on the layer (not in its state dict),
 keyed by the weight's storage and version counter, so a reloaded or modified weight is packed again.
-ZOO_ONEDNN=0 turns the path off. It applies only to fp32 CPU tensors outside autograd and outside
-torch.compile (Inductor has its own); everywhere else it is F.linear (+ F.gelu).
+The mode "off" turns the path off. The mode is a model's (zoo.load(onednn=...): `set_onednn`), else the
+process's (ZOO_ONEDNN, read once by zoo.settings). It applies only to fp32 CPU tensors outside autograd and
+outside torch.compile (the dispatch's EAGER; Inductor has its own); everywhere else it is F.linear (+ F.gelu).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures.kernels.dispatch import EAGER, backend
+
+from zoo.settings import ONEDNN_MODES, SETTINGS
 
 ACTIVATIONS = (None, "gelu")
 _PACKED = "_zoo_onednn_weight"  # attribute of the nn.Linear holding (key, packed weight)
+_MODE = "_zoo_onednn_mode"  # attribute of the nn.Linear holding its model's mode (set_onednn)
 
 
-def onednn_mode() -> str:
-    """"off", "dense" (the default: the model's own weights) or "pack" (a packed second copy), from ZOO_ONEDNN."""
-    mode = os.environ.get("ZOO_ONEDNN", "1").strip().lower()
-    if mode in ("0", "off", "false", "no") or not onednn_available():
-        return "off"
-    return "pack" if mode == "pack" else "dense"
+def onednn_mode(layer: nn.Module | None = None) -> str:
+    """"off", "dense" (the default: the model's own weights) or "pack" (a packed second copy): the layer's model's
+    (set_onednn), else the process's (zoo.settings: ZOO_ONEDNN)."""
+    mode = (layer.__dict__.get(_MODE) if layer is not None else None) or SETTINGS.onednn
+    return mode if onednn_available() else "off"
+
+
+def set_onednn(module: nn.Module, mode: str) -> None:
+    """Set the oneDNN mode of every linear layer of `module` (zoo.load(onednn=...)), over the process's."""
+    if mode not in ONEDNN_MODES:
+        raise ValueError(f"onednn={mode!r}: must be one of {', '.join(ONEDNN_MODES)}")
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            sub.__dict__[_MODE] = mode
+            if mode != "pack":
+                sub.__dict__.pop(_PACKED, None)  # a packed copy no longer used
 
 
 def onednn_available() -> bool:
@@ -46,7 +59,7 @@ def _key(w: torch.Tensor) -> tuple:
     return (w.data_ptr(), version, w.dtype, w.shape)
 
 
-def packed_weight(layer: nn.Linear) -> torch.Tensor:  # only under ZOO_ONEDNN=pack
+def packed_weight(layer: nn.Linear) -> torch.Tensor:  # only in the "pack" mode
     """The layer's weight in oneDNN's blocked layout, packed on first use and again if the weight changed."""
     key = _key(layer.weight)
     cached = layer.__dict__.get(_PACKED)
@@ -59,7 +72,7 @@ def packed_weight(layer: nn.Linear) -> torch.Tensor:  # only under ZOO_ONEDNN=pa
 def _fast(layer: nn.Linear, x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
-            and not torch.compiler.is_compiling())
+            and backend(x, has_kernel=False) == EAGER)
 
 
 def _pointwise(*args) -> torch.Tensor:
@@ -72,7 +85,7 @@ def linear(layer: nn.Linear, x: torch.Tensor, activation: str | None = None,
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
     b = layer.bias if isinstance(bias, str) else bias
-    mode = onednn_mode()
+    mode = onednn_mode(layer)
     if mode != "off" and _fast(layer, x):
         weight = packed_weight(layer) if mode == "pack" else layer.weight
         return _pointwise(x, weight, b, activation or "none", [], "none" if activation == "gelu" else "")

@@ -17,7 +17,8 @@ place; they compute in the state's dtype: float32 (whatever the activations' dty
 A token whose input gate is -inf and whose log forget gate is 0 leaves the state exactly as it was: that is
 how ragged chunk tails and left-pad tokens are neutralised.
 
-No triton import here (importing zoo stays fast); the kernel lives in mlstm_triton.py and runs for CUDA tensors.
+No triton import here (importing zoo stays fast); the kernel lives in mlstm_triton.py and runs where the dispatch
+(dispatch.py) picks Triton: CUDA tensors at inference.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from zoo.architectures.kernels.dispatch import use_triton
 
 CellState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C [B, NH, dqk, dv], n [B, NH, dqk], m [B, NH]
 
@@ -115,21 +117,12 @@ def mlstm_chunkwise_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return h.reshape(B, NH, NC * L, dv)[:, :, :S]
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, log_f: torch.Tensor,
                     state: CellState, chunk_size: int = 64, eps: float = 1e-6) -> torch.Tensor:
-    """A prompt through the mLSTM cell, updating `state` in place: the fused Triton kernel for CUDA tensors,
-    the plain PyTorch reference elsewhere. Returns h [B, NH, S, dv] in q's dtype."""
-    if _use_triton(q):
+    """A prompt through the mLSTM cell, updating `state` in place: the fused Triton kernel where the dispatch
+    picks it (CUDA tensors at inference), the plain PyTorch reference elsewhere. Returns h [B, NH, S, dv] in q's
+    dtype."""
+    if use_triton(q, k, v):
         from zoo.architectures.kernels.mlstm_triton import mlstm_chunkwise_triton
 
         return mlstm_chunkwise_triton(q, k, v, i, log_f, state, chunk_size, eps)

@@ -4,13 +4,15 @@
                                                         then the weight multiplies in the promoted dtype
 
 `rms_norm_reference` is the plain PyTorch definition (on CPU under torch.compile, Inductor fuses it into one
-pass). `rms_norm` dispatches: the Triton kernel (rmsnorm_triton.py: one read of x and w, one write of y)
-for CUDA tensors at inference, the reference otherwise. No triton import here, so `import zoo` stays fast.
+pass). `rms_norm` runs what the dispatch (dispatch.py) picks: the Triton kernel (rmsnorm_triton.py: one read of x
+and w, one write of y) for CUDA tensors at inference, the reference otherwise. No triton import here, so
+`import zoo` stays fast. The decoders' RMSNorm (architectures/layers.py) is this function.
 """
 
 from __future__ import annotations
 
 import torch
+from zoo.architectures.kernels.dispatch import use_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -18,11 +20,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
-
-
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """The fused kernels serve CUDA tensors outside autograd (they have no backward)."""
-    return tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

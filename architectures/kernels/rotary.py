@@ -6,14 +6,15 @@ Llama-style decoders: the first d = cos.shape[-1] dimensions of each head are ro
 
 and the remaining head dimensions (partial rotary, e.g. Phi-4-mini) pass through unchanged.
 
-`apply_rotary_reference` is the plain PyTorch definition; `apply_rotary` dispatches to the Triton kernel
-(rotary_triton.py: one read of x, one write, no rotate_half / cat temporaries) for CUDA tensors at inference.
+`apply_rotary_reference` is the plain PyTorch definition; `apply_rotary` runs what the dispatch (dispatch.py)
+picks: the Triton kernel (rotary_triton.py: one read of x, one write, no rotate_half / cat temporaries) for CUDA
+tensors at inference, the reference otherwise. The decoders' attention (architectures/layers.py) calls it.
 """
 
 from __future__ import annotations
 
 import torch
-from zoo.architectures.kernels.rmsnorm import use_triton
+from zoo.architectures.kernels.dispatch import use_triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -3,14 +3,15 @@ silu(g) = g * sigmoid(g). The two projections and the down projection around it 
 elementwise step is where the unfused version writes and re-reads two hidden-size temporaries.
 
 `silu_mul_reference` is the plain PyTorch definition (Inductor fuses it on CPU under torch.compile);
-`silu_mul` dispatches to the Triton kernel (swiglu_triton.py) for CUDA tensors at inference.
+`silu_mul` runs what the dispatch (dispatch.py) picks: the Triton kernel (swiglu_triton.py) for CUDA tensors at
+inference, the reference otherwise. The gated MLP (architectures/layers.py: GatedMLP) calls it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from zoo.architectures.kernels.rmsnorm import use_triton
+from zoo.architectures.kernels.dispatch import use_triton
 
 
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -648,6 +648,8 @@ def load_cases(ws: Workspace) -> list[Case]:
         ("verify='yes'", dict(verify="yes"), r"verify='yes'"),
         ("tp with device_map", dict(tp=2, device_map="auto"), r"tp"),
         ("device with device_map", dict(device="cuda:0", device_map="auto"), r"device='cuda:0'"),
+        ("onednn='fast'", dict(onednn="fast"), r"onednn='fast'"),
+        ("onednn=True", dict(onednn=True), r"onednn=True"),
     ]
     for label, kw, match in bad_args:
         cases.append(Case("load", f"argument {label}", lambda kw=kw: zoo.load(some, **kw), (ValueError,), match))

@@ -1,0 +1,57 @@
+"""zoo's runtime switches: each read from the environment once, here, when zoo is imported, and each also an
+argument where a user looks for it.
+
+    ZOO_ONEDNN   oneDNN linear layers for the vision models on CPU (architectures/kernels/linear.py):
+                 1 (default) | pack | 0                          zoo.load(onednn="dense" | "pack" | "off"),
+                                                                 zoo generate/predict --onednn
+    ZOO_COMPILE  decoding through one torch.compile'd step (zoo.generation.compile_wanted):
+                 unset (default: where it pays) | 1 | 0          zoo.load(compile=True | False), --compile
+    ZOO_HOME     where converted registry models and the verified-files record live (default ~/.cache/zoo).
+                 A location rather than a switch: read at each use (`zoo_home`), so a process can point it
+                 elsewhere (the tests give each test its own).
+
+An argument wins over the environment; the environment only sets the default. Code reads SETTINGS, never
+os.environ, for these; `from_environ` builds them from a given environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ONEDNN_MODES = ("off", "dense", "pack")  # no oneDNN | on the model's own weights | on a packed second copy
+
+
+@dataclass
+class Settings:
+    onednn: str = "dense"  # one of ONEDNN_MODES
+    compile: bool | None = None  # None: where it pays
+
+
+def onednn_from_text(text: str) -> str:
+    """A ZOO_ONEDNN value as a mode: 0/off/false/no -> "off", pack -> "pack", anything else (1, on) -> "dense"."""
+    text = text.strip().lower()
+    if text in ("0", "off", "false", "no"):
+        return "off"
+    return "pack" if text == "pack" else "dense"
+
+
+def compile_from_text(text: str) -> bool | None:
+    """A ZOO_COMPILE value: unset or empty -> None (where it pays), 0 -> False, anything else -> True."""
+    text = text.strip()
+    return None if not text else text != "0"
+
+
+def from_environ(environ: Mapping[str, str] = os.environ) -> Settings:
+    return Settings(onednn=onednn_from_text(environ.get("ZOO_ONEDNN", "1")),
+                    compile=compile_from_text(environ.get("ZOO_COMPILE", "")))
+
+
+SETTINGS = from_environ()
+
+
+def zoo_home() -> Path:
+    """Where converted registry models live: $ZOO_HOME, else ~/.cache/zoo (read at each call, see above)."""
+    return Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo")
