@@ -419,3 +419,18 @@ def test_views_are_read_in_numbered_order_and_preprocessed_as_published(converte
 
     assert np.asarray(load_image(tmp_path / "la.png", None)).min() == 255
     assert np.asarray(load_image(tmp_path / "la.png", False)).max() == 10
+
+
+@pytest.mark.parametrize("var", ["FIXED_SMALL", "FIXED_LARGE"])
+def test_a_one_step_schedule_predicts_the_clean_latent_in_its_single_step(var):
+    """steps=1 (the published tables index a second step that does not exist): the only step is the last, so
+    it returns the predicted x_0 and adds no noise."""
+    from zoo.architectures.wala import RespacedDDPM, WaLaConfig
+
+    ours = RespacedDDPM(WaLaConfig(variance=var), 1)
+    assert ours.timesteps == [0] and all(np.isfinite(v).all() for v in ours.tables.values())
+    x, eps, noise = torch.randn(3, 4, 2, 2, 2).unbind(0)
+    alpha_bar = 1 - 1e-4  # the linear schedule's first beta, 1e-4
+    x0 = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
+    torch.testing.assert_close(ours.step(eps, x, 0, noise), x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.step(eps, x, 0, 100 * noise), x0, atol=1e-5, rtol=1e-5)
