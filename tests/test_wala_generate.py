@@ -310,3 +310,23 @@ def test_the_preview_shows_the_input_beside_the_shape_and_four_views_around_it(a
     pic = np.asarray(Image.open(first.preview(tmp_path / "q.png")).convert("RGB")).astype(int)
     left = pic[100:640, :620]
     assert ((left[..., 0] > 240) & (left[..., 1] < 30) & (left[..., 2] < 30)).mean() > 0.3
+
+
+def test_the_command_line_plan_needs_no_model_and_names_what_it_will_write(tmp_path):
+    """What a pre-flight calls before loading or downloading anything: the plan, the modules, the formats."""
+    import argparse
+
+    from zoo.tasks import get_task
+
+    task = get_task("shape-generation")
+    a, b = write_ring(tmp_path / "a.h5"), write_ring(tmp_path / "b.h5")
+    args = argparse.Namespace(prompt=str(a), inputs=[str(b)], out=None, out_dir=str(tmp_path / "shapes"),
+                              preview=str(tmp_path / "pics"), target_faces=None, steps=None, guidance=None, seed=None)
+    assert task.cli_plan(args) == [(str(a), tmp_path / "shapes" / "a.obj", tmp_path / "pics" / "a.png"),
+                                   (str(b), tmp_path / "shapes" / "b.obj", tmp_path / "pics" / "b.png")]
+    assert task.cli_required_modules(args) == ["pywt", "mcubes", "trimesh", "fast_simplification", "matplotlib",
+                                               "h5py"]
+    args.target_faces, args.preview = 0, None
+    assert task.cli_required_modules(args) == ["pywt", "mcubes", "trimesh", "h5py"]
+    assert ".obj" in task.output_suffixes["out"] and ".png" in task.output_suffixes["preview"]
+    assert not (tmp_path / "shapes").exists()  # planning writes nothing

@@ -11,9 +11,9 @@ scaled as published: v / R * 2 - 1, triangle winding reversed), simplified by qu
 (fast-simplification) to a face budget, saved with trimesh (.obj, .ply, .glb, .stl, .off) and previewed headless
 with matplotlib. Optional libraries: pip install zoo[shapes].
 
-Before any model is loaded, the command line checks what this task needs (`required_modules`, `output_suffixes`,
-`ShapeGenerator.cli_plan`): the extras installed, every input present, every output of a known format and none
-of them an input.
+Before any model is loaded, the command line checks what this task needs (`ShapeGenerator.cli_plan`, with
+`required_modules` and `ShapeGenerator.output_suffixes`): the extras installed, every input present, every output
+of a known format and none of them an input.
 """
 
 from __future__ import annotations
@@ -73,11 +73,6 @@ def check_modules(names: Sequence[str]) -> None:
     if missing:
         raise ImportError(f"3-D shape generation needs {', '.join(missing)} (not installed); install the extra: "
                           "pip install 'zoo[shapes]'")
-
-
-def output_suffixes() -> dict[str, tuple[str, ...]]:
-    """Per output option, the file suffixes it writes."""
-    return {"out": MESH_SUFFIXES, "preview": PREVIEW_SUFFIXES}
 
 
 def check_mesh_path(path: str | Path, arg: str = "--out") -> Path:
@@ -409,7 +404,7 @@ def read_points(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such point cloud file")
     suffix = path.suffix.lower()
-    if suffix in (".h5", ".h5df", ".hdf5", ".hdf"):
+    if suffix in HDF5_SUFFIXES:
         h5py = _need("h5py")
         with h5py.File(path, "r") as f:
             if "points" not in f:
@@ -452,7 +447,12 @@ def read_voxels(path: Path, resolution: int) -> np.ndarray:
 
 @register_task("shape-generation")
 class ShapeGenerator(ZooModel):
-    """m.generate(condition) -> Mesh; m.denoise(x, t, features); m.decode(latents) -> SDF [B, R, R, R]."""
+    """m.generate(condition) -> Mesh; m.denoise(x, t, features); m.decode(latents) -> SDF [B, R, R, R].
+
+    For a command-line pre-flight (no model needed): `cli_plan(args)` checks everything `cli_generate` will need
+    and returns what it will write; `cli_required_modules(args)` and `output_suffixes` are its parts."""
+
+    output_suffixes = {"out": MESH_SUFFIXES, "preview": PREVIEW_SUFFIXES}  # per output option
 
     @property
     def license_notice(self) -> str:
@@ -612,6 +612,12 @@ class ShapeGenerator(ZooModel):
 
     # -- the command line ---------------------------------------------------------------------------------------------
 
+    @classmethod
+    def cli_required_modules(cls, args: Any) -> list[str]:
+        faces = getattr(args, "target_faces", None)
+        return required_modules(preview=bool(getattr(args, "preview", None)), simplify=faces != 0,
+                                inputs=cls.cli_inputs(args))
+
     @staticmethod
     def cli_inputs(args: Any) -> list[str]:
         """The conditions on the command line: the prompt, then any more (one shape each)."""
@@ -630,7 +636,7 @@ class ShapeGenerator(ZooModel):
         faces = getattr(args, "target_faces", None)
         if faces is not None and faces != 0 and not (isinstance(faces, int) and faces >= MIN_TARGET_FACES):
             raise ValueError(f"target_faces={faces}: must be 0 (keep every face) or an integer >= {MIN_TARGET_FACES}")
-        check_modules(required_modules(preview=bool(preview), simplify=faces != 0, inputs=inputs))
+        check_modules(cls.cli_required_modules(args))
         for name, check in (("steps", check_steps), ("guidance", check_guidance), ("seed", check_seed)):
             if getattr(args, name, None) is not None:
                 check(getattr(args, name))
@@ -657,13 +663,14 @@ class ShapeGenerator(ZooModel):
             plan.append((c, mesh, pic))
         written: dict[Path, str] = {}
         for c, mesh, pic in plan:
-            for path in (mesh, pic):
+            given = "--out-dir" if out_dir else "--out" if out else "the default output (NAME.obj here)"
+            for option, path in ((given, mesh), ("--preview", pic)):
                 if path is None:
                     continue
                 hit = next((f for f in files if _same_file(path, f)), None)
                 if hit is not None:
-                    raise ValueError(f"{path}: is the input {hit}; writing there would destroy it (name another "
-                                     "output file)")
+                    raise ValueError(f"{option}: {path} is the input {hit}; writing there would destroy it (name "
+                                     "another output)")
                 key = path.resolve()
                 if key in written:
                     raise ValueError(f"{path}: both {written[key]} and {c} would be written there (rename an input "
