@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, help="0 = greedy; default: the checkpoint's generation config")
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="random seed (shape models: default 42, as the published script)")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     s.add_argument("--out", help="write the result here (a mesh file: .obj, .ply, .glb)")
