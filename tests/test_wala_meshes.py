@@ -83,3 +83,19 @@ def test_a_simplified_mesh_saves_and_reads_back_with_its_face_count(sphere, tmp_
     for suffix in (".obj", ".ply", ".stl"):
         back = trimesh.load(str(small.save(tmp_path / f"s{suffix}")), force="mesh")
         assert len(back.faces) == len(small.faces)
+
+
+def test_a_mesh_alone_renders_one_view_and_a_preview_sheet_without_an_input_panel(sphere, tmp_path):
+    from PIL import Image
+
+    single = np.asarray(Image.open(sphere.render(tmp_path / "one.png")).convert("RGB")).astype(int)
+    assert single.shape == (512, 512, 3)
+    shaded = (single[..., 2] > single[..., 0] + 20)  # the bluish shade of the surface
+    assert 0.1 < shaded.mean() < 0.9
+    sheet = np.asarray(Image.open(sphere.preview(tmp_path / "sheet.png")).convert("RGB")).astype(int)
+    assert sheet.shape == (1000, 1280, 3)
+    top = sheet[100:640]
+    assert (top[:, :300].sum(-1) < 700).mean() < 0.01  # no input recorded: no input panel, the shape centred
+    assert (top[:, 320:960, 2] > top[:, 320:960, 0] + 20).mean() > 0.1
+    with pytest.raises(ValueError, match="sheet.txt"):
+        sphere.preview(tmp_path / "sheet.txt")
