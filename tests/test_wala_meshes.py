@@ -99,3 +99,27 @@ def test_a_mesh_alone_renders_one_view_and_a_preview_sheet_without_an_input_pane
     assert (top[:, 320:960, 2] > top[:, 320:960, 0] + 20).mean() > 0.1
     with pytest.raises(ValueError, match="sheet.txt"):
         sphere.preview(tmp_path / "sheet.txt")
+
+
+@pytest.mark.parametrize("kind", ["voxels", "views"])
+def test_the_preview_draws_voxel_and_multi_view_inputs_beside_the_shape(sphere, tmp_path, kind):
+    from PIL import Image
+
+    from zoo.tasks.shapes import ConditionView
+
+    if kind == "voxels":
+        grid = np.zeros((16, 16, 16), np.float32)
+        grid[4:12, 2:14, 4:12] = 1
+        view, colour = ConditionView("voxels", grid, "input: 16^3 voxels"), (217, 162, 95)  # the voxels' face colour
+    else:
+        tiles = np.zeros((4, 64, 64, 3), np.uint8)
+        tiles[..., 1] = 255  # four green views
+        view, colour = ConditionView("images", tiles, "input: 4 views"), (0, 255, 0)
+    sphere.condition = view
+    try:
+        pic = np.asarray(Image.open(sphere.preview(tmp_path / "p.png")).convert("RGB")).astype(int)
+    finally:
+        sphere.condition = None
+    left, right = pic[100:640, :620], pic[100:640, 660:]
+    near = lambda a: (np.abs(a - np.array(colour)).max(-1) < 60).mean()  # noqa: E731
+    assert near(left) > (0.02 if kind == "voxels" else 0.3) and near(right) < 0.001
