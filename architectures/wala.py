@@ -195,13 +195,16 @@ class RespacedDDPM:
         ac = np.cumprod(1.0 - b)
         ac_prev = np.append(1.0, ac[:-1])
         post_var = b * (1.0 - ac_prev) / (1.0 - ac)
+        # improved-diffusion clips the first (zero) posterior variance to the second; a one-step schedule has no
+        # second (the published code raises IndexError there) and never adds noise at its only step, so any
+        # finite value will do
+        first = post_var[1] if len(b) > 1 else b[0]
         self.tables = {
             "sqrt_recip_ac": np.sqrt(1.0 / ac),
             "sqrt_recipm1_ac": np.sqrt(1.0 / ac - 1),
             "coef1": b * np.sqrt(ac_prev) / (1.0 - ac),
             "coef2": (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac),
-            "log_var": (np.log(np.append(post_var[1], post_var[1:])) if c.variance == "FIXED_SMALL"
-                        else np.log(np.append(post_var[1], b[1:]))),
+            "log_var": np.log(np.append(first, post_var[1:] if c.variance == "FIXED_SMALL" else b[1:])),
         }
 
     def __len__(self) -> int:

@@ -419,3 +419,52 @@ def test_views_are_read_in_numbered_order_and_preprocessed_as_published(converte
 
     assert np.asarray(load_image(tmp_path / "la.png", None)).min() == 255
     assert np.asarray(load_image(tmp_path / "la.png", False)).max() == 10
+
+
+@pytest.mark.parametrize("var", ["FIXED_SMALL", "FIXED_LARGE"])
+def test_a_one_step_schedule_predicts_the_clean_latent_in_its_single_step(var):
+    """steps=1 (the published tables index a second step that does not exist): the only step is the last, so
+    it returns the predicted x_0 and adds no noise."""
+    from zoo.architectures.wala import RespacedDDPM, WaLaConfig
+
+    ours = RespacedDDPM(WaLaConfig(variance=var), 1)
+    assert ours.timesteps == [0] and all(np.isfinite(v).all() for v in ours.tables.values())
+    x, eps, noise = torch.randn(3, 4, 2, 2, 2).unbind(0)
+    alpha_bar = 1 - 1e-4  # the linear schedule's first beta, 1e-4
+    x0 = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
+    torch.testing.assert_close(ours.step(eps, x, 0, noise), x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.step(eps, x, 0, 100 * noise), x0, atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_seed_generation_draws_what_the_published_script_draws_after_seed_everything_42(converted,
+                                                                                                    monkeypatch):
+    """run.py (bc2bdd9) calls seed_everything(42) before each input, then p_sample_loop draws x_T and one noise
+    tensor per step from torch's global generator; generate() with no seed must reach the same latents."""
+    pub, model, _, _ = converted["sv"]
+    x = inputs_for("sv", 1)
+    feats = pub.features(x)
+    cond, zero = pub.network.cfg_conditions(feats, pub.image_index(1))
+    sampler = ref.SpacedDiffusion(ref.get_named_beta_schedule("linear", 1000, 1.0), ref.space_timesteps(1000, [5]),
+                                  "EPSILON", "FIXED_SMALL")
+    torch.manual_seed(42)  # what seed_everything(42) does to torch
+    img = torch.randn(1, 4, 12, 12, 12)
+    with torch.no_grad():
+        for i in reversed(range(5)):
+            img = sampler.p_sample(pub.network.unet, img, torch.tensor([i]), cond, zero, 1.8, torch.randn_like(img))
+    torch.manual_seed(0)  # the global generator elsewhere: generate() must not depend on it
+
+    class Latents(Exception):
+        pass
+
+    def stop(latents):
+        raise Latents(latents)
+
+    monkeypatch.setattr(model.module, "decode", stop)
+    with pytest.raises(Latents) as got:
+        model.generate(x[0], steps=5, guidance=1.8)
+    # the same draws: fp32 differences of 1e-6 in the network, grown over five steps by up to sqrt(1 / alpha_bar)
+    # (about 160 at the first step), stay under 1e-3, where another seed's latents differ by order one
+    torch.testing.assert_close(got.value.args[0], img, atol=1e-3, rtol=1e-3)
+    with pytest.raises(Latents) as other:
+        model.generate(x[0], steps=5, guidance=1.8, seed=43)
+    assert (other.value.args[0] - img).abs().max() > 0.5

@@ -55,18 +55,24 @@ def _parser() -> argparse.ArgumentParser:
 
     s = add("generate", "Generate from a prompt: text (streamed to stdout), or a 3D shape from a condition file.",
             'zoo generate qwen2-tiny-stdlib "def fibonacci(n):"\n'
-            "zoo generate wala-sv-1b chair.png --out chair.obj --preview chair.png")
+            "zoo generate wala-sv-1b chair.png --out chair.obj --preview chair_preview.png\n"
+            "zoo generate wala-sv-1b a.png b.png --out-dir shapes/ --preview shapes/")
     s.add_argument("model", help="registry name, native directory or hf://org/name@rev")
     s.add_argument("prompt", help="the text prompt; for a shape model, the condition (image, point cloud, ...)")
+    s.add_argument("inputs", nargs="*", metavar="MORE", help="shape models: more conditions, one shape each")
+    s.add_argument("--out-dir", help="shape models: write each shape here as NAME.obj (default: here)")
+    s.add_argument("--target-faces", type=int, help="shape models: simplify each mesh to at most N faces (default "
+                   "50000, which any viewer opens at once; 0 keeps every marching-cubes face)")
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--temperature", type=float, help="0 = greedy; default: the checkpoint's generation config")
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="random seed (shape models: default 42, as the published script)")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     s.add_argument("--out", help="write the result here (a mesh file: .obj, .ply, .glb)")
-    s.add_argument("--preview", help="also render the result to this picture (.png)")
+    s.add_argument("--preview", help="also render the result to this picture (.png): the input beside the shape "
+                   "and four views around it (several inputs: a directory, NAME.png each)")
     s.add_argument("--steps", type=int, help="diffusion steps (default: the model's recommended)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     s.add_argument("--dtype", help="compute dtype (default: as stored)")

@@ -1028,11 +1028,47 @@ def cli_cases(ws: Workspace) -> list[Case]:
                   (f"generate with a {family} model from a decompression bomb", [
                       "generate", str(native), str(d / "bomb.png"), "--max-new-tokens", "2", "--steps", "1",
                       "--out", str(d / "o.obj")], named)]
+    argvs += shape_cli_argvs(ws, d, out)
     for fmt in sorted(formats()):
         argvs.append((f"convert --format {fmt} on a junk file", ["convert", str(d / "junk.png"), str(out), "--format",
                                                                  fmt], NAMED))
     return [Case("cli", label, lambda argv=argv: cli(*argv), (), match, (out,), cli=True)
             for label, argv, match in argvs]
+
+
+def shape_cli_argvs(ws: Workspace, d: Path, out: Path) -> list[tuple[str, list[str], str]]:
+    """`zoo generate` with a shape model: each number just past the edge its check allows (the edges themselves
+    run: tests/test_wala_generate.py), outputs of unknown formats or over an input, a batch given one output file."""
+    from PIL import Image
+
+    native = next((n for n in ws.natives.values() if json.loads((n / "config.json").read_text())["task"] ==
+                   "shape-generation"), None)
+    if native is None:
+        return []
+    image = d / "chair.png"
+    Image.new("RGB", (32, 32), "gray").save(image)
+    base = ["generate", str(native), str(image)]
+    mesh = str(out / "chair.obj")
+    steps = json.loads((native / "config.json").read_text())["config"]["train_steps"]
+    return [
+        ("shapes: --steps 0", [*base, "--out", mesh, "--steps", "0"], r"steps=0"),
+        (f"shapes: --steps {steps + 1} (past the training schedule)", [*base, "--out", mesh, "--steps",
+                                                                     str(steps + 1)], rf"steps={steps + 1}"),
+        ("shapes: --guidance -0.5", [*base, "--out", mesh, "--guidance", "-0.5"], r"guidance=-0\.5"),
+        ("shapes: --guidance inf", [*base, "--out", mesh, "--guidance", "inf"], r"guidance=inf"),
+        ("shapes: --seed -1", [*base, "--out", mesh, "--seed", "-1"], r"seed=-1"),
+        ("shapes: --seed 2**64", [*base, "--out", mesh, "--seed", str(2**64)], r"seed=18446744073709551616"),
+        ("shapes: --target-faces 3", [*base, "--out", mesh, "--target-faces", "3"], r"target_faces=3"),
+        ("shapes: --target-faces -1", [*base, "--out", mesh, "--target-faces", "-1"], r"target_faces=-1"),
+        ("shapes: --out of an unknown format", [*base, "--out", str(out / "x.xyz")], r"x\.xyz"),
+        ("shapes: --preview of an unknown format", [*base, "--out", mesh, "--preview", str(out / "p.txt")],
+         r"p\.txt"),
+        ("shapes: --preview over the input", [*base, "--out", mesh, "--preview", str(image)], r"chair\.png"),
+        ("shapes: --out over the input", [*base, "--out", str(image)], r"chair\.png"),
+        ("shapes: --out for two inputs", [*base, str(image), "--out", mesh], r"--out"),
+        ("shapes: two inputs writing one file", [*base, str(image), "--out-dir", str(out)], r"chair\.obj"),
+        ("shapes: a missing second input", [*base, str(d / "none.png"), "--out-dir", str(out)], r"none\.png"),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- all
