@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zoo.tasks import ZooModel, is_main_process, register_task
+from zoo.tasks import Command, ZooModel, is_main_process, register_task
 from zoo.tasks.vision import open_pil, to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -206,6 +206,11 @@ def read_voxels(path: Path, resolution: int) -> np.ndarray:
 @register_task("shape-generation")
 class ShapeGenerator(ZooModel):
     """m.generate(condition) -> Mesh; m.denoise(x, t, features); m.decode(latents) -> SDF [B, R, R, R]."""
+
+    commands = {"generate": Command(  # what `zoo generate` may pass (checked before loading)
+        options=frozenset({"seed", "steps", "guidance", "out", "preview"}), inputs="paths", out=MESH_SUFFIXES,
+        default_out="{stem}.obj", preview=(".png", ".jpg", ".jpeg", ".pdf", ".svg"),
+        needs=("mcubes", "trimesh", "matplotlib"), extra="shapes")}
 
     @property
     def license_notice(self) -> str:
