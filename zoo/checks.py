@@ -140,7 +140,8 @@ def find_nan(value: Any, path: str = "") -> str | None:
 
 def _same(a: Any, b: Any) -> bool:
     """One file under two names: equal resolved paths, or the same inode (a hard link, a bind mount)."""
-    if os.path.realpath(a) == os.path.realpath(b):
+    a, b = os.path.realpath(a), os.path.realpath(b)  # "new/../x" names x even while new/ does not exist
+    if a == b:
         return True
     try:
         return os.path.samefile(a, b)

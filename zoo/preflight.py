@@ -136,6 +136,8 @@ def _outputs(spec: Any, args: Any, inputs: list[Path]) -> dict[str, Path]:
     outputs: dict[str, Path] = {}
     if out is not None:
         path = Path(out)
+        if path.is_dir():
+            raise ValueError(f"--out {out}: is a directory; give a file name")
         if spec.out != ("*",) and path.suffix.lower() not in spec.out:
             raise ValueError(f"--out {out}: unknown output format {path.suffix or '(no suffix)'!r}; use "
                              f"{' or '.join(spec.out)}")
