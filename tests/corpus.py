@@ -969,7 +969,7 @@ def cli_cases(ws: Workspace) -> list[Case]:
     d = ws.fresh("cli")
     (d / "junk.png").write_bytes(b"junk")
     (d / "bomb.png").write_bytes(png_bytes(30000, 30000, bit_depth=1, color_type=0))
-    out = d / "out"
+    out = ws.fresh("cli-out") / "out"  # outside d, which cases also use as a source (OUT inside SRC is refused)
     argvs: list[tuple[str, list[str], str]] = [
         ("no command", [], r"command"),
         ("unknown command", ["frobnicate"], r"frobnicate"),
