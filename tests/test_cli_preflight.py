@@ -244,6 +244,17 @@ def test_predict_out_writes_the_labels_as_json(natives, tmp_path, capsys):
     assert len(data["top_k"]) == 3 and data["input"] == str(img)
 
 
+def test_outputs_go_into_directories_made_for_them(natives, tmp_path, capsys):
+    from tests.corpus_seeds import _nnunet_dinounet
+
+    img = png(tmp_path / "cat.png")
+    assert main(["predict", str(natives["swin"]), str(img), "--out", str(tmp_path / "a" / "b" / "l.json")]) == 0
+    assert json.loads((tmp_path / "a" / "b" / "l.json").read_text())["top_k"]
+    seg = zoo.convert(_nnunet_dinounet(tmp_path / "nnunet"), tmp_path / "seg", progress=False)
+    assert main(["predict", str(seg), str(img), "--out", str(tmp_path / "masks" / "m.png")]) == 0
+    assert {p.name for p in (tmp_path / "masks").iterdir()} == {"m.png", "m_overlay.png"}
+
+
 def test_predict_without_top_k_uses_the_default_of_five(natives, tmp_path, capsys):
     assert main(["predict", str(natives["swin"]), str(png(tmp_path / "cat.png"))]) == 0
     assert len(capsys.readouterr().out.splitlines()) == min(5, zoo.load(natives["swin"]).config.num_classes)

@@ -248,8 +248,11 @@ def _cmd_convert(a) -> None:
 def _run_task(command: str, a, load_options: dict) -> None:
     """generate / predict / features: every check the model's task declares, before loading or downloading; then
     load, and hand the arguments to the task."""
+    from pathlib import Path
+
     import zoo
     from zoo.preflight import check_command, find_model
+    from zoo.tasks import is_main_process
 
     target = find_model(a.model)
     spec = check_command(command, target, a.given, a)  # (zoo.hub says how much a first use downloads)
@@ -260,8 +263,11 @@ def _run_task(command: str, a, load_options: dict) -> None:
     for dest, value in DEFAULTS.items():
         if hasattr(a, dest) and getattr(a, dest) is None:
             setattr(a, dest, value)
+    for out in (getattr(a, "out", None), getattr(a, "preview", None)):  # checked writable: make its directory
+        if out:
+            Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     run = getattr(model, f"cli_{command}")
-    if spec.out_from_stdout and a.out:
+    if spec.out_from_stdout and a.out and is_main_process():  # (under torchrun only rank 0 prints, so writes)
         with _Tee(a.out):
             run(a)
     else:
