@@ -176,13 +176,19 @@ def test_an_output_of_unknown_format_or_in_an_impossible_place_is_refused_before
     assert all(w in err for w in words), err
 
 
-def test_a_missing_extra_is_refused_before_loading(tmp_path, capsys, no_loading, monkeypatch):
+@pytest.mark.parametrize("module,argv,extra", [
+    ("mcubes", ["generate", "wala-sv-1b", "{img}", "--out", "{d}/c.obj"], "shapes"),
+    ("pywt", ["generate", "wala-sv-1b", "{img}"], "shapes"),
+    ("av", ["predict", "videomae2-s-k710-distilled", "{img}"], "video"),
+])
+def test_a_missing_extra_is_refused_before_loading(module, argv, extra, tmp_path, capsys, no_loading, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mcubes" else real(name, *a))
-    err = refused(capsys, "generate", "wala-sv-1b", png(tmp_path / "chair.png"), "--out", tmp_path / "c.obj")
-    assert "mcubes" in err and "pip install 'zoo[shapes]'" in err
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    err = refused(capsys, *[a.format(img=png(tmp_path / "chair.png"), d=tmp_path) for a in argv])
+    assert module in err and f"pip install 'zoo[{extra}]'" in err
 
 
 def test_an_hf_address_gets_the_same_checks_once_loaded(natives, tmp_path, capsys, monkeypatch):

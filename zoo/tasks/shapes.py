@@ -210,7 +210,7 @@ class ShapeGenerator(ZooModel):
     commands = {"generate": Command(  # what `zoo generate` may pass (checked before loading)
         options=frozenset({"seed", "steps", "guidance", "out", "preview"}), inputs="paths", out=MESH_SUFFIXES,
         default_out="{stem}.obj", preview=(".png", ".jpg", ".jpeg", ".pdf", ".svg"),
-        needs=("mcubes", "trimesh", "matplotlib"), extra="shapes")}
+        needs=("pywt", "mcubes", "trimesh", "matplotlib"), extra="shapes")}
 
     @property
     def license_notice(self) -> str:

@@ -391,6 +391,9 @@ class VideoClassifier(VisionModel):
     """inputs: a video file, a list of frames (PIL images / HxWx3 uint8 arrays), a uint8 tensor [T, H, W, 3];
     or a float tensor that is already preprocessed ([C, T, H, W] or [B, C, T, H, W])."""
 
+    commands = {name: dataclasses.replace(c, needs=("av",), extra="video")  # a video file is read with PyAV
+                for name, c in VisionModel.commands.items()}
+
     def _frames_needed(self) -> tuple[int, int]:
         p = self.preprocessing
         return int(p.get("num_frames", getattr(self.config, "num_frames", 16))), int(p.get("frame_stride", 1))
