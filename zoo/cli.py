@@ -194,6 +194,10 @@ def _cmd_info(a) -> None:
                                   f"(`hf cache rm model/{e.source.repo}` frees it)"))
         facts.append(("disk", f"about {human_bytes(disk_bytes(e))} converted, in {zoo_home() / 'models' / e.name}; "
                               "with the Hub cache, about twice that"))
+    else:  # given out by the publisher: downloaded by hand, then converted
+        facts.append(("download", f"about {human_bytes(download_bytes(e))}, by hand (see weights)"))
+        facts.append(("disk", f"about {human_bytes(disk_bytes(e))} converted, in {zoo_home() / 'models' / e.name}, "
+                              "beside the download until you delete it"))
     if local is not None:
         facts.append(("on this machine", str(local)))
         facts += _training_facts(local)
