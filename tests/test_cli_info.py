@@ -143,6 +143,7 @@ def test_dinov3_is_a_feature_extraction_model_in_list_info_and_its_card(tmp_path
     (["generate", "qwen2-tiny-stdlib", "x", "--device", "gpu"], "--device gpu", "device="),
     (["generate", "qwen2-tiny-stdlib", "x", "--temperature", "-1"], "--temperature -1", "temperature="),
     (["pull", "a/b/c"], "one '/' between the owner and the name", "repo_type"),
+    (["generate", "qwen2-tiny-stdlib", "x", "--top-p", "2", "--temperature", "1"], "0 < --top-p <= 1", "None"),
 ])
 def test_errors_speak_of_the_flags_the_user_typed(argv, says, not_says):
     code, _, err = run(*argv)

@@ -381,6 +381,9 @@ def in_cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
             continue
         message = re.sub(rf"(?<![\w.-]){dest}=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)",
                          lambda m, flag=flag: f"{flag} {_unquoted(m.group(1))}", message)
+        if "_" in action.dest:  # a bare Python name ("0 < top_p <= 1"); plain words (file, seed) are left alone
+            message = re.sub(rf"(?<![\w.-]){dest}(?![\w=])", flag, message)
+    message = re.sub(r"\(or None\b", "(or leave it out", message)  # the Python default, as the command line has it
     return re.sub(r"(--[\w-]+) \(\1\)", r"\1", message)  # "pass --overwrite (overwrite=True)": said once
 
 
