@@ -291,7 +291,7 @@ def _entries() -> list[Entry]:
             source=Source(repo=f"timm/{timm_arch}.{data}", layout="timm-dinov3"),
             license=LICENSE,
             paper="https://arxiv.org/abs/2508.10104",
-            task="image-classification",
+            task="image-feature-extraction",
             params=count_params(c),
             description=f"DINOv3 {NAMES[arch]} backbone (self-supervised{distilled}) pre-trained on "
                         f"{DATASETS[data]}; class token and dense patch features",
@@ -307,7 +307,7 @@ FAMILY = Family(
     name="dinov3",
     config_cls=DINOv3Config,
     build=build,
-    task="image-classification",
+    task="image-feature-extraction",
     entries=tuple(_entries()),
     card_template="dinov3.md",
 )

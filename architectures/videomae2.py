@@ -197,8 +197,8 @@ class Published:
 
 
 # OpenGVLab/VideoMAE2 (the mirror of the form-gated release) states no license we could read offline; the code is
-# MIT, the hub backbones' cards say cc-by-nc-4.0. Recorded as "other" until checked.
-UNVERIFIED_LICENSE = "other"
+# MIT, the same release's backbones on the Hub say cc-by-nc-4.0, so the K710 weights are recorded under that too.
+UNVERIFIED_LICENSE = "cc-by-nc-4.0"
 PUBLISHED = {
     "videomae2-s-k710-distilled": Published(
         "s", 710, "OpenGVLab/VideoMAE2", "videomae2-official", "distill/vit_s_k710_dl_from_giant.pth",

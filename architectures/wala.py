@@ -98,6 +98,13 @@ class WaLaConfig:
     voxel_stem: int = 64
     voxel_hidden: int = 128
 
+    def unused_fields(self) -> set[str]:
+        """The other conditions' encoder numbers, which this model does not read (`zoo info` hides them)."""
+        own = {"image": ("image_", "interpolate_"), "depth": ("image_", "interpolate_"), "pointcloud": ("point_",),
+               "voxel": ("voxel_",)}[self.condition]
+        encoders = ("image_", "interpolate_", "point_", "voxel_")
+        return {n for n in self.__dataclass_fields__ if n.startswith(encoders) and not n.startswith(own)}
+
     def __post_init__(self):
         if self.condition not in CONDITIONS:
             raise ValueError(f"condition {self.condition!r} is not one of {CONDITIONS}")

@@ -209,8 +209,8 @@ class TimmSwinV2(Format):
 
     def detect(self, src: Path) -> bool:
         arch = str(timm_config(src).get("architecture", ""))
-        if arch:
-            return arch.startswith("swinv2_") and not arch.startswith("swinv2_cr")
+        if arch:  # swinv2_cr_* is claimed too, so that converting it says it is not supported (native_config)
+            return arch.startswith("swinv2_")
         if not weight_file_or_dir(src):
             return False
         keys = keys_of(src)
@@ -219,6 +219,9 @@ class TimmSwinV2(Format):
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg = timm_config(src)
+        if str(cfg.get("architecture", "")).startswith("swinv2_cr"):  # timm's own variant: other blocks and norms
+            raise CheckpointError(f"{src}: {cfg['architecture']} is timm's swinv2_cr, a different architecture; "
+                                  "swinv2_cr is not supported; zoo reads swinv2_* (timm)")
         fields = geometry(source(src), src, "head.fc.weight")
         stages = len(fields["depths"])
         arch = cfg.get("architecture") or (src.stem if src.is_file() else src.name)

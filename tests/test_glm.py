@@ -361,7 +361,7 @@ def test_zoo_info_shows_the_glm_130b_license(capsys):
 
     assert main(["info", "glm-130b"]) == 0
     out = capsys.readouterr().out
-    assert "license glm-130b" in out and "GLM-130B/blob/main/MODEL_LICENSE" in out and "2210.02414" in out
+    assert "glm-130b (https://github.com/THUDM/GLM-130B/blob/main/MODEL_LICENSE)" in out and "2210.02414" in out
 
 
 def test_loading_a_model_given_out_on_request_says_how_to_get_and_convert_it():

@@ -188,7 +188,8 @@ def test_registry_name_published_on_the_hub_converts_on_first_use(hub_env, tmp_p
 
     model = zoo.load("qwen2-hubtest-tiny", dtype=torch.float32)
     err = capsys.readouterr().err
-    assert "qwen2-hubtest-tiny: first use; downloading testorg/Tiny-Qwen2-Published@main" in err
+    assert "qwen2-hubtest-tiny: first use; downloading about" in err and "testorg/Tiny-Qwen2-Published@main" in err
+    assert err.index("downloading about") < err.index("Fetching")  # the size, before the download starts
     assert "Writing model shards" in err  # the conversion's progress bar
     with torch.no_grad():
         assert max_abs_diff(model(IDS), ref(IDS).logits) < 1e-4

@@ -54,7 +54,7 @@ def test_cli_list_and_info_show_published_numbers():
     assert json.loads(out)["config"]["dim"] == 3584
 
 
-@pytest.mark.parametrize("command", ["list", "info", "convert", "generate", "predict", "push", "pull"])
+@pytest.mark.parametrize("command", ["list", "info", "convert", "generate", "predict", "features", "push", "pull"])
 def test_every_subcommand_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

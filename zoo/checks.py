@@ -148,3 +148,59 @@ def check_onednn(mode: Any, arg: str = "onednn") -> str | None:
         raise ValueError(f"{arg}={mode!r}: must be one of {', '.join(repr(m) for m in ONEDNN_MODES)} (or None: "
                          "ZOO_ONEDNN's setting)")
     return mode
+
+
+def _same(a: Any, b: Any) -> bool:
+    """One file under two names: equal resolved paths, or the same inode (a hard link, a bind mount)."""
+    a, b = os.path.realpath(a), os.path.realpath(b)  # "new/../x" names x even while new/ does not exist
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def _inside(path: Any, directory: Any) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(directory)
+    return real != top and real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def check_outputs(outputs: dict[str, Any], inputs: list[Any]) -> None:
+    """Every output file (by the argument that names it: {"--out x.obj": path}) can be written, and none is an input
+    (same resolved path or same inode), an existing file inside an input directory, or another output. Called before
+    any work, so a typo never costs a run, and a run never writes over what it read."""
+    seen: dict[str, str] = {}
+    for arg, path in outputs.items():
+        if os.path.isdir(path):
+            raise ValueError(f"{arg}: is a directory; give a file name")
+        for src in inputs:
+            if _same(path, src) or (os.path.isfile(path) and os.path.isdir(src) and _inside(path, src)):
+                what = "the input" if not os.path.isdir(src) or _same(path, src) else "a file of the input directory"
+                raise ValueError(f"{arg}: is {what} {src}; zoo never writes an output over an input, give another "
+                                 "name")
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(f"{arg}: the same file as {seen[real]}; give each output its own name")
+        seen[real] = arg
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):  # missing directories are created when the output is written
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"{arg}: {parent} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise PermissionError(f"{arg}: not writable here (no permission to write in {parent})")
+
+
+def check_output_directory(out: Any, sources: list[Any], arg: str = "OUT") -> None:
+    """A directory a command writes (or replaces, with --overwrite) is none of its sources, holds none of them and
+    lies inside none of them."""
+    for src in sources:
+        if src is None:
+            continue
+        if _same(out, src) or _inside(src, out):
+            raise ValueError(f"{arg} {out}: {'is' if _same(out, src) else 'holds'} the input {src}; writing there "
+                             "would destroy it, give another output directory")
+        if os.path.isdir(src) and _inside(out, src):
+            raise ValueError(f"{arg} {out}: lies inside the input directory {src}; give an output directory "
+                             "outside it")

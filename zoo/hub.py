@@ -51,9 +51,18 @@ def validate_repo_id(repo_id: str) -> None:
     try:
         hf_validate(repo_id)
     except HFValidationError as e:
-        raise ValueError(f"{repo_id!r} is not a valid Hub repository id ('org/name'): {e}") from None
+        raise ValueError(f"{repo_id!r} is not a valid Hub repository id ('org/name'): {_plain(str(e), repo_id)}") \
+            from None
     if not repo_id:
         raise ValueError("empty Hub repository id; expected 'org/name'")
+
+
+def _plain(message: str, repo_id: str) -> str:
+    """huggingface_hub's validation message without what does not apply here: its hint about its own `repo_type`
+    argument (zoo has none: models only), and the id it repeats."""
+    if repo_id.count("/") > 1:
+        return "one '/' between the owner and the name, no more"
+    return message.replace(f": '{repo_id}'.", "").replace(f" '{repo_id}'.", "").strip()
 
 
 def validate_revision(revision: str) -> None:
@@ -249,8 +258,12 @@ def fetch_and_convert(entry: Any, local_dir: Path) -> Path:
     with ProcessLock(local_dir.with_name(f".{local_dir.name}.first-use.lock")):  # two processes: one converts
         if local_dir.is_dir():
             return local_dir
-        _say(f"{entry.name}: first use; downloading {src.repo}@{src.revision} from {endpoint()} "
-             f"and converting it into {local_dir}")
+        from zoo.registry import disk_bytes, download_bytes, human_bytes
+
+        _say(f"{entry.name}: first use; downloading about {human_bytes(download_bytes(entry))} "
+             f"({src.repo}@{src.revision} from {endpoint()}) and converting it into {local_dir} (about "
+             f"{human_bytes(disk_bytes(entry))} more). The download stays in the Hub cache beside the converted copy, "
+             f"about twice the disk: `hf cache rm model/{src.repo}` frees it.")
         weights = list(src.files) or _WEIGHT_PATTERNS.get(src.file_format, [f"*.{src.file_format}"])
         patterns = _SOURCE_PATTERNS + weights
         snapshot = _download(src.repo, src.revision, patterns, None, None)

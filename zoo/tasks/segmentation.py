@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from zoo.tasks import ZooModel, is_main_process, register_task
+from zoo.tasks import Command, ZooModel, is_main_process, register_task
 from zoo.tasks.vision import open_pil
 
 # class colours for masks and overlays (index 0, the background, is black / transparent)
@@ -197,6 +197,9 @@ def gaussian_weights(tile: tuple[int, int], sigma_scale: float = 1 / 8, peak: fl
 @register_task("image-segmentation")
 class Segmenter(ZooModel):
     """`model(x)` -> logits; `segment(image)` / `predict(image)` -> Segmentation (mask + class names)."""
+
+    commands = {"predict": Command(  # what `zoo predict` may pass (checked before loading): the mask and an overlay
+        options=frozenset({"out"}), out=(".png",), companions=("{stem}_overlay.png",))}
 
     @property
     def preprocessing(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from zoo.checks import check_int
-from zoo.tasks import ZooModel, is_main_process, register_task
+from zoo.tasks import Command, ZooModel, is_main_process, register_task
 from zoo.tasks.vision import open_pil, to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -453,6 +453,12 @@ class ShapeGenerator(ZooModel):
     and returns what it will write; `cli_required_modules(args)` and `output_suffixes` are its parts."""
 
     output_suffixes = {"out": MESH_SUFFIXES, "preview": PREVIEW_SUFFIXES}  # per output option
+
+    commands = {"generate": Command(  # what `zoo generate` may pass (checked before loading)
+        options=frozenset({"seed", "steps", "guidance", "out", "preview", "out_dir", "target_faces", "inputs"}),
+        inputs="paths", out=MESH_SUFFIXES,
+        default_out="{stem}.obj", preview=PREVIEW_SUFFIXES,
+        needs=("pywt", "mcubes", "trimesh", "matplotlib"), extra="shapes")}
 
     @property
     def license_notice(self) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from zoo.generation import Sampling, check_max_new_tokens, decode
-from zoo.tasks import ZooModel, is_main_process, register_task
+from zoo.tasks import Command, ZooModel, is_main_process, register_task
 
 
 class Tokenizer:
@@ -78,6 +78,10 @@ class Tokenizer:
 @register_task("text-generation")
 class TextModel(ZooModel):
     """`model(ids)` -> logits [B, T, V]; `generate` and `chat` for text or token ids."""
+
+    commands = {"generate": Command(  # what `zoo generate` may pass (checked before loading); --out: the text
+        options=frozenset({"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "compile", "tp",
+                           "quantize", "out"}), inputs="text", out=("*",), out_from_stdout=True)}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

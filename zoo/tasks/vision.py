@@ -24,8 +24,11 @@ Inputs are checked where they enter, with errors that name the file or argument:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from zoo.checks import check_int
 from zoo.family import init_derived_buffers
-from zoo.tasks import ZooModel, register_task
+from zoo.tasks import Command, ZooModel, is_main_process, register_task
 
 INTERPOLATION = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
@@ -223,11 +226,35 @@ def read_video(path: str | Path, num_frames: int, stride: int) -> list[Image.Ima
     return [kept[i] for i in indices]
 
 
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """write(tmp) into a temporary file beside `path`, then renamed over it: a failure leaves no half file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 # -- task classes ----------------------------------------------------------------------------------------------
+
+
+PREDICT = Command(options=frozenset({"top_k", "out", "onednn"}), out=(".json",))  # --out: the labels and scores as JSON
+FEATURES = Command(options=frozenset({"out", "dense"}), out=(".safetensors",))
 
 
 class VisionModel(ZooModel):
     """Shared by image and video classifiers: labels, top-k, features, reconfigure."""
+
+    commands = {"predict": PREDICT, "features": FEATURES}
+
+    @classmethod
+    def refuse(cls, command: str, config: dict[str, Any]) -> str | None:
+        if command == "predict" and not config.get("num_classes"):
+            return "is a backbone without a classifier, so it has no labels to predict; try `zoo features`"
+        return None
 
     @property
     def preprocessing(self) -> dict[str, Any]:
@@ -269,8 +296,34 @@ class VisionModel(ZooModel):
         return out[0] if single else out
 
     def cli_predict(self, args: Any) -> None:
-        for label, score in self.predict(args.file, top_k=args.top_k):
+        top = self.predict(args.file, top_k=args.top_k)
+        if not is_main_process():
+            return
+        for label, score in top:
             print(f"{score:7.4f}  {label}")
+        if getattr(args, "out", None):
+            data = {"model": self.name, "input": str(args.file), "top_k": [{"label": k, "score": v} for k, v in top]}
+            write_atomically(args.out, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
+            print(f"wrote {args.out}", file=sys.stderr)
+
+    def cli_features(self, args: Any) -> None:
+        """`zoo features`: the pooled features [1, D], or with --dense every tensor the backbone gives (a dense
+        feature map, tokens), printed as shapes and written to --out as safetensors."""
+        feats = self.features(args.file, pooled=not getattr(args, "dense", False))
+        named = feats._asdict() if hasattr(feats, "_asdict") else {"features": feats}
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in named.items()}
+        if not is_main_process():
+            return
+        for k, v in tensors.items():
+            print(f"{k}  {list(v.shape)}")
+        if getattr(args, "out", None):
+            from safetensors.torch import save_file
+
+            meta = {"model": self.name or "", "input": str(args.file)}
+            write_atomically(args.out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+            print(f"wrote {args.out}", file=sys.stderr)
+        else:
+            print("(pass --out feats.safetensors to write them)", file=sys.stderr)
 
     def features(self, inputs: Any, pooled: bool = True) -> torch.Tensor:
         """Backbone features: pooled [B, D] (the classifier's input), or the final tokens / feature map."""
@@ -326,10 +379,20 @@ class ImageClassifier(VisionModel):
         return self.preprocess(inputs)[None], True
 
 
+@register_task("image-feature-extraction")
+class ImageFeatureExtractor(ImageClassifier):
+    """A backbone (DINOv3): features(inputs, pooled) only; `zoo features` on the command line."""
+
+    commands = {"features": FEATURES}
+
+
 @register_task("video-classification")
 class VideoClassifier(VisionModel):
     """inputs: a video file, a list of frames (PIL images / HxWx3 uint8 arrays), a uint8 tensor [T, H, W, 3];
     or a float tensor that is already preprocessed ([C, T, H, W] or [B, C, T, H, W])."""
+
+    commands = {name: dataclasses.replace(c, needs=("av",), extra="video")  # a video file is read with PyAV
+                for name, c in VisionModel.commands.items()}
 
     def _frames_needed(self) -> tuple[int, int]:
         p = self.preprocessing

@@ -22,6 +22,7 @@ mutations of its own files once zoo/testing/corpus_seeds.py has a builder for it
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -967,25 +968,25 @@ def cli_cases(ws: Workspace) -> list[Case]:
     d = ws.fresh("cli")
     (d / "junk.png").write_bytes(b"junk")
     (d / "bomb.png").write_bytes(png_bytes(30000, 30000, bit_depth=1, color_type=0))
-    out = d / "out"
+    out = ws.fresh("cli-out") / "out"  # outside d, which cases also use as a source (OUT inside SRC is refused)
     argvs: list[tuple[str, list[str], str]] = [
         ("no command", [], r"command"),
         ("unknown command", ["frobnicate"], r"frobnicate"),
         ("unknown option", ["list", "--colour"], r"--colour"),
         ("missing argument", ["convert", "only-src"], r"out"),
         ("--max-new-tokens abc", ["generate", text, "x", "--max-new-tokens", "abc"], r"'abc'"),
-        ("--max-new-tokens -3", ["generate", text, "x", "--max-new-tokens", "-3"], r"max_new_tokens=-3"),
-        ("--temperature nan", ["generate", text, "x", "--temperature", "nan"], r"temperature=nan"),
-        ("--temperature -1", ["generate", text, "x", "--temperature", "-1"], r"temperature=-1"),
-        ("--top-k 0", ["generate", text, "x", "--top-k", "0", "--temperature", "1"], r"top_k=0"),
-        ("--top-p 2", ["generate", text, "x", "--top-p", "2", "--temperature", "1"], r"top_p=2"),
-        ("--seed -1", ["generate", text, "x", "--seed", "-1"], r"seed=-1"),
-        ("--device gpu", ["generate", text, "x", "--device", "gpu"], r"device='gpu'"),
-        ("--device cuda:7", ["generate", text, "x", "--device", "cuda:7"], r"device='cuda:7'"),
-        ("--dtype int8", ["generate", text, "x", "--dtype", "int8"], r"dtype='int8'"),
-        ("--tp 0", ["generate", text, "x", "--tp", "0"], r"tp=0"),
-        ("--tp 2 outside torchrun", ["generate", text, "x", "--tp", "2"], r"tp=2|torchrun|WORLD_SIZE"),
-        ("--quantize int3", ["generate", text, "x", "--quantize", "int3"], r"quantize='int3'"),
+        ("--max-new-tokens -3", ["generate", text, "x", "--max-new-tokens", "-3"], r"--max-new-tokens -3"),
+        ("--temperature nan", ["generate", text, "x", "--temperature", "nan"], r"--temperature nan"),
+        ("--temperature -1", ["generate", text, "x", "--temperature", "-1"], r"--temperature -1"),
+        ("--top-k 0", ["generate", text, "x", "--top-k", "0", "--temperature", "1"], r"--top-k 0"),
+        ("--top-p 2", ["generate", text, "x", "--top-p", "2", "--temperature", "1"], r"--top-p 2"),
+        ("--seed -1", ["generate", text, "x", "--seed", "-1"], r"--seed -1"),
+        ("--device gpu", ["generate", text, "x", "--device", "gpu"], r"--device gpu"),
+        ("--device cuda:7", ["generate", text, "x", "--device", "cuda:7"], r"--device cuda:7"),
+        ("--dtype int8", ["generate", text, "x", "--dtype", "int8"], r"--dtype int8"),
+        ("--tp 0", ["generate", text, "x", "--tp", "0"], r"--tp 0"),
+        ("--tp 2 outside torchrun", ["generate", text, "x", "--tp", "2"], r"--tp 2|torchrun|WORLD_SIZE"),
+        ("--quantize int3", ["generate", text, "x", "--quantize", "int3"], r"--quantize int3"),
         ("generate with an unknown model", ["generate", "qwen2-7bb", "x"], r"qwen2-7bb"),
         ("generate with a missing directory", ["generate", "./no/such", "x"], r"no/such"),
         ("predict with a text model", ["predict", text, str(d / "junk.png")], r"text-generation"),
@@ -1009,9 +1010,9 @@ def cli_cases(ws: Workspace) -> list[Case]:
                   ("predict a missing image", ["predict", str(image), str(d / "none.png")], r"none\.png"),
                   ("generate with an image model", ["generate", str(image), "x"], r"image-classification")]
     if seed is not None:
-        argvs += [("convert --dtype int8", ["convert", str(seed), str(out), "--dtype", "int8"], r"dtype='int8'"),
+        argvs += [("convert --dtype int8", ["convert", str(seed), str(out), "--dtype", "int8"], r"--dtype int8"),
                   ("convert --quantize int3", ["convert", str(seed), str(out), "--quantize", "int3"],
-                   r"quantize='int3'")]
+                   r"--quantize int3")]
     for family, native in sorted(ws.natives.items()):  # every task's CLI hooks, with files they cannot use
         named = rf"{NAMED}|corpus-{family}"  # a path, an argument, or the model that cannot do this
         argvs += [(f"predict with a {family} model on a junk file", ["predict", str(native), str(d / "junk.png")],
@@ -1029,10 +1030,12 @@ def cli_cases(ws: Workspace) -> list[Case]:
                       "generate", str(native), str(d / "bomb.png"), "--max-new-tokens", "2", "--steps", "1",
                       "--out", str(d / "o.obj")], named)]
     argvs += shape_cli_argvs(ws, d, out)
+    argvs += _cli_output_cases(ws, d, text, image)
     for fmt in sorted(formats()):
         argvs.append((f"convert --format {fmt} on a junk file", ["convert", str(d / "junk.png"), str(out), "--format",
                                                                  fmt], NAMED))
-    return [Case("cli", label, lambda argv=argv: cli(*argv), (), match, (out,), cli=True)
+    inputs = [d / "junk.png", *ws.natives.values()]  # no refused command may change any of them
+    return [Case("cli", label, _and_intact(lambda argv=argv: cli(*argv), inputs), (), match, (out,), cli=True)
             for label, argv, match in argvs]
 
 
@@ -1050,16 +1053,20 @@ def shape_cli_argvs(ws: Workspace, d: Path, out: Path) -> list[tuple[str, list[s
     base = ["generate", str(native), str(image)]
     mesh = str(out / "chair.obj")
     steps = json.loads((native / "config.json").read_text())["config"]["train_steps"]
+
+    def said(name: str, value: str) -> str:  # a value named as the API says it (steps=0) or the CLI (--steps 0)
+        return rf"(?:{name}=|--{name.replace('_', '-')} ){value}"
+
     return [
-        ("shapes: --steps 0", [*base, "--out", mesh, "--steps", "0"], r"steps=0"),
+        ("shapes: --steps 0", [*base, "--out", mesh, "--steps", "0"], said("steps", r"0")),
         (f"shapes: --steps {steps + 1} (past the training schedule)", [*base, "--out", mesh, "--steps",
-                                                                     str(steps + 1)], rf"steps={steps + 1}"),
-        ("shapes: --guidance -0.5", [*base, "--out", mesh, "--guidance", "-0.5"], r"guidance=-0\.5"),
-        ("shapes: --guidance inf", [*base, "--out", mesh, "--guidance", "inf"], r"guidance=inf"),
-        ("shapes: --seed -1", [*base, "--out", mesh, "--seed", "-1"], r"seed=-1"),
-        ("shapes: --seed 2**64", [*base, "--out", mesh, "--seed", str(2**64)], r"seed=18446744073709551616"),
-        ("shapes: --target-faces 3", [*base, "--out", mesh, "--target-faces", "3"], r"target_faces=3"),
-        ("shapes: --target-faces -1", [*base, "--out", mesh, "--target-faces", "-1"], r"target_faces=-1"),
+                                                                     str(steps + 1)], said("steps", rf"{steps + 1}")),
+        ("shapes: --guidance -0.5", [*base, "--out", mesh, "--guidance", "-0.5"], said("guidance", r"-0\.5")),
+        ("shapes: --guidance inf", [*base, "--out", mesh, "--guidance", "inf"], said("guidance", r"inf")),
+        ("shapes: --seed -1", [*base, "--out", mesh, "--seed", "-1"], said("seed", r"-1")),
+        ("shapes: --seed 2**64", [*base, "--out", mesh, "--seed", str(2**64)], said("seed", r"18446744073709551616")),
+        ("shapes: --target-faces 3", [*base, "--out", mesh, "--target-faces", "3"], said("target_faces", r"3")),
+        ("shapes: --target-faces -1", [*base, "--out", mesh, "--target-faces", "-1"], said("target_faces", r"-1")),
         ("shapes: --out of an unknown format", [*base, "--out", str(out / "x.xyz")], r"x\.xyz"),
         ("shapes: --preview of an unknown format", [*base, "--out", mesh, "--preview", str(out / "p.txt")],
          r"p\.txt"),
@@ -1069,6 +1076,91 @@ def shape_cli_argvs(ws: Workspace, d: Path, out: Path) -> list[tuple[str, list[s
         ("shapes: two inputs writing one file", [*base, str(image), "--out-dir", str(out)], r"chair\.obj"),
         ("shapes: a missing second input", [*base, str(d / "none.png"), "--out-dir", str(out)], r"none\.png"),
     ]
+
+
+def _digest(path: Path) -> list[tuple[str, str]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(p), hashlib.sha256(p.read_bytes()).hexdigest()) for p in files]
+
+
+def _and_intact(fn: Callable[[], Any], paths: list[Path]) -> Callable[[], Any]:
+    """fn, then a check that every file under `paths` has the bytes it had (an output never lands on an input)."""
+    def run():
+        before = [_digest(p) for p in paths]
+        try:
+            return fn()
+        finally:
+            if [_digest(p) for p in paths] != before:
+                raise AssertionError(f"a refused command changed one of {[str(p) for p in paths]}")
+    return run
+
+
+def _cli_output_cases(ws: Workspace, d: Path, text: str, image: Path | None) -> list[tuple[str, list[str], str]]:
+    """Outputs over inputs, outputs of unknown formats or in impossible places, options a task does not take,
+    commands a task does not run: each refused by name before any model is loaded."""
+    junk = d / "junk.png"
+    (d / "link.png").unlink(missing_ok=True)
+    os.link(junk, d / "link.png")  # a second name of the same file (same inode)
+    model_dir = next(iter(ws.natives.values()), d)
+    overlay = d / "m_overlay.png"  # an input named as a segmentation's overlay of --out m.png is named
+    overlay.write_bytes(junk.read_bytes())
+    cases = [
+        ("generate --out onto a file of the model directory", [
+            "generate", str(model_dir), "x", "--out", str(model_dir / "config.json")], r"config\.json|--"),
+        ("generate --out under a file", ["generate", text, "x", "--out", str(junk / "x.txt")], r"junk\.png"),
+        ("generate --out a directory", ["generate", text, "x", "--out", str(d)], r"--out"),
+        ("generate --steps on a language model", ["generate", text, "x", "--steps", "3"], r"--steps"),
+        ("generate --preview on a language model", ["generate", text, "x", "--preview", "p.png"], r"--preview"),
+        ("features with a language model", ["features", text, str(junk)], r"text-generation"),
+        ("convert onto its own source", ["convert", str(d), str(d), "--overwrite"], r"is the input"),
+        ("convert into its own source", ["convert", str(d), str(d / "inside")], r"inside the input"),
+        ("convert over a directory holding the source", ["convert", str(junk), str(d), "--overwrite"], r"holds"),
+        ("export onto its own source", ["convert", "--to", "hf", str(d), str(d), "--overwrite"], r"is the input"),
+    ]
+    if image is not None:
+        cases += [
+            ("predict --out onto the input image", ["predict", str(image), str(junk), "--out", str(junk)],
+             r"junk\.png"),
+            ("predict --out onto a hard link of the input", ["predict", str(image), str(junk), "--out",
+                                                           str(d / "link.png")], r"link\.png"),
+            ("predict --out labels.txt", ["predict", str(image), str(junk), "--out", str(d / "labels.txt")],
+             r"labels\.txt"),
+            ("predict --out into a file", ["predict", str(image), str(junk), "--out", str(junk / "l.json")],
+             r"junk\.png"),
+            ("features --out feats.json", ["features", str(image), str(junk), "--out", str(d / "f.json")],
+             r"f\.json"),
+            ("features --top-k", ["features", str(image), str(junk), "--top-k", "3"], r"--top-k"),
+        ]
+    for family, native in sorted(ws.natives.items()):
+        task = json.loads((native / "config.json").read_text())["task"]
+        if task == "shape-generation":
+            cases += [
+                (f"generate with a {family} model, --preview onto the input", [
+                    "generate", str(native), str(junk), "--out", str(d / "s.obj"), "--preview", str(junk)],
+                 r"junk\.png"),
+                (f"generate with a {family} model, --out .xyz", [
+                    "generate", str(native), str(junk), "--out", str(d / "s.xyz")], r"s\.xyz"),
+                (f"generate with a {family} model, --preview .gif", [
+                    "generate", str(native), str(junk), "--out", str(d / "s.obj"), "--preview", str(d / "p.gif")],
+                 r"p\.gif"),
+                (f"generate with a {family} model, --out = --preview", [
+                    "generate", str(native), str(junk), "--out", str(d / "s.obj"), "--preview", str(d / "s.obj")],
+                 r"s\.obj"),
+                (f"generate with a {family} model, --max-new-tokens", [
+                    "generate", str(native), str(junk), "--max-new-tokens", "3"], r"--max-new-tokens"),
+            ]
+        if task == "image-segmentation":
+            cases += [
+                (f"predict with a {family} model, --out onto the input", [
+                    "predict", str(native), str(junk), "--out", str(junk)], r"junk\.png"),
+                (f"predict with a {family} model, the overlay onto the input", [
+                    "predict", str(native), str(overlay), "--out", str(d / "m.png")], r"m_overlay\.png"),
+                (f"predict with a {family} model, --top-k", [
+                    "predict", str(native), str(junk), "--top-k", "3"], r"--top-k"),
+            ]
+        if task == "image-feature-extraction":
+            cases += [(f"predict with a {family} backbone", ["predict", str(native), str(junk)], r"zoo features")]
+    return cases
 
 
 # ------------------------------------------------------------------------------------------------- all
