@@ -106,3 +106,26 @@ def test_phi3_configs_written_each_way_read_as_transformers_reads_them(tmp_path,
         theirs.standardize_rope_params()  # what the rotary embedding does before reading the original length
         assert fields["original_max_seq_len"] == theirs.rope_parameters["original_max_position_embeddings"]
         assert (fields["short_factor"], fields["long_factor"]) == (rope["short_factor"], rope["long_factor"])
+
+
+MMFREE = {
+    "saved, intermediate size left to the MLP's rule": dict(hidden_ratio=4, intermediate_size=None),
+    "saved, no hidden_ratio": dict(hidden_ratio=None, intermediate_size=None),
+    "saved, intermediate size given": dict(hidden_ratio=4, intermediate_size=96),
+}
+
+
+@pytest.mark.parametrize("way", list(MMFREE))
+def test_mmfree_configs_saved_by_the_published_config_class_read_as_its_model_builds_them(tmp_path, way):
+    from zoo.architectures.mmfree import MMfreeConfig
+
+    from tests import mmfree_published as P
+
+    published = P.HGRNBitConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, **MMFREE[way])
+    published.save_pretrained(tmp_path / "c")
+    fields, _ = formats()["hf-mmfree"].native_config(tmp_path / "c")
+    with P.cpu():
+        model = P.HGRNBitForCausalLM(published)
+    mlp = model.model.layers[0].mlp
+    assert MMfreeConfig(**fields).intermediate_size == mlp.intermediate_size == mlp.down_proj.in_features
+    assert (fields["dim"], fields["n_layers"]) == (model.config.hidden_size, len(model.model.layers))
