@@ -131,3 +131,43 @@ def test_chatglm_int8_codes_under_an_int4_config_are_refused(tmp_path):
     wrong = r"tensor transformer\.layers\.0\..* has shape \(\d+, 64\), the config needs \(\d+, 32\)"
     with pytest.raises(CheckpointError, match=wrong):
         zoo.convert(tmp_path / "hf", tmp_path / "native", progress=False)
+
+
+def _published_cpu_kernels(tmp_path: Path):
+    """quantization_kernels.c, compiled as quantization.py's CPUKernel compiles it (gcc -O3 -fPIC -std=c99 -shared;
+    -fsigned-char: the code assumes x86's signed char), loaded with ctypes."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    assert compiler, "a C compiler is needed (the test suite's torch.compile needs one too)"
+    source = Path(__file__).parent / "vendor" / "chatglm6b" / "quantization_kernels.c"
+    library = tmp_path / "quantization_kernels.so"
+    subprocess.run([compiler, "-O3", "-fPIC", "-std=c99", "-fsigned-char", "-x", "c", str(source), "-shared",
+                    "-o", str(library)], check=True)
+    return ctypes.cdll.LoadLibrary(str(library))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_published_c_kernels_compress_and_extract_as_zoo_reads_the_codes(tmp_path, bits):
+    import ctypes
+
+    kernels = _published_cpu_kernels(tmp_path)
+    w = (torch.randn(24, 32, generator=torch.Generator().manual_seed(bits)) * 0.3).half()
+    codes = torch.round(w / (w.abs().amax(-1) / (2 ** (bits - 1) - 1)).half()[:, None]).to(torch.int8)
+    if bits == 4:  # compress_int4_weight: the published packing of the codes
+        packed = torch.empty(24, 16, dtype=torch.int8)
+        kernels.compress_int4_weight(ctypes.c_void_p(codes.data_ptr()), ctypes.c_void_p(packed.data_ptr()),
+                                     ctypes.c_int32(24), ctypes.c_int32(16))
+        assert torch.equal(packed, Q.compress_int4_weight(codes))
+        q, scale = Q.quantize_weight(w, 4)
+    else:
+        q, scale = Q.quantize_weight(w, 8)
+    scale = scale.float()
+    out = torch.empty(24, 32, dtype=torch.float32)
+    extract = kernels.extract_int4_weight_to_float if bits == 4 else kernels.extract_int8_weight_to_float
+    extract(ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(scale.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+            ctypes.c_int32(24), ctypes.c_int32(q.shape[1]))
+    assert torch.equal(out, Q.extract_weight_to_float(q, scale, bits))
+    assert torch.equal(out, get_scheme(f"int{bits}-row").unpack({"weight": q, "weight_scale": scale}, torch.float32))
