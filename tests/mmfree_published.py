@@ -9,7 +9,9 @@ active, and each stand-in does what the CUDA original does:
     interpreter) is round-half-away-from-zero written with interpreter operations (roundf's definition);
   - `swiglu_fwd`, a CUDA jiterator kernel, evaluates its own code string `float(x) * float(y) / (1.0f +
     ::exp(-float(x)))` in float32 and casts back;
-  - autotuning skips its timing runs (all configs compute the same values; the first one runs).
+  - autotuning skips its timing runs (all configs compute the same values; the first one runs);
+  - and one fix to the interpreter itself: it converts fp32 to bf16 by truncating the mantissa, where GPUs round
+    to nearest even (cvt.rn.bf16.f32, as torch does); the conversion is torch's here.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import torch
 if not torch.cuda.is_available():  # the published kernels run under Triton's interpreter (before triton loads)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+import triton.runtime.interpreter as interpreter  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 VENDOR = Path(__file__).resolve().parent / "vendor" / "matmulfreellm"
@@ -60,6 +64,16 @@ def _swiglu_fwd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x.float() * y.float() / (1.0 + torch.exp(-x.float()))).to(x.dtype)
 
 
+_convert_float = interpreter._convert_float
+
+
+def _convert_float_rtne(values, input_dtype, output_dtype, rounding_mode):
+    if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+        rounded = torch.from_numpy(np.ascontiguousarray(values).view(np.float32)).to(torch.bfloat16)
+        return rounded.view(torch.int16).numpy().view(np.uint16).reshape(values.shape)
+    return _convert_float(values, input_dtype, output_dtype, rounding_mode)
+
+
 @contextlib.contextmanager
 def cpu():
     with contextlib.ExitStack() as stack:
@@ -67,6 +81,7 @@ def cpu():
         stack.enter_context(mock.patch.object(torch.cuda, "device", lambda index: contextlib.nullcontext()))
         stack.enter_context(mock.patch.object(tl.math, "round", _roundf, create=True))
         stack.enter_context(mock.patch.object(activations, "swiglu_fwd", _swiglu_fwd))
+        stack.enter_context(mock.patch.object(interpreter, "_convert_float", _convert_float_rtne))
         stack.enter_context(mock.patch.object(
             Autotuner, "do_bench", property(lambda self: lambda fn, quantiles: [1.0] * len(quantiles))))
         yield
