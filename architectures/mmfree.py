@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from zoo.architectures.kernels.bitlinear import bitlinear_latent, widen
 from zoo.architectures.kernels.hgrn import hgrn
 from zoo.architectures.quant import PackedLinear
@@ -71,7 +70,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = widen(x)
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(h.dtype)).to(x.dtype)
+        return (h * (1 / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)) * self.weight.to(h.dtype)).to(x.dtype)
 
 
 class BitLinear(nn.Module):
@@ -108,8 +107,9 @@ class BitLinear(nn.Module):
 
 
 def swiglu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """silu(x) * y in fp32, cast back (the published jiterator kernel's arithmetic)."""
-    return (F.silu(widen(x)) * widen(y)).to(x.dtype)
+    """x * y / (1 + exp(-x)) in fp32, cast back: the published jiterator kernel's expression, in its order."""
+    x32 = widen(x)
+    return (x32 * widen(y) / (1.0 + torch.exp(-x32))).to(x.dtype)
 
 
 class HGRNBitMixer(nn.Module):
@@ -134,10 +134,13 @@ class HGRNBitMixer(nn.Module):
             i = i * valid[..., None]
             f = torch.where(valid[..., None], f, torch.ones_like(f))
         o = hgrn(i, f, h)
+        if h.dtype != x.dtype:  # the published kernel hands its final state back in the activation dtype
+            h.copy_(h.to(x.dtype))
         # Gotcha: the published g_norm(g, o) normalises the g_proj output and gates it with silu(o)
         g = widen(self.g_proj(x))
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.g_norm.eps) * self.g_norm.weight.to(g.dtype)
-        return self.o_proj((g * F.silu(widen(o))).to(x.dtype))
+        g = g * (1 / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + self.g_norm.eps)) * self.g_norm.weight.to(g.dtype)
+        o = widen(o)
+        return self.o_proj((g * o * torch.sigmoid(o)).to(x.dtype))
 
 
 class GLU(nn.Module):
@@ -164,8 +167,11 @@ class Block(nn.Module):
         self.mlp = GLU(c.dim, c.intermediate_size, c.bitlinear_eps)
 
     def forward(self, h, lower_bound, state_h, valid):
-        h = h + self.attn(self.attn_norm(h), lower_bound, state_h, valid)
-        return h + self.mlp(self.mlp_norm(h))
+        # the published mlp_norm adds the residual inside its kernel and normalises that fp32 sum; the stream
+        # carries the sum rounded to the activation dtype
+        s = widen(self.attn(self.attn_norm(h), lower_bound, state_h, valid)) + widen(h)
+        h = s.to(h.dtype)
+        return h + self.mlp(self.mlp_norm(s).to(h.dtype))
 
 
 class HGRNState(State):
@@ -200,7 +206,7 @@ class MMfreeLM(nn.Module):
         less; layer 0 has none (published: "the lower bound for the first layer is zero")."""
         if self.lower_bounds is None:
             return [None] * self.config.n_layers
-        p = widen(self.lower_bounds).softmax(0)
+        p = self.lower_bounds.softmax(0)  # in the parameter's own dtype, as published
         bounds = (p.cumsum(0) - p[0]).to(dtype)
         return [None] + list(bounds[1:])
 

@@ -8,6 +8,12 @@
 The tensor names are GLM-130B's SAT names (transformer.layers.{i}.attention.query_key_value, per-head
 [q, k, v]) plus lm_head.weight, so the key map is conversion/sat_glm.py's, with a plain (not GeGLU)
 dense_h_to_4h. ChatGLM2/3 share the model_type but are another architecture: not this format.
+
+THUDM/chatglm-6b-int8 and -int4 (config.json "quantization_bit": 8 / 4) store the four linear weights of each
+layer as their quantization.py's QuantizedLinear holds them: `weight` int8 codes [out, in] (INT4: two signed
+nibbles per byte, column 2j in the high nibble, 2j+1 in the low one: int4WeightCompression) and `weight_scale`
+fp16 [out], w = code * scale[row]. That is GLM-130B's rowwise arithmetic and nibble order, so the weights convert
+as they are, packed ("int8-row" / "int4-row"), never re-quantised.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from zoo.weights.format import CheckpointError
 from zoo.weights.reader import safe_child
 
 INDEX = "pytorch_model.bin.index.json"
+# the linear layers quantization.py's quantize() replaces by QuantizedLinear, as zoo names them
+QUANTIZED = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def _weight_files(src: Path) -> list[Path]:
@@ -63,6 +71,17 @@ def _same_rows(source: PickleSource, a: str, b: str, rows: int = 4096) -> bool:
     return True
 
 
+def _quantization_bits(cfg: dict[str, Any], where: Path) -> int | None:
+    """8 or 4 for THUDM/chatglm-6b-int8 / -int4, None for the float release; refuses what is neither."""
+    bits = cfg.get("quantization_bit") or None
+    if bits is not None and (type(bits) is not int or bits not in (4, 8)):
+        raise CheckpointError(f"{where}: quantization_bit={bits!r}; ChatGLM-6B publishes 4 and 8 only")
+    if bits and cfg.get("quantization_embeddings"):
+        raise CheckpointError(f"{where}: quantization_embeddings=true (chatglm-6b-int4-qe: quantised embedding "
+                              "tables) is not supported; convert THUDM/chatglm-6b-int4 or -int8")
+    return bits
+
+
 class HFChatGLM(Format):
     name = "hf-chatglm"
     family = "glm"
@@ -87,9 +106,7 @@ class HFChatGLM(Format):
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         where = src / "config.json"
         cfg = read_json(where)
-        if cfg.get("quantization_bit"):
-            raise CheckpointError(f"{where}: quantization_bit={cfg['quantization_bit']}: the quantised ChatGLM-6B "
-                                  "repositories are not supported; convert THUDM/chatglm-6b and quantise with zoo")
+        _quantization_bits(cfg, where)
         if cfg.get("pre_seq_len"):
             raise CheckpointError(f"{where}: pre_seq_len={cfg['pre_seq_len']} (P-tuning prefix) is not supported")
         vocab = cfg["vocab_size"]
@@ -115,8 +132,19 @@ class HFChatGLM(Format):
                  "generation": {"do_sample": True, "temperature": 0.95, "top_p": 0.7}}  # chat()'s defaults
         return fields, extra
 
+    def quantization(self, src: Path) -> dict[str, Any]:
+        cfg = read_json(src / "config.json")
+        bits = _quantization_bits(cfg, src / "config.json")
+        if bits is None:
+            return {}
+        paths = [f"layers.{i}.{p}" for i in range(cfg["num_layers"]) for p in QUANTIZED]
+        return {"scheme": f"int{bits}-row", "modules": paths}
+
+    def keep_dtype(self, key: str) -> bool:
+        return key.endswith(".weight_scale")  # the published fp16 scales, exactly, whatever --dtype says
+
     def keymap(self, c: GLMConfig) -> KeyMap:
-        km = glm_keymap(c, lm_head=None if c.tie_embeddings else "lm_head.weight")
+        km = glm_keymap(c, quantized=True, lm_head=None if c.tie_embeddings else "lm_head.weight")
         if c.tie_embeddings:  # the published lm_head equals the embedding: keep one copy
             km.drops.append(Drop("lm_head.weight", "identical to transformer.word_embeddings.weight"))
         return km

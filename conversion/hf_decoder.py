@@ -25,15 +25,30 @@ class TransformersFormat(Format):
         return data.get("model_type") == self.model_type or self.architecture in data.get("architectures", [])
 
 
-def rope_theta(cfg: dict[str, Any], default: float) -> float:
-    # transformers 5 folds rope_theta into rope_parameters; older configs keep it top-level
-    return float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", default)))
+DEFAULT_THETA = 10_000.0  # transformers' RotaryEmbeddingConfigMixin.default_theta (Qwen2, Qwen2-MoE, Phi3)
+
+
+def rope_parameters(cfg: dict[str, Any], default_theta: float = DEFAULT_THETA) -> dict[str, Any]:
+    """The rotary parameters transformers builds the model with (convert_rope_params_to_dict, one global dict):
+    a legacy `rope_scaling` replaces `rope_parameters` whole; rope_theta is the dict's own, else the top-level
+    key, else the class default; partial_rotary_factor likewise; a legacy "type" names the rope_type."""
+    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    params.setdefault("rope_theta", cfg.get("rope_theta", default_theta))
+    if cfg.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_theta(cfg: dict[str, Any], default: float = DEFAULT_THETA) -> float:
+    return float(rope_parameters(cfg, default)["rope_theta"])
 
 
 def decoder_fields(cfg: dict[str, Any], where: Path, norm_eps: float, max_seq_len: int,
-                   plain_rope: bool = True) -> dict[str, Any]:
+                   plain_rope: bool = True, kv_heads: int | None = None) -> dict[str, Any]:
     """The fields every decoder config has, in zoo's names (defaults are the family's published ones).
 
+    kv_heads: the family's transformers config class default for num_key_value_heads (None: the query heads).
     Refuses what the shared decoder does not implement: another activation than SiLU, sliding-window
     attention, and (unless the family maps it itself, plain_rope=False) any rope scaling.
     """
@@ -41,8 +56,8 @@ def decoder_fields(cfg: dict[str, Any], where: Path, norm_eps: float, max_seq_le
         raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
     if cfg.get("use_sliding_window"):
         raise CheckpointError(f"{where}: use_sliding_window=true is not supported")
-    rope_type = (cfg.get("rope_parameters") or {}).get("rope_type", "default")
-    if plain_rope and (cfg.get("rope_scaling") or rope_type != "default"):
+    rope_type = rope_parameters(cfg)["rope_type"]
+    if plain_rope and rope_type != "default":
         raise CheckpointError(f"{where}: rope scaling ({cfg.get('rope_scaling') or rope_type}) is not supported yet")
     n_heads = cfg["num_attention_heads"]
     return dict(
@@ -50,7 +65,8 @@ def decoder_fields(cfg: dict[str, Any], where: Path, norm_eps: float, max_seq_le
         dim=cfg["hidden_size"],
         n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        # absent: the config class's default (Qwen2 32, Qwen2-MoE 16, Phi3 None); None: the query heads
+        n_kv_heads=cfg.get("num_key_value_heads", kv_heads) or n_heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
         norm_eps=cfg.get("rms_norm_eps", norm_eps),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),

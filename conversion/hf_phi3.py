@@ -18,6 +18,7 @@ from zoo.conversion.hf_decoder import (
     decoder_fields,
     derived_drops,
     generation_extra,
+    rope_parameters,
 )
 from zoo.conversion.rules import KeyMap, Rule, rename, split
 from zoo.weights.format import CheckpointError, NativeConfig
@@ -28,22 +29,20 @@ LONGROPE_ALIASES = ("longrope", "su", "yarn")
 
 def rope_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
     """Rotary settings from a published config (top-level rope_theta + rope_scaling) or a transformers 5 one
-    (everything folded into rope_parameters)."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = dict(cfg.get("rope_scaling") or {})
-    merged = {**params, **scaling}
-    kind = merged.get("rope_type") or merged.get("type") or "default"
+    (everything folded into rope_parameters), resolved as transformers resolves them."""
+    merged = rope_parameters(cfg)
+    merged.setdefault("partial_rotary_factor", 1.0)  # Phi3Config's own default
+    kind = merged["rope_type"]
     if kind in LONGROPE_ALIASES:
         kind = "longrope"
     elif kind != "default":
         raise CheckpointError(f"{where}: rope type {kind!r} is not supported for Phi3 (default, longrope)")
     out: dict[str, Any] = dict(
-        rope_theta=float(merged.get("rope_theta", cfg.get("rope_theta", 10_000.0))),
-        partial_rotary_factor=float(merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
+        rope_theta=float(merged["rope_theta"]),
+        partial_rotary_factor=float(merged["partial_rotary_factor"]),
         rope_type=kind,
-        original_max_seq_len=int(merged.get("original_max_position_embeddings")
-                                 or cfg.get("original_max_position_embeddings")
-                                 or cfg.get("max_position_embeddings", 4096)),
+        # standardize_rope_params puts Phi3Config's own field (default 4096) into the rope dict, over the dict's
+        original_max_seq_len=int(cfg.get("original_max_position_embeddings") or 4096),
     )
     if kind == "longrope":
         for name in ("short_factor", "long_factor"):

@@ -30,8 +30,8 @@ class HFQwen2(TransformersFormat):
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg = read_json(src / "config.json")
-        fields = decoder_fields(cfg, src / "config.json", norm_eps=1e-6, max_seq_len=32768)
-        fields.update(intermediate_size=cfg["intermediate_size"], rope_theta=rope_theta(cfg, 1e6))
+        fields = decoder_fields(cfg, src / "config.json", norm_eps=1e-6, max_seq_len=32768, kv_heads=32)
+        fields.update(intermediate_size=cfg["intermediate_size"], rope_theta=rope_theta(cfg))
         return fields, generation_extra(src, cfg)
 
     def keymap(self, c: Qwen2Config) -> KeyMap:

@@ -35,7 +35,7 @@ class HFQwen2Moe(TransformersFormat):
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         where = src / "config.json"
         cfg = read_json(where)
-        fields = decoder_fields(cfg, where, norm_eps=1e-6, max_seq_len=32768)
+        fields = decoder_fields(cfg, where, norm_eps=1e-6, max_seq_len=32768, kv_heads=16)
         fields.update(
             n_experts=cfg["num_experts"],
             n_experts_per_tok=cfg["num_experts_per_tok"],
@@ -46,7 +46,7 @@ class HFQwen2Moe(TransformersFormat):
             decoder_sparse_step=cfg.get("decoder_sparse_step", 1),
             mlp_only_layers=list(cfg.get("mlp_only_layers") or []),
             qkv_bias=bool(cfg.get("qkv_bias", True)),
-            rope_theta=rope_theta(cfg, 1e6),
+            rope_theta=rope_theta(cfg),
         )
         return fields, generation_extra(src, cfg)
 

@@ -20,15 +20,32 @@ from zoo.weights.format import CheckpointError, NativeConfig
 BLOCK = "backbone.blocks.{i}."
 
 
-def _one_of(cfg: dict[str, Any], names: tuple[str, str], where: Path) -> Any:
-    """transformers' xLSTM config carries two names for the width and the depth (embedding_dim / hidden_size,
-    num_blocks / num_hidden_layers); its modules use the second. Both given and different: refuse."""
-    values = {n: cfg[n] for n in names if cfg.get(n) is not None}
-    if len(set(values.values())) > 1:
-        raise CheckpointError(f"{where}: {names[0]}={cfg[names[0]]} and {names[1]}={cfg[names[1]]} disagree")
-    if not values:
-        raise CheckpointError(f"{where}: neither {names[0]} nor {names[1]} is set")
-    return next(iter(values.values()))
+# transformers' xLSTMConfig class defaults for the two fields it keeps under two names
+HIDDEN_SIZE, NUM_HIDDEN_LAYERS = 4096, 32
+
+
+def _resolved(cfg: dict[str, Any], name: str, alias: str, default: int, where: Path) -> tuple[int, int]:
+    """(name, alias) as xLSTMConfig.__post_init__ resolves them: each keeps its own value where it is set,
+    a missing one takes the other's, and `name` has a class default (so it is set whenever it is absent)."""
+    value = cfg.get(name, default)
+    value = value if value is not None else cfg.get(alias)
+    other = cfg.get(alias)
+    other = other if other is not None else value
+    if value is None:  # name given as null and no alias
+        raise CheckpointError(f"{where}: neither {name} nor {alias} is set")
+    return value, other
+
+
+def xlstm_width_depth(cfg: dict[str, Any], where: Path) -> tuple[int, int]:
+    """(width, block count) of the model transformers builds from this config: xLSTMModel makes
+    `num_blocks` blocks (a config saved by transformers may carry num_blocks: 2 beside the class default
+    num_hidden_layers: 32), an embedding `embedding_dim` wide, and everything else `hidden_size` wide."""
+    hidden, embedding = _resolved(cfg, "hidden_size", "embedding_dim", HIDDEN_SIZE, where)
+    if hidden != embedding:
+        raise CheckpointError(f"{where}: embedding_dim={embedding} and hidden_size={hidden} disagree (transformers "
+                              f"would build a {embedding}-wide embedding in front of {hidden}-wide blocks)")
+    _, blocks = _resolved(cfg, "num_hidden_layers", "num_blocks", NUM_HIDDEN_LAYERS, where)
+    return hidden, blocks
 
 
 def xlstm_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -40,10 +57,11 @@ def xlstm_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
                                   "(the published xLSTM 7B has no biases besides the gates', an untied head and "
                                   "float32 norm reductions)")
     d = XLSTMConfig()
+    dim, n_layers = xlstm_width_depth(cfg, where)
     return dict(
         vocab_size=cfg.get("vocab_size", d.vocab_size),
-        dim=_one_of(cfg, ("embedding_dim", "hidden_size"), where),
-        n_layers=_one_of(cfg, ("num_blocks", "num_hidden_layers"), where),
+        dim=dim,
+        n_layers=n_layers,
         n_heads=cfg.get("num_heads", d.n_heads),
         qk_dim_factor=cfg.get("qk_dim_factor", d.qk_dim_factor),
         v_dim_factor=cfg.get("v_dim_factor", d.v_dim_factor),
@@ -117,7 +135,14 @@ class HFXLSTM(TransformersFormat):
         extra = generation_extra(src, cfg)
         extra["pad_token_id"] = cfg.get("pad_token_id")
         extra["force_bos_token_insert"] = bool(cfg.get("force_bos_token_insert", True))
-        return xlstm_fields(cfg, src / "config.json"), extra
+        fields = xlstm_fields(cfg, src / "config.json")
+        blocks = {k.split(".")[2] for k in self.open(src).keys() if k.startswith("backbone.blocks.")}
+        if len(blocks) != fields["n_layers"]:
+            raise CheckpointError(
+                f"{src / 'config.json'}: transformers builds {fields['n_layers']} blocks from it (num_blocks="
+                f"{cfg.get('num_blocks')}, num_hidden_layers={cfg.get('num_hidden_layers')}), the weights hold "
+                f"{len(blocks)} (backbone.blocks.*)")
+        return fields, extra
 
     def keymap(self, c: XLSTMConfig) -> KeyMap:
         return KeyMap(shared_rules() + single_rules())

@@ -1,11 +1,12 @@
-"""A plain, obviously-correct PyTorch reference of the MatMul-free LM (HGRN-Bit), for the tests only.
-
-Written from the paper (Zhu et al. 2024, arXiv 2406.02528) and from reading the published code
-(ridgerchu/matmulfreellm: ops/bitnet.py activation_quant / weight_quant, ops/hgrn/naive.py, layers/hgrn_bit.py,
-models/hgrn_bit/modeling_hgrn_bit.py). The published package runs only on CUDA (Triton kernels everywhere), so
-it cannot be the CPU oracle; this file is. It shares no code with zoo's model: it reads the *published* tensor
-names from a plain dict, does everything in fp32, loops over time one step at a time, and writes each
-quantiser the way the published formulas read:
+"""A plain PyTorch composition of the MatMul-free LM (HGRN-Bit) for the tests, built on the published code's own
+PyTorch functions (tests/vendor/matmulfreellm, ridgerchu/matmulfreellm @ a016f72: ops/fusedbitnet.py
+`activation_quant` and `weight_quant`) and, for greedy tokens, on the published HGRNBitForCausalLM itself run on
+CPU (tests/mmfree_published.py). What is still written here: the composition in `reference_logits` (the published
+model's forward read statement by statement: models/hgrn_bit/modeling_hgrn_bit.py, layers/hgrn_bit.py), so that
+it runs in fp64 too, where the published kernels (fp32 inside) cannot, and the time loop (the published
+`naive_recurrent_hgrn` widens to fp32 only). Both are checked against the published model in
+tests/test_mmfree_published.py, which also covers what fp64 cannot show: the fused kernel rounds activations
+halves away from zero, where `activation_quant` (the training path) rounds them to even.
 
     activation_quant(x) = round(x * s).clamp(-128, 127) / s,  s = 127 / max|x|.clamp(min=1e-5)   per token
     weight_quant(W)     = round(W * s).clamp(-1, 1) / s,      s = 1 / mean|W|.clamp(min=1e-5)    per tensor
@@ -15,19 +16,15 @@ from __future__ import annotations
 
 import torch
 
+from tests import mmfree_published as published
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
 
 
-def activation_quant(x: torch.Tensor) -> torch.Tensor:
-    s = 127.0 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
-    return (x * s).round().clamp(-128, 127) / s
-
-
-def weight_quant(w: torch.Tensor) -> torch.Tensor:
-    s = 1.0 / w.abs().mean().clamp(min=1e-5)
-    return (w * s).round().clamp(-1, 1) / s
+activation_quant = published.fusedbitnet.activation_quant
+weight_quant = published.fusedbitnet.weight_quant
 
 
 def bit_linear(x: torch.Tensor, sd: dict[str, torch.Tensor], name: str, eps: float = 1e-6) -> torch.Tensor:
@@ -82,11 +79,11 @@ def reference_logits(sd: dict[str, torch.Tensor], n_layers: int, ids: torch.Tens
 
 
 def reference_greedy(sd: dict[str, torch.Tensor], n_layers: int, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens, recomputing the whole sequence each step (no state: nothing to get wrong)."""
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(reference_logits(sd, n_layers, torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    """n greedy tokens of the published HGRNBitForCausalLM (fp32, run on CPU) on a published state dict."""
+    vocab, dim = sd["model.embeddings.weight"].shape
+    config = dict(vocab_size=vocab, hidden_size=dim, num_hidden_layers=n_layers,
+                  intermediate_size=sd["model.layers.0.mlp.down_proj.weight"].shape[1])
+    return published.greedy(published.published_model(sd, config, torch.float32), prompt, n)[0]
 
 
 def published_state_dict(vocab: int, dim: int, n_layers: int, intermediate: int, seed: int = 0,

@@ -1,5 +1,6 @@
 """MatMul-free LM: checkpoints written in the published layout, converted, loaded and run against the plain
-reference in tests/mmfree_reference.py (the published package is CUDA-only, so it cannot be the oracle here).
+reference in tests/mmfree_reference.py (its quantisers are the published ones; its greedy tokens the published
+model's, run on CPU; tests/test_mmfree_published.py holds the other comparisons with the published code).
 
 Tolerance for activation rounding. Every BitLinear rounds x * 127 / max|x| to an integer. Two correct fp32
 implementations that sum in a different order (our parallel scan against the reference's loop, one BLAS call
@@ -111,21 +112,25 @@ def test_packed_ternary_checkpoint_gives_the_same_outputs_as_latent_in_an_eighth
     from safetensors import safe_open
     from zoo.architectures.quant import PackedLinear
 
+    # The published model ternarises its weights in their own dtype: codes packed from the fp16 checkpoint are
+    # the fp16 model's; packing after loading in fp32 gives the fp32 model's.
     zoo.convert(published[0], tmp_path / "packed", quantize="ternary", progress=False)
-    packed = zoo.load(tmp_path / "packed", dtype=torch.float32)
+    packed = zoo.load(tmp_path / "packed", dtype=torch.float16)
     assert packed.native.quantization["scheme"] == "ternary"
     assert len(packed.native.quantization["modules"]) == 6 * L + 1  # every BitLinear, the output head too
     assert isinstance(packed.module.layers[0].attn.i_proj.linear, PackedLinear)
+    latent16 = zoo.load(native, dtype=torch.float16)
     latent = zoo.load(native, dtype=torch.float32)
     on_load = zoo.load(native, dtype=torch.float32, quantize="ternary")  # packed layer by layer while loading
     in_memory = zoo.load(native, dtype=torch.float32)
     in_memory.module.pack_()
     x = ids(2, 16, 4)
     with torch.no_grad():
+        assert torch.equal(packed(x), latent16(x))
         expected = latent(x)
-        for model in (packed, on_load, in_memory):
+        for model in (on_load, in_memory):
             assert torch.equal(model(x), expected)
-    assert packed.generate([5, 6, 7], max_new_tokens=8) == latent.generate([5, 6, 7], max_new_tokens=8)
+    assert packed.generate([5, 6, 7], max_new_tokens=8) == latent16.generate([5, 6, 7], max_new_tokens=8)
 
     def weight_bytes(directory):
         total = 0

@@ -218,6 +218,64 @@ def test_conflicting_or_unsupported_config_is_refused(converted, tmp_path):
             zoo.convert(src, tmp_path / f"out{len(message)}", progress=False)
 
 
+def _saved_by_transformers(path, depth: dict, width: dict, seed: int = 5):
+    """A random xLSTMForCausalLM whose config names its depth and width the given way, saved by transformers."""
+    from tests.xlstm_reference import NATIVE_KERNELS, TINY, hf_classes, randomise
+
+    config_cls, model_cls = hf_classes()
+    base = {k: v for k, v in TINY.items() if k not in ("hidden_size", "num_hidden_layers")}
+    cfg = config_cls(**base, **depth, **width, **NATIVE_KERNELS, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    model = model_cls(cfg).eval()
+    randomise(model, seed)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("depth,width", [
+    ({"num_blocks": 2}, {"hidden_size": 128}),  # saved as num_blocks 2 beside the class default num_hidden_layers 32
+    ({"num_hidden_layers": 2}, {"hidden_size": 128}),
+    ({"num_blocks": 2, "num_hidden_layers": 2}, {"embedding_dim": 128, "hidden_size": 128}),
+])
+def test_configs_saved_by_transformers_convert_with_the_block_count_it_builds(tmp_path, depth, width):
+    ref = _saved_by_transformers(tmp_path / "hf", depth, width)
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    if "num_hidden_layers" not in depth:
+        assert (saved["num_blocks"], saved["num_hidden_layers"]) == (2, 32)
+    assert len(ref.backbone.blocks) == 2
+    model = zoo.load(zoo.convert(tmp_path / "hf", tmp_path / "native", progress=False), dtype=torch.float32)
+    assert (model.config.n_layers, model.config.dim) == (2, 128)
+    x = ids(1, 20, seed=6)
+    with torch.no_grad():
+        assert max_abs_diff(model(x), ref(x).logits) < 1e-4
+    assert model.generate(x, max_new_tokens=8)[0] == hf_greedy(ref, x, 8)
+
+
+def test_a_block_count_the_weights_do_not_hold_is_refused_by_name(converted, tmp_path):
+    import shutil
+
+    shutil.copytree(converted[1] / "hf", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "num_blocks": 3, "num_hidden_layers": 32}))
+    with pytest.raises(CheckpointError, match=r"transformers builds 3 blocks from it \(num_blocks=3, "
+                                              r"num_hidden_layers=32\), the weights hold 2"):
+        zoo.convert(tmp_path / "hf", tmp_path / "native", progress=False)
+
+
+def test_width_and_depth_resolve_as_xlstm_config_resolves_them():
+    """xlstm_width_depth against transformers' own xLSTMConfig read from the same dict."""
+    from pathlib import Path
+
+    from transformers import xLSTMConfig
+    from zoo.conversion.hf_xlstm import xlstm_width_depth
+
+    for given in ({"num_blocks": 3}, {"num_hidden_layers": 5}, {"num_blocks": 4, "num_hidden_layers": 32}, {},
+                  {"embedding_dim": 4096}, {"hidden_size": 256}, {"hidden_size": 512, "embedding_dim": 512}):
+        theirs = xLSTMConfig.from_dict(dict(given))
+        assert xlstm_width_depth(given, Path("config.json")) == (theirs.hidden_size, theirs.num_blocks), given
+    with pytest.raises(CheckpointError, match="embedding_dim=64 and hidden_size=4096 disagree"):
+        xlstm_width_depth({"embedding_dim": 64}, Path("config.json"))  # transformers: a 64-wide embedding, 4096 blocks
+
+
 def test_published_config_json_converts_to_the_registered_config():
     """The fields of NX-AI/xLSTM-7b's config.json (after its PR #5) read by the converter give the registry's config."""
     from dataclasses import asdict

@@ -4,10 +4,15 @@ and multiplies by a ternary weight matrix, so the "matmul" is additions and subt
 
     x_n  = RMSNorm_g(x)                                       own weight g, eps 1e-6, in fp32
     s_x  = 127 / max(max_k |x_n[k]|, 1e-5)                    one scale per token (row)
-    x_q  = clamp(round(x_n * s_x), -128, 127)                 int8 codes, round half to even
-    a    = max(mean |W|, 1e-5)                                one scale per weight tensor (absmean)
-    t    = clamp(round(W / a), -1, 1)                         ternary codes {-1, 0, +1}
-    y    = (x_q / s_x) @ (t * a)^T  =  (x_q @ t^T) * a / s_x
+    x_q  = clamp(round(x_n * s_x), -128, 127)                 int8 codes, round half away from zero
+    s_w  = 1 / max(mean |W|, 1e-5)                            one scale per weight tensor (absmean), in W's dtype
+    t    = clamp(round(W * s_w), -1, 1)                       ternary codes {-1, 0, +1}, in W's dtype
+    y    = (x_q / s_x) @ (t / s_w)^T                          both factors rounded to x's dtype, then multiplied
+
+The arithmetic is the published code's (ridgerchu/matmulfreellm a016f72, ops/fusedbitnet.py; proven against it in
+tests/test_mmfree_published.py): the fused kernel rounds with Triton's `tl.math.round` (CUDA roundf: halves away
+from zero) and stores x_q / s_x in the activation dtype; `weight_quant` ternarises in the weight's own dtype
+(fp16 in the published generate script) with torch.round (halves to even).
 
 This module holds the plain PyTorch reference of each step, the 2-bit packing of ternary codes (4 per byte),
 and `bitlinear`: the fused Triton kernel (bitlinear_triton.py: normalise, quantise, ternary matmul on the packed
@@ -28,27 +33,34 @@ CODES_PER_BYTE = 4  # ternary codes, 2 bits each
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight, all in fp32 (the published fused kernel normalises and scales in fp32)."""
+    """x * (1 / sqrt(mean(x^2) + eps)) * weight, all in fp32 (the published fused kernel's order of operations)."""
     x = widen(x)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
+    return x * (1 / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * weight.to(x.dtype)
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest integer, halves away from zero (CUDA roundf, Triton's tl.math.round); torch.round
+    rounds halves to even. x - trunc(x) is exact in binary floating point, so the comparison with 0.5 is too."""
+    t = x.trunc()
+    return torch.where((x - t).abs() >= 0.5, t + x.sign(), t)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8: (codes in [-128, 127] as fp32, scale [..., 1]); x ~ codes / scale."""
     x = widen(x)
     scale = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=ACT_MIN)
-    return (x * scale).round().clamp(-128, 127), scale
+    return round_half_away(x * scale).clamp(-128, 127), scale
 
 
 def ternarize(w: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor absmean ternary: (codes in {-1, 0, 1} as `dtype`, scale [1], fp32 or wider); w ~ codes * scale.
+    """Per-tensor absmean ternary: (codes in {-1, 0, 1} as `dtype`, scale [1] in w's dtype); w ~ codes * scale.
 
-    Computed in fp32 whatever the stored dtype (as in training, on fp32 master weights), so latent and packed
-    weights give the same codes."""
-    w = widen(w)
-    scale = (torch.linalg.vector_norm(w, 1) / w.numel()).clamp(min=WEIGHT_MIN).reshape(1)
-    codes = (w * (1.0 / scale)).round_().clamp_(-1, 1)  # times the inverse, as published
-    return codes.to(dtype), scale
+    In w's own dtype, as the published weight_quant runs on the model's weights (fp16 ones give fp16 scales and
+    products, so codes on a rounding boundary fall as they fall there). The scale is what the published
+    u = codes / s_w gives a code of 1: 1 / s_w, rounded to w's dtype, so codes * scale is u exactly."""
+    inv = 1.0 / w.abs().mean().clamp(min=WEIGHT_MIN)
+    codes = (w * inv).round().clamp(-1, 1)
+    return codes.to(dtype), (1.0 / inv).reshape(1)
 
 
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
@@ -79,15 +91,15 @@ def bitlinear_reference(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
                         scale: torch.Tensor) -> torch.Tensor:
     """BitLinear from ternary codes [out, in] and their scale, step by step; output in x's dtype.
 
-    Both scales fold into the activations, (x_q * a / s_x) @ t^T: the codes are exact in any float dtype, and
-    the multiply runs in x's dtype as the published model's does."""
+    As published: the dequantised activations x_q / s_x and the dequantised weights codes * scale are each
+    rounded to x's dtype, then multiplied in x's dtype."""
     x_q, s_x = quantize_activations(rms_norm(x, norm_weight, eps))
-    return F.linear((x_q * (scale / s_x)).to(x.dtype), codes.to(x.dtype))
+    return F.linear((x_q / s_x).to(x.dtype), codes.to(x.dtype) * scale.to(x.dtype))
 
 
 def bitlinear_latent(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
     """BitLinear on the latent (trained, full-precision) weight, ternarised for this call."""
-    codes, scale = ternarize(weight, x.dtype)
+    codes, scale = ternarize(weight, weight.dtype)
     return bitlinear_reference(x, norm_weight, eps, codes, scale)
 
 

@@ -6,6 +6,10 @@ sum of squares (RMSNorm), the absmax of the normalised row (the int8 scale), the
 against ternary codes unpacked from the bytes in registers, accumulated exactly in int32. The weights, the
 only large operand, are read once per tile as packed bytes (4 codes each); the activations are small for
 decoding and prompts alike, so re-reading them per output tile costs less than a second launch would.
+
+Rounding is the published kernel's (halves away from zero). The product differs from the published one only in
+where it rounds: here sum(x_q * t) is exact in int32 and scaled once; the published model rounds x_q / s_x and
+t / s_w to the activation dtype and multiplies in it (bitlinear_reference does exactly that).
 """
 
 from __future__ import annotations
@@ -14,9 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Adding then subtracting 1.5 * 2**23 rounds an fp32 |v| < 2**22 to an integer, half to even, exactly as
-# torch.round does (libdevice's rint is not available under TRITON_INTERPRET).
-_ROUND_MAGIC = 12582912.0
+
+@triton.jit
+def _round_half_away(v):
+    """The published kernel's tl.math.round (CUDA roundf: halves away from zero), written with operations the
+    interpreter has too (libdevice is not available under TRITON_INTERPRET). The cast truncates toward zero;
+    v - trunc(v) is exact, so the comparison with 0.5 is. |v| <= 127.5 here."""
+    t = v.to(tl.int32).to(tl.float32)
+    return tl.where(tl.abs(v - t) >= 0.5, t + tl.where(v >= 0, 1.0, -1.0), t)
 
 
 @triton.jit
@@ -59,7 +68,7 @@ def _bitlinear_kernel(
                     other=0.0).to(tl.float32)
         g = tl.load(G + k, mask=k_ok, other=0.0).to(tl.float32)
         v = x * rstd[:, None] * g[None, :] * x_scale[:, None]
-        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
+        v = _round_half_away(v)
         x_codes = tl.minimum(tl.maximum(v, -128.0), 127.0).to(tl.int8)
         # byte k // 4 of output row n holds column k at bits 2 * (k % 4), stored as code + 1
         packed = tl.load(W + cols[None, :] * stride_wn + (k // 4)[:, None], mask=k_ok[:, None] & col_ok[None, :],
