@@ -124,7 +124,7 @@ def test_zoo_info_aligns_long_keys_and_hides_fields_the_model_does_not_use():
 
 
 def test_dinov3_is_a_feature_extraction_model_in_list_info_and_its_card(tmp_path):
-    from tests.corpus_seeds import _timm_dinov3
+    from zoo.testing.corpus_seeds import _timm_dinov3
 
     from zoo.cards import validate_card
 
@@ -161,7 +161,7 @@ def test_an_existing_output_asks_for_the_flag_not_the_python_argument(tmp_path):
 
 
 def test_a_model_of_another_task_is_named_with_the_right_article(tmp_path):
-    from tests.corpus_seeds import _timm_swinv2
+    from zoo.testing.corpus_seeds import _timm_swinv2
 
     native = zoo.convert(_timm_swinv2(tmp_path / "src"), tmp_path / "native", progress=False)
     code, _, err = run("generate", native, "x")

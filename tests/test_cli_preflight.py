@@ -47,7 +47,7 @@ def png(path: Path, w: int = 64, h: int = 48) -> Path:
 @pytest.fixture(scope="module")
 def natives(tmp_path_factory):
     """Tiny converted checkpoints: an image classifier (Swin V2) and a backbone (DINOv3)."""
-    from tests.corpus_seeds import _timm_dinov3, _timm_swinv2
+    from zoo.testing.corpus_seeds import _timm_dinov3, _timm_swinv2
 
     root = tmp_path_factory.mktemp("natives")
     out = {}
@@ -251,7 +251,7 @@ def test_predict_out_writes_the_labels_as_json(natives, tmp_path, capsys):
 
 
 def test_outputs_go_into_directories_made_for_them(natives, tmp_path, capsys):
-    from tests.corpus_seeds import _nnunet_dinounet
+    from zoo.testing.corpus_seeds import _nnunet_dinounet
 
     img = png(tmp_path / "cat.png")
     assert main(["predict", str(natives["swin"]), str(img), "--out", str(tmp_path / "a" / "b" / "l.json")]) == 0
