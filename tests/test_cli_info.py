@@ -124,9 +124,8 @@ def test_zoo_info_aligns_long_keys_and_hides_fields_the_model_does_not_use():
 
 
 def test_dinov3_is_a_feature_extraction_model_in_list_info_and_its_card(tmp_path):
-    from zoo.testing.corpus_seeds import _timm_dinov3
-
     from zoo.cards import validate_card
+    from zoo.testing.corpus_seeds import _timm_dinov3
 
     assert {find_entry(n).task for n in list_models("dinov3-*")} == {"image-feature-extraction"}
     assert "image-feature-extraction" in run("list", "dinov3-vits16")[1]
