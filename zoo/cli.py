@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="image or video file")
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--out", help="write the result here (segmentation: the label mask as a PNG, plus an overlay)")
+    # segmentation (nnU-Net's inference): the overlay's slice of a volume, the folds, mirroring, postprocessing
+    s.add_argument("--slice", type=int, help="segmentation of a volume: the slice (first axis) of the overlay PNG")
+    s.add_argument("--folds", nargs="+", help="segmentation: the cross-validation folds to average (default: all)")
+    s.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
+                   help="segmentation: test-time mirroring, as nnU-Net (default on)")
+    s.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True,
+                   help="segmentation: nnU-Net's connected-component postprocessing when the run has it (default on)")
     s.add_argument("--device", default="cpu")
 
     s = add("push", "Upload a native checkpoint directory to the Hugging Face Hub in one commit.",

@@ -1,0 +1,221 @@
+"""Dino U-Net's segment() against nnU-Net v2's own inference.
+
+The oracle is nnunetv2 (PyPI, Apache-2.0, the test extra): its nnUNetPredictor, set up with manual_initialization
+on the literal reference network (tests/dinounet_reference.py), the weights of every fold, and the plans and
+dataset.json zoo converted from; predict_single_npy_array gives its probabilities and segmentation (its
+DefaultPreprocessor, resampling, sliding window, mirroring, fold average, export). Its SimpleITKIO reads the
+volumes, and its remove_connected_components functions are the oracle of the postprocessing.
+"""
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.postprocessing.remove_connected_components import (
+    apply_postprocessing,
+    remove_all_but_largest_component_from_segmentation,
+)
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from zoo.weights.format import CheckpointError
+
+import zoo
+from tests.test_dinounet import dataset_json, plans, reference, save_like_nnunet
+
+PLANS = plans(spacing=(1.4, 1.4), use_mask=[True], reader="SimpleITKIO")  # resampled in-plane, z-score in the mask
+BACKBONE = "encoder.dinov3_adapter.backbone."
+
+
+def fold_networks(n: int = 2):
+    """n reference networks with their own heads and one frozen backbone, as n folds of a DinoUNetTrainer train."""
+    nets = [reference(seed=10 + k) for k in range(n)]
+    for net in nets[1:]:
+        net.encoder.dinov3_adapter.backbone.load_state_dict(nets[0].encoder.dinov3_adapter.backbone.state_dict())
+    return nets
+
+
+def result_folder(root, nets, plans_=PLANS):
+    folder = root / "Dataset777_Tiny" / "DinoUNetTrainer_s__nnUNetPlans__2d"
+    for k, net in enumerate(nets):
+        (folder / f"fold_{k}").mkdir(parents=True)
+        sd = net.state_dict()
+        save_like_nnunet(folder / f"fold_{k}" / "checkpoint_final.pth", sd, plans_, dataset_json())
+    (folder / "plans.json").write_text(json.dumps(plans_))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json()))
+    return folder
+
+
+def nnunet(nets, folds=None, mirror=True, plans_=PLANS):
+    """nnUNetPredictor on the CPU with the reference network and the given folds' weights."""
+    folds = list(range(len(nets))) if folds is None else folds
+    manager = PlansManager(plans_)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
+                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.manual_initialization(reference(seed=99), manager, manager.get_configuration("2d"),
+                                    [nets[f].state_dict() for f in folds], dataset_json(), "DinoUNetTrainer_s", (0, 1))
+    return predictor
+
+
+def oracle(predictor, data, properties):
+    seg, probs = predictor.predict_single_npy_array(data.astype(np.float32), properties, None, None, True)
+    return seg, probs
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Two folds in an nnU-Net result folder, converted by `zoo convert` into one native checkpoint."""
+    from zoo.cli import main
+
+    root = tmp_path_factory.mktemp("dinounet_nnunet")
+    nets = fold_networks(2)
+    folder = result_folder(root, nets)
+    assert main(["convert", str(folder), str(root / "native")]) == 0
+    return nets, folder, root / "native"
+
+
+def picture(h: int = 90, w: int = 120, seed: int = 0) -> np.ndarray:
+    """Pixels with a zero border and a zero hole inside (the hole is filled in the normalisation mask)."""
+    a = np.zeros((h, w), np.float32)
+    a[6:h - 4, 9:w - 7] = np.random.default_rng(seed).integers(1, 256, (h - 10, w - 16))
+    a[40:50, 50:60] = 0
+    return a
+
+
+def test_a_picture_gives_nnunet_predictors_probabilities_and_mask(converted):
+    nets, _, native = converted
+    model = zoo.load(native)
+    assert model.config.folds == 2 and model.folds == [0, 1]
+    image = picture()
+    ours = model.segment(image, probabilities=True)  # mirroring on and both folds, as nnU-Net's defaults
+    seg, probs = oracle(nnunet(nets), image[None, None], {"spacing": [999.0, 1.0, 1.0]})
+    assert ours.mask.shape == image.shape and ours.probabilities.shape == (3, *image.shape)
+    assert np.abs(ours.probabilities - probs[:, 0]).max() < 1e-4
+    assert (ours.mask == seg[0]).all() and len(np.unique(seg)) > 1
+
+
+def test_one_fold_of_several_and_mirroring_off_match_the_predictor_set_up_the_same_way(converted):
+    nets, _, native = converted
+    model = zoo.load(native)
+    image = picture(70, 64, seed=1)
+    ours = model.segment(image, folds=[1], mirror=False, probabilities=True)
+    seg, probs = oracle(nnunet(nets, folds=[1], mirror=False), image[None, None], {"spacing": [999.0, 1.0, 1.0]})
+    assert np.abs(ours.probabilities - probs[:, 0]).max() < 1e-4 and (ours.mask == seg[0]).all()
+    mirrored = model.segment(image, folds=[1], probabilities=True).probabilities
+    assert np.abs(mirrored - ours.probabilities).max() > 1e-3  # mirroring is on unless switched off
+    with pytest.raises(ValueError, match=r"folds=\[3\]: this checkpoint holds folds \[0, 1\]"):
+        model.segment(image, folds=[3])
+
+
+def write_scan(path, seed: int = 0) -> np.ndarray:
+    """A small CT-like volume [Z, Y, X] with a spacing, an origin and an oblique direction of its own."""
+    a = np.zeros((3, 50, 70), np.int16)
+    a[:, 4:47, 5:66] = np.random.default_rng(seed).integers(-900, 1200, (3, 43, 61))
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing((0.8, 0.7, 1.5))
+    img.SetOrigin((12.5, -40.0, 7.25))
+    c, s = np.cos(0.3), np.sin(0.3)
+    img.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(path))
+    return a
+
+
+def test_zoo_predict_on_a_nifti_volume_writes_nnunets_mask_with_the_source_geometry(converted, tmp_path, capsys):
+    from zoo.cli import main
+
+    nets, _, native = converted
+    scan = tmp_path / "scan.nii.gz"
+    write_scan(scan)
+    data, props = SimpleITKIO().read_images([str(scan)])
+    seg, probs = oracle(nnunet(nets), data, props)
+    ours = zoo.load(native).segment(scan, probabilities=True)
+    assert ours.mask.shape == (3, 50, 70) and np.abs(ours.probabilities - probs).max() < 1e-4
+    assert (ours.mask == seg).all() and len(np.unique(seg)) > 1
+    out = tmp_path / "seg.nii.gz"
+    assert main(["predict", str(native), str(scan), "--out", str(out), "--slice", "1"]) == 0
+    assert "seg_overlay.png" in capsys.readouterr().out
+    src, written = sitk.ReadImage(str(scan)), sitk.ReadImage(str(out))
+    assert written.GetSpacing() == src.GetSpacing() and written.GetOrigin() == src.GetOrigin()
+    assert written.GetDirection() == src.GetDirection()
+    assert (sitk.GetArrayFromImage(written) == seg).all()
+    import nibabel
+
+    assert np.allclose(nibabel.load(str(out)).affine, nibabel.load(str(scan)).affine, atol=1e-6)
+    from PIL import Image
+
+    overlay = Image.open(tmp_path / "seg_overlay.png")
+    assert overlay.mode == "RGB" and overlay.width == 70 and overlay.height >= 50
+
+
+def test_the_backbone_runs_under_bf16_autocast_only_when_asked_on_a_cpu(converted):
+    _, _, native = converted
+    model = zoo.load(native)
+    seen = []
+    hook = model.module.backbone.blocks[0].register_forward_pre_hook(
+        lambda m, args: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else
+                                    args[0].dtype))
+    image = picture(64, 64, seed=2)
+    fp32 = model.segment(image, mirror=False, probabilities=True).probabilities
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    bf16 = model.segment(image, mirror=False, probabilities=True, autocast=True).probabilities
+    hook.remove()
+    assert set(seen) == {torch.bfloat16} and model.module.backbone_autocast is False
+    assert 0 < np.abs(bf16 - fp32).max() < 0.2  # the same prediction in a coarser dtype
+    with pytest.raises(ValueError, match="autocast='yes'"):
+        model.segment(image, autocast="yes")
+
+
+def with_postprocessing(folder, root, kind: str):
+    """The result folder with nnU-Net's postprocessing in crossval_results_folds_0_1 (as find_best_configuration
+    leaves it): keep the largest component of all foreground, then of label 2."""
+    fns = [remove_all_but_largest_component_from_segmentation] * 2
+    kwargs = [{"labels_or_regions": [1, 2]}, {"labels_or_regions": 2}]
+    copy = root / f"results_{kind}" / folder.name
+    shutil.copytree(folder, copy)
+    (copy / "crossval_results_folds_0_1").mkdir()
+    if kind == "pkl":
+        with open(copy / "crossval_results_folds_0_1" / "postprocessing.pkl", "wb") as f:
+            pickle.dump((fns, kwargs), f)  # as batchgenerators' save_pickle writes it
+    else:
+        (copy / "crossval_results_folds_0_1" / "postprocessing.json").write_text(json.dumps(
+            {"postprocessing_fns": [f.__name__ for f in fns], "postprocessing_kwargs": kwargs}))
+    return copy, fns, kwargs
+
+
+@pytest.mark.parametrize("kind", ["pkl", "json"])
+def test_nnunets_connected_component_postprocessing_is_on_by_default_and_off_with_a_flag(converted, tmp_path, kind):
+    nets, folder, native = converted
+    copy, fns, kwargs = with_postprocessing(folder, tmp_path, kind)
+    zoo.convert(copy, tmp_path / "pp", progress=False)
+    model = zoo.load(tmp_path / "pp")
+    assert model.native.extra["postprocessing"] == [{"labels_or_regions": [1, 2], "background_label": 0},
+                                                    {"labels_or_regions": 2, "background_label": 0}]
+    image = picture(seed=3)
+    raw = zoo.load(native).segment(image).mask
+    post = model.segment(image).mask
+    expected = apply_postprocessing(raw[None], fns, kwargs)[0]  # nnU-Net's own functions on nnU-Net's layout
+    assert (post == expected).all() and (post != raw).any()
+    assert (model.segment(image, postprocess=False).mask == raw).all()
+
+
+def test_a_postprocessing_pickle_that_names_other_code_is_refused_and_nothing_runs(converted, tmp_path):
+    _, folder, _ = converted
+    copy, _, kwargs = with_postprocessing(folder, tmp_path, "pkl")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.mkdir, (str(marker),))
+
+    with open(copy / "crossval_results_folds_0_1" / "postprocessing.pkl", "wb") as f:
+        pickle.dump(([Payload()], kwargs[:1]), f)
+    with pytest.raises(CheckpointError, match=r"postprocessing\.pkl: refused: it names posix\.mkdir"):
+        zoo.convert(copy, tmp_path / "pp", progress=False)
+    assert not marker.exists() and not (tmp_path / "pp").exists()
