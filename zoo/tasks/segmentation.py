@@ -100,7 +100,8 @@ def check_volume(data: np.ndarray, spacing: Any, where: str) -> tuple[float, ...
     except (TypeError, ValueError):
         raise ValueError(f"{where}: spacing={spacing!r}: must be numbers") from None
     if len(sp) != data.ndim - 1 or not all(math.isfinite(s) and s > 0 for s in sp):
-        raise ValueError(f"{where}: spacing={spacing!r}: must be {data.ndim - 1} finite numbers > 0 (z, y, x)")
+        axes = "(z, y, x)" if data.ndim == 4 else "(row, column)"
+        raise ValueError(f"{where}: spacing={spacing!r}: must be {data.ndim - 1} finite numbers > 0 {axes}")
     return sp
 
 
@@ -142,12 +143,41 @@ def read_sitk(path: Path) -> tuple[np.ndarray, tuple[float, ...], dict[str, Any]
     except RuntimeError as e:
         why = " ".join(str(e).split())[-300:]
         raise ValueError(f"{path}: not a readable image ({why})") from None
+    if suffix_of(path) in (".nii", ".nii.gz"):
+        check_nifti(path)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"{path}: {img.GetNumberOfComponentsPerPixel()} components per voxel; give one file per "
                          "channel")
     geo = {"io": "SimpleITKIO", "spacing": list(img.GetSpacing()), "origin": list(img.GetOrigin()),
            "direction": list(img.GetDirection())}
     return a, tuple(abs(s) for s in img.GetSpacing()[::-1]), geo
+
+
+def check_nifti(path: Path) -> None:
+    """What SimpleITK lets pass in a NIfTI file: a dimension of 0 (read as 1) and voxel data cut short (read as
+    zeros) are refused here, from the header nibabel reads and the bytes the file really holds."""
+    import gzip
+    import zlib
+
+    nib = need("nibabel")
+    try:
+        header = nib.load(str(path)).header
+        shape = tuple(int(n) for n in header.get_data_shape())
+        wanted = int(header.get_data_offset()) + math.prod(shape) * header.get_data_dtype().itemsize
+    except Exception as e:  # noqa: BLE001 - nibabel raises many kinds for a damaged header
+        raise ValueError(f"{path}: not a readable NIfTI image ({' '.join(str(e).split())[:300]})") from None
+    if 0 in shape:
+        raise ValueError(f"{path}: an empty volume (its header gives the shape {shape})")
+    try:
+        if suffix_of(path) == ".nii.gz":
+            with gzip.open(path, "rb") as f:  # streamed: a truncated stream fails here
+                held = sum(len(chunk) for chunk in iter(lambda: f.read(1 << 22), b""))
+        else:
+            held = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as e:
+        raise ValueError(f"{path}: truncated or damaged ({' '.join(str(e).split()) or type(e).__name__})") from None
+    if held < wanted:
+        raise ValueError(f"{path}: truncated: {held} bytes where its header needs {wanted}")
 
 
 def read_nibabel(path: Path) -> tuple[np.ndarray, tuple[float, ...], dict[str, Any]]:
