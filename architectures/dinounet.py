@@ -29,6 +29,7 @@ must be multiples of 32. Trained weights are not published: checkpoints come fro
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -406,7 +407,8 @@ class DinoUNet(nn.Module):
     def taps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
         """The frozen backbone's normed patch tokens after each tapped block (in the input's dtype), and its grid."""
         patch = self.backbone.config.patch_size
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.backbone_autocast):
+        amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.backbone_autocast else nullcontext()
+        with torch.no_grad(), amp:
             taps = self.backbone.intermediate_layers(x, list(self.config.tapped_layers))
         return [tokens.to(x.dtype) for tokens, _ in taps], (x.shape[2] // patch, x.shape[3] // patch)
 

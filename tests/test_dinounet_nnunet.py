@@ -90,6 +90,9 @@ def test_a_picture_gives_nnunet_predictors_probabilities_and_mask(converted):
     nets, _, native = converted
     model = zoo.load(native)
     assert model.config.folds == 2 and model.folds == [0, 1]
+    stored = json.loads((native / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(k.startswith("extra_folds.0.decoder.seg_layer") for k in stored)
+    assert not any("backbone" in k for k in stored if k.startswith("extra_folds."))  # one frozen backbone, stored once
     image = picture()
     ours = model.segment(image, probabilities=True)  # mirroring on and both folds, as nnU-Net's defaults
     seg, probs = oracle(nnunet(nets), image[None, None], {"spacing": [999.0, 1.0, 1.0]})
@@ -136,12 +139,19 @@ def test_zoo_predict_on_a_nifti_volume_writes_nnunets_mask_with_the_source_geome
     assert ours.mask.shape == (3, 50, 70) and np.abs(ours.probabilities - probs).max() < 1e-4
     assert (ours.mask == seg).all() and len(np.unique(seg)) > 1
     out = tmp_path / "seg.nii.gz"
-    assert main(["predict", str(native), str(scan), "--out", str(out), "--slice", "1"]) == 0
+    model_quick = {"mirror": False, "folds": [1]}  # the flags reach segment() (cheaper than the defaults)
+    assert main(["predict", str(native), str(scan), "--out", str(out), "--slice", "1", "--no-mirror", "--folds",
+                 "1"]) == 0
     assert "seg_overlay.png" in capsys.readouterr().out
     src, written = sitk.ReadImage(str(scan)), sitk.ReadImage(str(out))
     assert written.GetSpacing() == src.GetSpacing() and written.GetOrigin() == src.GetOrigin()
     assert written.GetDirection() == src.GetDirection()
-    assert (sitk.GetArrayFromImage(written) == seg).all()
+    expected = zoo.load(native).segment(scan, **model_quick).mask
+    assert (sitk.GetArrayFromImage(written) == expected).all() and not (expected == seg).all()
+    ours.save(tmp_path / "default.nrrd")  # any format SimpleITK writes: nnU-Net's mask, the geometry kept
+    again = sitk.ReadImage(str(tmp_path / "default.nrrd"))
+    assert (sitk.GetArrayFromImage(again) == seg).all()
+    assert np.allclose(again.GetDirection(), src.GetDirection(), atol=1e-12)  # NRRD stores it as decimal text
     import nibabel
 
     assert np.allclose(nibabel.load(str(out)).affine, nibabel.load(str(scan)).affine, atol=1e-6)
@@ -196,11 +206,12 @@ def test_nnunets_connected_component_postprocessing_is_on_by_default_and_off_wit
     assert model.native.extra["postprocessing"] == [{"labels_or_regions": [1, 2], "background_label": 0},
                                                     {"labels_or_regions": 2, "background_label": 0}]
     image = picture(seed=3)
-    raw = zoo.load(native).segment(image).mask
-    post = model.segment(image).mask
+    quick = {"mirror": False, "folds": [0]}  # (the predictions themselves are proven above)
+    raw = zoo.load(native).segment(image, **quick).mask
+    post = model.segment(image, **quick).mask
     expected = apply_postprocessing(raw[None], fns, kwargs)[0]  # nnU-Net's own functions on nnU-Net's layout
     assert (post == expected).all() and (post != raw).any()
-    assert (model.segment(image, postprocess=False).mask == raw).all()
+    assert (model.segment(image, postprocess=False, **quick).mask == raw).all()
 
 
 def test_a_postprocessing_pickle_that_names_other_code_is_refused_and_nothing_runs(converted, tmp_path):
@@ -219,3 +230,37 @@ def test_a_postprocessing_pickle_that_names_other_code_is_refused_and_nothing_ru
     with pytest.raises(CheckpointError, match=r"postprocessing\.pkl: refused: it names posix\.mkdir"):
         zoo.convert(copy, tmp_path / "pp", progress=False)
     assert not marker.exists() and not (tmp_path / "pp").exists()
+
+
+@pytest.mark.parametrize("force", [None, True, False])
+@pytest.mark.parametrize("spacing,target,shape", [
+    ([999.0, 1.0, 1.0], [999.0, 1.4, 1.4], (1, 23, 31)),  # a picture: in-plane, the out-of-plane axis apart
+    ([1.5, 0.7, 0.8], [1.5, 1.4, 1.4], (3, 20, 26)),  # nearly isotropic: one 3-D spline
+    ([4.0, 1.0, 1.0], [2.0, 1.0, 1.25], (4, 12, 15)),  # z resampled apart, with map_coordinates of order_z
+])
+def test_resampling_is_nnunets_resample_data_or_seg_to_shape(spacing, target, shape, force):
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape
+
+    from zoo.tasks.segmentation import new_shape_for, resample
+
+    data = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
+    new = new_shape_for(shape, spacing, target)
+    assert new == list(compute_new_shape(shape, spacing, target))
+    for order, order_z in ((3, 0), (1, 0), (1, 1)):
+        ours = resample(data, new, spacing, target, order=order, order_z=order_z, force_separate_z=force)
+        theirs = resample_data_or_seg_to_shape(data, new, spacing, target, is_seg=False, order=order, order_z=order_z,
+                                               force_separate_z=force)
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+
+
+def test_keeping_the_largest_component_is_nnunets_function():
+    from zoo.tasks.segmentation import keep_largest_component
+
+    rng = np.random.default_rng(0)
+    mask = (rng.random((3, 30, 30)) < 0.35).astype(np.uint8) * rng.integers(1, 4, (3, 30, 30)).astype(np.uint8)
+    tie = np.zeros((1, 9, 9), np.uint8)
+    tie[0, 1:3, 1:3] = tie[0, 6:8, 6:8] = 2  # two components of one size: both stay
+    for seg in (mask, tie):
+        for what in (1, 2, [1, 2], (1, 3), [(1, 2), 3]):
+            expected = remove_all_but_largest_component_from_segmentation(seg, what)
+            assert np.array_equal(keep_largest_component(seg, what), expected), what

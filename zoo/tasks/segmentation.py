@@ -23,6 +23,7 @@ direction (the affine). Needs `pip install 'zoo[medical]'` (scipy, scikit-image,
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import math
@@ -631,7 +632,9 @@ class Segmenter(ZooModel):
         previous = getattr(self.module, "backbone_autocast", None)
         self.module.backbone_autocast = bool(autocast)
         try:
-            with torch.inference_mode(), torch.autocast(device.type, enabled=cuda and autocast):
+            # nnU-Net's predictor autocasts (fp16) on CUDA only; other devices run as loaded
+            amp = torch.autocast("cuda") if cuda and autocast else contextlib.nullcontext()
+            with torch.inference_mode(), amp:
                 for d, r, c in corners:
                     where = (slice(None), d, slice(r, r + tile[0]), slice(c, c + tile[1]))
                     piece = data[where][None].contiguous()
