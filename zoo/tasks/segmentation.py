@@ -622,9 +622,12 @@ class Segmenter(ZooModel):
         autocast = cuda if autocast is None else autocast
         data, keep = pad_to(x, tile)
         Z, Hp, Wp = data.shape[1:]
-        weight = gaussian_weights(tile).to(device)
-        sums = [torch.zeros((self.config.num_classes, Z, Hp, Wp), dtype=torch.half, device=device) for _ in folds]
-        counts = torch.zeros((Z, Hp, Wp), dtype=torch.half, device=device)
+        # the sums live on the model's device for one fold (nnU-Net's perform_everything_on_device); one per fold
+        # would multiply that memory, so several folds sum on the CPU (fp16 adds round the same everywhere)
+        home = device if len(folds) == 1 else torch.device("cpu")
+        weight = gaussian_weights(tile).to(home)
+        sums = [torch.zeros((self.config.num_classes, Z, Hp, Wp), dtype=torch.half, device=home) for _ in folds]
+        counts = torch.zeros((Z, Hp, Wp), dtype=torch.half, device=home)
         axes = [int(a) + 2 for a in self.preprocessing.get("mirror_axes", (0, 1))] if mirror else []
         flips = [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
         corners = [(d, r, c) for d in range(Z) for r in window_starts(Hp, tile[0], step)
@@ -643,7 +646,7 @@ class Segmenter(ZooModel):
                         for p, q in zip(preds, self.logits(piece.flip(f), folds)):
                             p += q.flip(f)
                     for p, total in zip(preds, sums):
-                        p = p[0].to(device)
+                        p = p[0].to(home)
                         if flips:
                             p /= len(flips) + 1
                         p *= weight
