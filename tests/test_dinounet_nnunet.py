@@ -264,3 +264,38 @@ def test_keeping_the_largest_component_is_nnunets_function():
         for what in (1, 2, [1, 2], (1, 3), [(1, 2), 3]):
             expected = remove_all_but_largest_component_from_segmentation(seg, what)
             assert np.array_equal(keep_largest_component(seg, what), expected), what
+
+
+def test_nibabel_volumes_are_read_and_written_as_nnunets_nibabelio(tmp_path):
+    import nibabel
+    from nnunetv2.imageio.nibabel_reader_writer import NibabelIO
+
+    from zoo.tasks.segmentation import read_volume, write_volume
+
+    affine = np.array([[0.0, -0.7, 0.0, 12.0], [0.8, 0.0, 0.0, -3.0], [0.0, 0.0, 1.5, 7.0], [0, 0, 0, 1]])
+    a = np.random.default_rng(0).integers(0, 300, (20, 16, 3)).astype(np.int16)
+    nibabel.save(nibabel.Nifti1Image(a, affine), str(tmp_path / "scan.nii.gz"))
+    ours = read_volume(tmp_path / "scan.nii.gz", "NibabelIO")
+    data, props = NibabelIO().read_images([str(tmp_path / "scan.nii.gz")])
+    assert np.array_equal(ours.data, data) and np.allclose(ours.spacing, props["spacing"])
+    mask = (ours.data[0] > 150).astype(np.uint8)
+    write_volume(mask, tmp_path / "ours.nii.gz", ours.geometry)
+    NibabelIO().write_seg(mask, str(tmp_path / "theirs.nii.gz"), props)
+    mine, theirs = nibabel.load(str(tmp_path / "ours.nii.gz")), nibabel.load(str(tmp_path / "theirs.nii.gz"))
+    assert np.array_equal(mine.affine, theirs.affine) and np.allclose(mine.affine, affine)
+    assert np.array_equal(np.asarray(mine.dataobj), np.asarray(theirs.dataobj))
+
+
+def test_a_result_folder_converts_its_numbered_folds_and_leaves_fold_all_as_nnunet_does(tmp_path):
+    nets = fold_networks(3)
+    folder = result_folder(tmp_path, nets)
+    (folder / "fold_1").rename(folder / "fold_all")  # nnUNetPredictor.auto_detect_available_folds skips fold_all
+    (folder / "fold_2").rename(folder / "fold_4")
+    zoo.convert(folder, tmp_path / "native", progress=False)
+    model = zoo.load(tmp_path / "native")
+    assert model.folds == [0, 4] and model.config.folds == 2
+    x = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model.module(x, fold=1), nets[2](x), atol=1e-4)  # fold_4 holds the third network
+    zoo.convert(folder / "fold_all", tmp_path / "all", progress=False)  # a fold named on its own
+    assert zoo.load(tmp_path / "all").folds == ["all"]
