@@ -17,6 +17,12 @@ What a converter meets (yifangao112/DinoUNet at 8cb6c9f):
   DinoUNetTrainer_{s,b,l,7b}); every size comes from the tensor shapes (widths, depth, head dim from the RoPE
   periods, FAPM rank, adapter width), the head's channels, classes, decoder and normalisation from the stored plans
   and dataset description (init_args, or plans.json / dataset.json next to the checkpoint).
+A result folder with several fold_* folders converts to one checkpoint: the first fold under the native names, the
+others' heads under extra_folds.{j}. (their backbone, the same frozen DINOv3, is checked equal and stored once);
+fold_all is left out unless it is the only fold, as nnU-Net's predictor picks folds. nnU-Net's postprocessing
+(postprocessing.json, or postprocessing.pkl read as data: torch's weights-only unpickler cannot read that plain
+protocol-4 pickle, so Python's restricted-globals unpickler reads it with one allowed name, which it never calls)
+is stored with the config.
 A head-only checkpoint (the same container, or a bare state dict, without `encoder.dinov3_adapter.backbone.*`)
 is completed with a DINOv3 backbone .pth in Meta's layout: the one in the result folder or above it
 (`dinov3_vit*16_pretrain_*.pth`, where DinoUNet's trainers load it from), or given to `assemble`.
