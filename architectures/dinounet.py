@@ -29,6 +29,7 @@ must be multiples of 32. Trained weights are not published: checkpoints come fro
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,7 @@ class DinoUNetConfig:
     nonlin: str = "leaky_relu"  # "leaky_relu" | "relu" (the plans' nonlin)
     negative_slope: float = 0.01
     nonlin_first: bool = False  # conv -> nonlin -> norm in the decoder blocks
+    folds: int = 1  # cross-validation folds stored together: one frozen backbone, one head (adapter..decoder) each
 
     def __post_init__(self):
         if isinstance(self.backbone, dict):
@@ -80,6 +82,8 @@ class DinoUNetConfig:
         if self.norm not in ("instance", "batch") or self.nonlin not in ("leaky_relu", "relu"):
             raise ValueError(f"norm {self.norm!r} / nonlin {self.nonlin!r}: supported are instance|batch and "
                              "leaky_relu|relu")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 1:
+            raise ValueError(f"folds={self.folds!r}: must be an integer >= 1")
         if int(self.backbone.embed_dim * self.deform_value_ratio) % self.deform_heads:
             raise ValueError("the deformable attention's value width must split evenly over its heads")
 
@@ -241,17 +245,15 @@ class DinoAdapter(nn.Module):
         self.up = nn.ConvTranspose2d(d, d, 2, 2)
         self.norm1, self.norm2, self.norm3, self.norm4 = (nn.BatchNorm2d(d) for _ in range(4))
 
-    def forward(self, x: torch.Tensor, backbone: DINOv3) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, taps: list[torch.Tensor], vit_grid: tuple[int, int]) -> list[torch.Tensor]:
+        """x: the 3-channel input; taps: the backbone's normed patch tokens after each tapped block."""
         B = x.shape[0]
         c1, c2, c3, c4 = self.spm(x)
         grids = [tuple(m.shape[2:]) for m in (c2, c3, c4)]
         queries = torch.cat([m.flatten(2).transpose(1, 2) + e for m, e in zip((c2, c3, c4), self.level_embed)], 1)
         reference = torch.cat([reference_points(h, w, x.device) for h, w in grids]).to(queries.dtype)
-        vit_grid = (x.shape[2] // backbone.config.patch_size, x.shape[3] // backbone.config.patch_size)
-        with torch.no_grad():  # the backbone is frozen
-            taps = backbone.intermediate_layers(x, self.tapped_layers)
         vit_maps = []
-        for (tokens, _), interaction in zip(taps, self.interactions):
+        for tokens, interaction in zip(taps, self.interactions):
             queries = interaction(queries, reference, tokens, vit_grid, grids)
             vit_maps.append(tokens.transpose(1, 2).reshape(B, -1, *vit_grid))
         c2, c3, c4 = (q.transpose(1, 2).reshape(B, -1, h, w)
@@ -352,8 +354,36 @@ class Decoder(nn.Module):
         return self.seg_layer(x)
 
 
+class Head(nn.Module):
+    """Everything a fold trains: adapter, FAPM, learnable upsampling, decoder (the backbone is frozen, shared)."""
+
+    def __init__(self, c: DinoUNetConfig):
+        super().__init__()
+        self.adapter = DinoAdapter(c)
+        self.fapm = FeatureProjection(c)
+        self.upsample = nn.ModuleList(nn.ConvTranspose2d(f, f, 2, 2) for f in c.features_per_stage)
+        self.decoder = Decoder(c)
+
+    def forward(self, x: torch.Tensor, taps: list[torch.Tensor], vit_grid: tuple[int, int]) -> torch.Tensor:
+        return run_head(self, x, taps, vit_grid)
+
+
+def run_head(head: nn.Module, x: torch.Tensor, taps: list[torch.Tensor], vit_grid: tuple[int, int]) -> torch.Tensor:
+    """Logits from the 3-channel input and the backbone's taps through one fold's adapter, FAPM and decoder."""
+    H, W = x.shape[2:]
+    maps = head.fapm(head.adapter(x, taps, vit_grid))
+    skips = [upsample_to(m, up, (H // 2**i, W // 2**i)) for i, (m, up) in enumerate(zip(maps, head.upsample))]
+    return head.decoder(skips)
+
+
 class DinoUNet(nn.Module):
+    """One fold's head under the native names (adapter, fapm, upsample, decoder) and, for a cross-validation
+    ensemble, the other folds' heads in extra_folds; all share the one frozen backbone, which runs once per input."""
+
     input_multiple = 32  # H and W must be multiples of this (the adapter's 1/32 level)
+    # The published adapter runs the frozen backbone under torch.autocast("cuda", dtype=torch.bfloat16); the task
+    # sets this per call (on by default on GPUs, off on CPUs unless asked).
+    backbone_autocast = False
 
     def __init__(self, c: DinoUNetConfig):
         super().__init__()
@@ -363,6 +393,7 @@ class DinoUNet(nn.Module):
         self.fapm = FeatureProjection(c)
         self.upsample = nn.ModuleList(nn.ConvTranspose2d(f, f, 2, 2) for f in c.features_per_stage)
         self.decoder = Decoder(c)
+        self.extra_folds = nn.ModuleList(Head(c) for _ in range(c.folds - 1)) if c.folds > 1 else None
 
     def check_input(self, x: torch.Tensor) -> None:
         c = self.config
@@ -373,14 +404,30 @@ class DinoUNet(nn.Module):
             raise ValueError(f"height and width must be multiples of {self.input_multiple}; got "
                              f"{x.shape[2]}x{x.shape[3]} (segment() pads or tiles images for you)")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Segmentation logits [B, classes, H, W] for a normalised input [B, in_channels, H, W]."""
+    def taps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """The frozen backbone's normed patch tokens after each tapped block (in the input's dtype), and its grid."""
+        patch = self.backbone.config.patch_size
+        amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.backbone_autocast else nullcontext()
+        with torch.no_grad(), amp:
+            taps = self.backbone.intermediate_layers(x, list(self.config.tapped_layers))
+        return [tokens.to(x.dtype) for tokens, _ in taps], (x.shape[2] // patch, x.shape[3] // patch)
+
+    def head(self, fold: int) -> nn.Module:
+        if not 0 <= fold < self.config.folds:
+            raise ValueError(f"fold={fold!r}: this checkpoint holds {self.config.folds} fold(s), numbered 0.."
+                             f"{self.config.folds - 1}")
+        return self if fold == 0 else self.extra_folds[fold - 1]
+
+    def forward_folds(self, x: torch.Tensor, folds: list[int]) -> list[torch.Tensor]:
+        """Logits of each listed fold (indices into the stored folds) for one input; the backbone runs once."""
         self.check_input(x)
-        H, W = x.shape[2:]
         x = to_three_channels(x)
-        maps = self.fapm(self.adapter(x, self.backbone))
-        skips = [upsample_to(m, up, (H // 2**i, W // 2**i)) for i, (m, up) in enumerate(zip(maps, self.upsample))]
-        return self.decoder(skips)
+        taps, grid = self.taps(x)
+        return [run_head(self.head(f), x, taps, grid) for f in folds]
+
+    def forward(self, x: torch.Tensor, fold: int = 0) -> torch.Tensor:
+        """Segmentation logits [B, classes, H, W] for a normalised input [B, in_channels, H, W] (of one fold)."""
+        return self.forward_folds(x, [fold])[0]
 
 
 def build(c: DinoUNetConfig) -> DinoUNet:

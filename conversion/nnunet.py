@@ -17,6 +17,12 @@ What a converter meets (yifangao112/DinoUNet at 8cb6c9f):
   DinoUNetTrainer_{s,b,l,7b}); every size comes from the tensor shapes (widths, depth, head dim from the RoPE
   periods, FAPM rank, adapter width), the head's channels, classes, decoder and normalisation from the stored plans
   and dataset description (init_args, or plans.json / dataset.json next to the checkpoint).
+A result folder with several fold_* folders converts to one checkpoint: the first fold under the native names, the
+others' heads under extra_folds.{j}. (their backbone, the same frozen DINOv3, is checked equal and stored once);
+fold_all is left out unless it is the only fold, as nnU-Net's predictor picks folds. nnU-Net's postprocessing
+(postprocessing.json, or postprocessing.pkl read as data: torch's weights-only unpickler cannot read that plain
+protocol-4 pickle, so Python's restricted-globals unpickler reads it with one allowed name, which it never calls)
+is stored with the config.
 A head-only checkpoint (the same container, or a bare state dict, without `encoder.dinov3_adapter.backbone.*`)
 is completed with a DINOv3 backbone .pth in Meta's layout: the one in the result folder or above it
 (`dinov3_vit*16_pretrain_*.pth`, where DinoUNet's trainers load it from), or given to `assemble`.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -45,6 +52,7 @@ from zoo.weights.format import CheckpointError
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")  # in order of preference
 BACKBONE = "encoder.dinov3_adapter.backbone."
 ADAPTER = "encoder.dinov3_adapter."
+EXTRA_FOLDS = "extra_folds."  # the second and later folds' heads, in the source view and in the native module
 
 
 def _numpy_allow() -> list[Any]:
@@ -63,22 +71,38 @@ ALLOW = _numpy_allow()
 # -- finding the pieces -------------------------------------------------------------------------------------------
 
 
-def checkpoint_file(src: Path) -> Path | None:
-    """The checkpoint a path stands for: the file itself, or the one in a result folder (directly or in its only
-    fold_* folder). Several folds are ambiguous: the caller names one."""
+def fold_id(folder: Path) -> int | str | None:
+    """fold_3 -> 3, fold_all -> "all" (nnU-Net's names); None for a folder that is no fold."""
+    m = re.fullmatch(r"fold_(\d+|all)", folder.name)
+    return None if m is None else int(m.group(1)) if m.group(1).isdigit() else m.group(1)
+
+
+def fold_checkpoints(src: Path) -> list[tuple[int | str | None, Path]]:
+    """(fold id, checkpoint) for every fold a path stands for: a checkpoint file or a fold folder (one), or a result
+    folder with fold_* folders (all of them but fold_all, as nnU-Net's predictor picks them; fold_all when it is the
+    only one), each fold's checkpoint in the order of preference of CHECKPOINTS."""
     src = Path(src)
     if src.is_file():
-        return src if src.name in CHECKPOINTS else None
+        return [(fold_id(src.parent), src)] if src.name in CHECKPOINTS else []
     if not src.is_dir():
-        return None
+        return []
     for name in CHECKPOINTS:
         if (src / name).is_file():
-            return src / name
-    folds = sorted(p for p in src.glob("fold_*") if p.is_dir() and any((p / n).is_file() for n in CHECKPOINTS))
-    if len(folds) > 1:
-        raise CheckpointError(f"{src}: holds checkpoints of several folds ({', '.join(p.name for p in folds)}); "
-                              "convert one of them (pass the fold folder or its checkpoint file)")
-    return checkpoint_file(folds[0]) if folds else None
+            return [(fold_id(src), src / name)]
+    found = []
+    for d in src.glob("fold_*"):
+        ckpt = next((d / n for n in CHECKPOINTS if (d / n).is_file()), None) if d.is_dir() else None
+        if ckpt is not None and fold_id(d) is not None:
+            found.append((fold_id(d), ckpt))
+    found.sort(key=lambda f: (isinstance(f[0], str), f[0] if isinstance(f[0], int) else 0))
+    numbered = [f for f in found if f[0] != "all"]
+    return numbered or found
+
+
+def checkpoint_file(src: Path) -> Path | None:
+    """The checkpoint a path stands for (the first fold's in a result folder with several)."""
+    folds = fold_checkpoints(src)
+    return folds[0][1] if folds else None
 
 
 def _up(path: Path, levels: int = 3) -> list[Path]:
@@ -157,17 +181,45 @@ def backbone_file(ckpt: Path, arch: str | None) -> Path:
 # -- tensors ------------------------------------------------------------------------------------------------------
 
 
+def fold_weights(path: Path, first: dict[str, Any], first_weights: dict[str, Any]) -> dict[str, Any]:
+    """Another fold's network_weights, checked against the first fold's: the same trainer and configuration, and
+    the same frozen backbone (it is stored once)."""
+    data = container(path)
+    weights = data["network_weights"]
+    for key in ("trainer_name",):
+        if data.get(key) != first.get(key):
+            raise CheckpointError(f"{path}: {key} {data.get(key)!r} differs from the first fold's {first.get(key)!r}")
+    mine, theirs = (data.get("init_args") or {}).get("configuration"), (first.get("init_args") or {}).get(
+        "configuration")
+    if mine != theirs:
+        raise CheckpointError(f"{path}: configuration {mine!r} differs from the first fold's {theirs!r}")
+    if has_backbone(weights) != has_backbone(first_weights):
+        raise CheckpointError(f"{path}: holds {'a' if has_backbone(weights) else 'no'} backbone where the first fold "
+                              f"holds {'one' if has_backbone(first_weights) else 'none'}")
+    for key, t in weights.items():
+        if key.startswith(BACKBONE) and isinstance(t, torch.Tensor):
+            ref = first_weights.get(key)
+            if not isinstance(ref, torch.Tensor) or ref.shape != t.shape or not torch.equal(ref, t):
+                raise CheckpointError(f"{path}: tensor {key} differs from the first fold's; the DINOv3 backbone is "
+                                      "frozen, so every fold should hold the same one (convert the folds apart)")
+    return weights
+
+
 class NNUNetSource(TensorSource):
     """`network_weights` of the checkpoint, plus (for a head-only checkpoint) a backbone file's tensors presented
-    under the backbone prefix."""
+    under the backbone prefix, plus the other folds' tensors but their backbone under `extra_folds.{j}.`."""
 
     def __init__(self, ckpt: Path, weights: dict[str, Any], backbone: TensorSource | None = None,
-                 backbone_path: Path | None = None):
+                 backbone_path: Path | None = None, folds: list[tuple[str, Path, dict[str, Any]]] = ()):
         super().__init__()
         self.backbone = backbone
         for key, t in weights.items():
             if isinstance(t, torch.Tensor):
                 self._where[key] = (ckpt, t)
+        for prefix, path, more in folds:
+            for key, t in more.items():
+                if isinstance(t, torch.Tensor) and not key.startswith(BACKBONE):
+                    self._where[prefix + key] = (path, t)
         if backbone is not None:
             for key in backbone.keys():
                 self._where[BACKBONE + key] = (backbone_path or ckpt, key)
@@ -286,6 +338,99 @@ def normalization(plans: dict[str, Any], cfg: dict[str, Any], n: int, where: str
     return out
 
 
+RESAMPLING_FN = "resample_data_or_seg_to_shape"  # nnU-Net's default; zoo runs exactly this one
+
+
+def resampling(cfg: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """The plans' resampling of the image and of the logits: the function (nnU-Net's default only) and its
+    spline orders and separate-z rule."""
+    out = {}
+    for what, default_order in (("data", 3), ("probabilities", 1)):
+        fn = cfg.get(f"resampling_fn_{what}", RESAMPLING_FN)
+        if fn != RESAMPLING_FN:
+            raise CheckpointError(f"{where}: the plans resample the {what} with {fn}; zoo runs nnU-Net's "
+                                  f"{RESAMPLING_FN} only")
+        kw = cfg.get(f"resampling_fn_{what}_kwargs") or {}
+        force = kw.get("force_separate_z")
+        out[what] = {"order": int(kw.get("order", default_order)), "order_z": int(kw.get("order_z", 0)),
+                     "force_separate_z": None if force is None else bool(force)}
+    return out
+
+
+POSTPROCESS_FN = "remove_all_but_largest_component_from_segmentation"
+POSTPROCESS_PATH = f"nnunetv2.postprocessing.remove_connected_components.{POSTPROCESS_FN}"
+
+
+class _PostprocessFn:
+    """What the allow-listed function name in postprocessing.pkl unpickles to: a name, never the function."""
+
+    def __init__(self, *args: Any) -> None:
+        raise pickle.UnpicklingError("postprocessing.pkl calls a function; it should only name one")
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Python's restricted-globals recipe: plain data, plus the one nnU-Net function name, mapped to a marker."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if f"{module}.{name}" == POSTPROCESS_PATH:
+            return _PostprocessFn
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which is not plain data")
+
+
+def read_postprocessing_pkl(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """postprocessing.pkl ((functions, kwargs) pickled by nnU-Net's determine_postprocessing) read as data: the one
+    known function by name, anything else refused; nothing in it runs."""
+    try:
+        with open(path, "rb") as f:
+            fns, kwargs = _DataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused: {e}; zoo never runs code from a file") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OSError) as e:
+        raise CheckpointError(f"{path}: not nnU-Net's postprocessing ({type(e).__name__}: {e})") from None
+    if not isinstance(fns, list) or not isinstance(kwargs, list):
+        raise CheckpointError(f"{path}: not nnU-Net's postprocessing (expected two lists)")
+    return [POSTPROCESS_FN if f is _PostprocessFn else repr(f) for f in fns], kwargs
+
+
+def postprocessing_steps(src: Path, folds: list[Any], classes: int) -> list[dict[str, Any]]:
+    """nnU-Net's postprocessing for the converted folds, when the result folder carries it: postprocessing.json (or,
+    without it, postprocessing.pkl read as data) in the folder or in its crossval_results_folds_* (the one named for
+    these folds, else the only one). Each step keeps the largest connected component of some labels."""
+    src = Path(src)
+    folder = src if src.is_dir() else src.parent
+    if fold_id(folder) is not None:
+        folder = folder.parent
+    named = folder / ("crossval_results_folds_" + "_".join(str(f) for f in folds))
+    others = sorted(d for d in folder.glob("crossval_results_folds_*") if d.is_dir())
+    places = [folder, named] + (others if len(others) == 1 else [])
+    place = next((d for d in places if (d / "postprocessing.json").is_file() or (d / "postprocessing.pkl").is_file()),
+                 None)
+    if place is None:
+        return []
+    if (place / "postprocessing.json").is_file():
+        path = place / "postprocessing.json"
+        js = read_json(path)
+        fns, kwargs = js.get("postprocessing_fns"), js.get("postprocessing_kwargs")
+    else:
+        path = place / "postprocessing.pkl"
+        fns, kwargs = read_postprocessing_pkl(path)
+    if not isinstance(fns, list) or not isinstance(kwargs, list) or len(fns) != len(kwargs):
+        raise CheckpointError(f"{path}: not nnU-Net's postprocessing (postprocessing_fns / postprocessing_kwargs)")
+    steps = []
+    for fn, kw in zip(fns, kwargs):
+        if fn != POSTPROCESS_FN or not isinstance(kw, dict) or "labels_or_regions" not in kw:
+            raise CheckpointError(f"{path}: postprocessing step {fn!r} is not nnU-Net's {POSTPROCESS_FN}")
+        what = kw["labels_or_regions"]
+        flat = [v for item in (what if isinstance(what, (list, tuple)) else [what])
+                for v in (item if isinstance(item, (list, tuple)) else [item])]
+        if not flat or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < classes for v in flat):
+            raise CheckpointError(f"{path}: labels_or_regions {what!r} names no foreground label of the "
+                                  f"{classes} classes")
+        steps.append({"labels_or_regions": json.loads(json.dumps(what)),
+                      "background_label": int(kw.get("background_label", 0))})
+    return steps
+
+
 TRAINING_DATA_KEYS = ("name", "description", "reference", "licence", "license", "release", "tensorImageSize",
                       "numTraining", "file_ending")
 
@@ -301,27 +446,28 @@ class NNUNetDinoUNet(Format):
         self.backbone = backbone  # a DINOv3 .pth for head-only checkpoints (assemble); else looked up near it
 
     def detect(self, src: Path) -> bool:
-        try:
-            return checkpoint_file(src) is not None
-        except CheckpointError:
-            return True  # a result folder with several folds: ours, and native_config says which to pick
+        return checkpoint_file(src) is not None
 
     def _parts(self, src: Path) -> tuple[Path, dict[str, Any], NNUNetSource]:
-        ckpt = checkpoint_file(src)
-        if ckpt is None:
+        folds = fold_checkpoints(src)
+        if not folds:
             raise CheckpointError(f"{src}: no {' / '.join(CHECKPOINTS)} here")
+        ckpt = folds[0][1]
         data = container(ckpt)
         weights = data["network_weights"]
         if ADAPTER + "spm.stem.0.weight" not in weights:
             raise CheckpointError(f"{ckpt}: not a Dino U-Net checkpoint (trainer {data.get('trainer_name')!r}): no "
                                   f"{ADAPTER}* tensors; only DinoUNetTrainer checkpoints are supported")
+        others = [(f"{EXTRA_FOLDS}{j}.", path, fold_weights(path, data, weights)) for j, (_, path) in
+                  enumerate(folds[1:])]
         if has_backbone(weights):
-            return ckpt, data, NNUNetSource(ckpt, weights)
+            return ckpt, data, NNUNetSource(ckpt, weights, folds=others)
         arch = VARIANTS.get(str(data.get("trainer_name")), (None,))[0]
         path = Path(self.backbone) if self.backbone else backbone_file(ckpt, arch)
-        return ckpt, data, NNUNetSource(ckpt, weights, open_source(path), path)
+        return ckpt, data, NNUNetSource(ckpt, weights, open_source(path), path, folds=others)
 
     def native_config(self, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        folds = fold_checkpoints(src)
         ckpt, data, t = self._parts(src)
         where = str(ckpt)
         plans, dataset, cfg_name = training_setup(ckpt, data)
@@ -332,8 +478,8 @@ class NNUNetDinoUNet(Format):
         trainer = str(data.get("trainer_name") or "")
         names = class_names(dataset, where)
         channels = dataset.get("channel_names") or dataset.get("modality") or {}
-        fields: dict[str, Any] = dict(backbone=backbone, tapped_layers=tapped_layers(trainer, backbone["depth"],
-                                                                                     where),
+        fields: dict[str, Any] = dict(backbone=backbone, folds=len(folds),
+                                      tapped_layers=tapped_layers(trainer, backbone["depth"], where),
                                       in_channels=len(channels), num_classes=len(names), **head_fields(t, where),
                                       **norm_fields(arch, where))
         stored = [int(t.meta(f"encoder.fapm.refinement_blocks.{i}.0.weight").shape[0]) for i in range(4)]
@@ -356,10 +502,15 @@ class NNUNetDinoUNet(Format):
             "patch_size": [int(p) for p in cfg.get("patch_size", (512, 512))],
             "spacing": [float(s) for s in cfg.get("spacing", (1.0, 1.0))],
             "transpose_forward": [int(a) for a in plans.get("transpose_forward", (0, 1, 2))],
+            "transpose_backward": [int(a) for a in plans.get("transpose_backward", (0, 1, 2))],
+            "image_reader_writer": str(plans.get("image_reader_writer") or "SimpleITKIO"),
+            "resampling": resampling(cfg, where),
             "mirror_axes": [int(a) for a in (data.get("inference_allowed_mirroring_axes") or ())],
             "trainer": trainer, "configuration": cfg_name, "plans_name": plans.get("plans_name", ""),
             "dataset_name": plans.get("dataset_name", ""),
             "fold": (data.get("init_args") or {}).get("fold"), "epoch": data.get("current_epoch"),
+            "folds": [f if f is not None else (data.get("init_args") or {}).get("fold", 0) for f, _ in folds],
+            "postprocessing": postprocessing_steps(src, [f for f, _ in folds], len(names)),
             "training_data": {k: dataset[k] for k in TRAINING_DATA_KEYS if k in dataset},
         }
         return fields, json.loads(json.dumps(extra, default=float))  # numpy scalars -> plain numbers
@@ -418,6 +569,10 @@ class NNUNetDinoUNet(Format):
         alias = "alias: UNetDecoder keeps the encoder as a submodule"
         drops += [Drop("decoder." + r.src[0], alias) for r in rules if r.src[0].startswith("encoder.")]
         drops += [Drop("decoder." + d.pattern, alias) for d in list(drops) if d.pattern.startswith("encoder.")]
+        if config.folds > 1:  # the other folds' heads (their backbone, the same frozen one, is stored once)
+            p = EXTRA_FOLDS + "{fold}."
+            rules += [rename(p + r.src[0], p + r.dst[0]) for r in list(rules) if not r.src[0].startswith(BACKBONE)]
+            drops += [Drop(p + d.pattern, d.why) for d in list(drops)]
         return KeyMap(rules, drops)
 
 

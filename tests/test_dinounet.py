@@ -36,20 +36,25 @@ def reference(seed: int = 0, norm: str = "instance", ffn: str = "mlp", depth: in
 
 
 def plans(features=(8, 16, 32, 64), norm: str = "InstanceNorm2d", schemes=("ZScoreNormalization",),
-          patch=(64, 64), spacing=(1.0, 1.0)) -> dict:
+          patch=(64, 64), spacing=(1.0, 1.0), use_mask=None, reader: str = "NaturalImage2DIO") -> dict:
     """plans.json as nnU-Net v2's planner writes it for a 2-D natural-image dataset (force_n_stages=4)."""
     module = "instancenorm" if norm == "InstanceNorm2d" else "batchnorm"
     n = len(schemes)
     return {
         "dataset_name": "Dataset777_Tiny", "plans_name": "nnUNetPlans",
         "original_median_spacing_after_transp": [999.0, 1.0, 1.0], "original_median_shape_after_transp": [1, 64, 64],
-        "image_reader_writer": "NaturalImage2DIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "image_reader_writer": reader, "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
         "configurations": {"2d": {
             "data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 12,
             "patch_size": list(patch), "median_image_size_in_voxels": [64.0, 64.0], "spacing": list(spacing),
-            "normalization_schemes": list(schemes), "use_mask_for_norm": [False] * n,
+            "normalization_schemes": list(schemes),
+            "use_mask_for_norm": list(use_mask or [False] * n),
             "resampling_fn_data": "resample_data_or_seg_to_shape",
             "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
             "architecture": {
                 "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
                 "arch_kwargs": {
@@ -222,13 +227,16 @@ def test_head_only_checkpoint_is_assembled_with_the_backbone_file(tmp_path):
     assert max_abs_diff(zoo.load(tmp_path / "native2")(x), logits_of(ref, x)) < 1e-4
 
 
-def test_several_folds_mismatched_classes_and_other_networks_are_named(tmp_path):
+def test_folds_with_different_backbones_mismatched_classes_and_other_networks_are_named(tmp_path):
     ref = reference(seed=1)
     folder = result_folder(tmp_path, ref, plans(), dataset_json())
     (folder / "fold_1").mkdir()
-    (folder / "fold_1" / "checkpoint_final.pth").write_bytes((folder / "fold_0" / "checkpoint_final.pth").read_bytes())
-    with pytest.raises(CheckpointError, match="several folds.*fold_0, fold_1"):
+    save_like_nnunet(folder / "fold_1" / "checkpoint_final.pth", reference(seed=2).state_dict(), plans(),
+                     dataset_json())
+    with pytest.raises(CheckpointError, match=r"fold_1/checkpoint_final\.pth: tensor encoder\.dinov3_adapter\."
+                                              r"backbone\.\S+ differs from the first fold's"):
         zoo.convert(folder, tmp_path / "native", progress=False)
+    assert not (tmp_path / "native").exists()
     ckpt = tmp_path / "checkpoint_final.pth"
     save_like_nnunet(ckpt, ref.state_dict(), plans(), dataset_json(labels={"background": 0, "liver": 1}))
     with pytest.raises(CheckpointError, match=r"decoder\.seg_layers\.2\.weight: 3 outputs.*2 classes"):

@@ -93,7 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, help=f"classification: how many labels (default {DEFAULTS['top_k']})")
     s.add_argument("--out", help="write the result here: classification, the labels and scores as .json; "
                    "segmentation, the label mask as a .png, plus MASK_overlay.png")
+    # segmentation (nnU-Net's inference): the overlay's slice of a volume, the folds, mirroring, postprocessing
+    s.add_argument("--slice", type=int, help="segmentation of a volume: the slice (first axis) of the overlay PNG")
+    s.add_argument("--folds", nargs="+", help="segmentation: the cross-validation folds to average (default: all)")
+    s.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
+                   help="segmentation: test-time mirroring, as nnU-Net (default on)")
+    s.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True,
+                   help="segmentation: nnU-Net's connected-component postprocessing when the run has it (default on)")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--onednn", choices=("dense", "pack", "off"),
+                   help="linear layers on CPU through oneDNN on the model's weights, on a packed copy, or not "
+                        "(default: ZOO_ONEDNN's setting, dense)")
 
     s = add("features", "Backbone features of an image or a video (DINOv3, and every classifier's pooled features).",
             "zoo features dinov3-vits16-lvd1689m cat.jpg --out feats.safetensors\n"
@@ -335,7 +345,7 @@ def _cmd_predict(a) -> None:
 
 
 def _cmd_features(a) -> None:
-    _run_task("features", a, dict(device=a.device))
+    _run_task("features", a, dict(device=a.device, onednn=a.onednn))
 
 
 def _cmd_push(a) -> None:

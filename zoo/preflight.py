@@ -127,6 +127,12 @@ def _stem(inputs: list[Path], args: Any) -> str:
     return inputs[0].stem if inputs else "output"
 
 
+def _suffix(path: Path, known: tuple[str, ...]) -> str:
+    """The file's format suffix: the longest of `known` its name ends with (".nii.gz"), else its last suffix."""
+    name = path.name.lower()
+    return max((s for s in known if name.endswith(s)), key=len, default=path.suffix.lower())
+
+
 def _outputs(spec: Any, args: Any, inputs: list[Path]) -> dict[str, Path]:
     """--out (its default filled in), the files written beside it and --preview, by the argument naming each."""
     out = getattr(args, "out", None)
@@ -138,12 +144,13 @@ def _outputs(spec: Any, args: Any, inputs: list[Path]) -> dict[str, Path]:
         path = Path(out)
         if path.is_dir():
             raise ValueError(f"--out {out}: is a directory; give a file name")
-        if spec.out != ("*",) and path.suffix.lower() not in spec.out:
-            raise ValueError(f"--out {out}: unknown output format {path.suffix or '(no suffix)'!r}; use "
+        suffix = _suffix(path, spec.out)
+        if spec.out != ("*",) and suffix not in spec.out:
+            raise ValueError(f"--out {out}: unknown output format {suffix or '(no suffix)'!r}; use "
                              f"{' or '.join(spec.out)}")
         outputs[f"--out {out}"] = path
         for template in spec.companions:
-            companion = path.with_name(template.format(stem=path.stem))
+            companion = path.with_name(template.format(stem=path.name[:len(path.name) - len(suffix)]))
             outputs[f"{companion} (written beside --out)"] = companion
     preview = getattr(args, "preview", None)
     if preview is not None:

@@ -242,7 +242,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
 
 
 PREDICT = Command(options=frozenset({"top_k", "out", "onednn"}), out=(".json",))  # --out: the labels and scores as JSON
-FEATURES = Command(options=frozenset({"out", "dense"}), out=(".safetensors",))
+FEATURES = Command(options=frozenset({"out", "dense", "onednn"}), out=(".safetensors",))
 
 
 class VisionModel(ZooModel):

@@ -880,6 +880,93 @@ def predict_cases(ws: Workspace) -> list[Case]:
     return cases
 
 
+def segmentation_cases(ws: Workspace) -> list[Case]:
+    """Dino U-Net's segment() and `zoo predict` on volumes: broken NIfTI headers, 4-D and empty volumes, channels on
+    different grids, and every argument (step, folds, mirror, postprocess, autocast, spacing, --slice, --out)."""
+    native = ws.natives.get("dinounet")
+    if native is None:
+        return []
+    import nibabel
+    import SimpleITK as sitk
+
+    import zoo
+
+    m = zoo.load(native)
+    d = ws.fresh("segment-volumes")
+
+    def scan(name: str, shape=(3, 40, 40), spacing=(0.8, 0.7, 1.5)) -> Path:
+        img = sitk.GetImageFromArray(np.random.default_rng(0).integers(1, 200, shape).astype(np.int16))
+        img.SetSpacing(spacing)
+        sitk.WriteImage(img, str(d / name))
+        return d / name
+
+    good = scan("good.nii.gz")
+    other = scan("other_spacing.nii.gz", spacing=(0.8, 0.7, 3.0))
+    scan("plain.nii")
+    broken = bytearray((d / "plain.nii").read_bytes())
+    broken[0:4] = (1234).to_bytes(4, "little")  # sizeof_hdr is not 348: no NIfTI header
+    broken[40:56] = bytes(16)  # and its dim fields zeroed
+    (d / "broken_header.nii").write_bytes(bytes(broken))
+    (d / "truncated.nii.gz").write_bytes(good.read_bytes()[:200])
+    (d / "cut_in_the_voxels.nii.gz").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])  # header intact
+    (d / "empty.nii.gz").write_bytes(b"")
+    (d / "junk.nrrd").write_bytes(b"NRRD0004\nnot really\n")
+    nibabel.save(nibabel.Nifti1Image(np.ones((8, 8, 3, 2), np.float32), np.eye(4)), str(d / "four_d.nii.gz"))
+    nibabel.save(nibabel.Nifti1Image(np.ones((8, 0, 3), np.float32), np.eye(4)), str(d / "zero_voxels.nii.gz"))
+    (d / "folder.nii.gz").mkdir()
+    errs = (ValueError, FileNotFoundError)
+    cases = [Case("predict", f"volume file {name}", lambda p=d / name: m.segment(p), errs, re.escape(name))
+             for name in ["missing.nii.gz", "broken_header.nii", "truncated.nii.gz", "cut_in_the_voxels.nii.gz",
+                          "empty.nii.gz", "junk.nrrd",
+                          "four_d.nii.gz", "zero_voxels.nii.gz", "folder.nii.gz"]]
+    cases.append(Case("predict", "channel files with mismatched spacing", lambda: m.segment([good, other]), errs,
+                      r"other_spacing\.nii\.gz.*do not match"))
+    picture = np.full((40, 40), 7, np.uint8)
+    for label, kwargs, match in [
+        ("step=0", {"step": 0}, r"step=0"), ("step=1.5", {"step": 1.5}, r"step=1\.5"),
+        ("step='0.5'", {"step": "0.5"}, r"step='0\.5'"), ("folds=[7]", {"folds": [7]}, r"folds=\[7\]"),
+        ("folds=[]", {"folds": []}, r"folds=\[\]"), ("folds=[0, 0]", {"folds": [0, 0]}, r"folds=\[0, 0\]"),
+        ("folds=True", {"folds": True}, r"folds=True"), ("mirror='yes'", {"mirror": "yes"}, r"mirror='yes'"),
+        ("postprocess=None", {"postprocess": None}, r"postprocess=None"),
+        ("probabilities=1", {"probabilities": 1}, r"probabilities=1"),
+        ("autocast='yes'", {"autocast": "yes"}, r"autocast='yes'"),
+        ("spacing=(0, 1)", {"spacing": (0, 1)}, r"spacing=\(0, 1\)"),
+        ("spacing=(nan, 1)", {"spacing": (float("nan"), 1.0)}, r"spacing=\(nan, 1\.0\)"),
+        ("spacing=(1,)", {"spacing": (1.0,)}, r"spacing=\(1\.0,\)"),
+        ("spacing='ab'", {"spacing": "ab"}, r"spacing='ab'|spacing="),
+    ]:
+        cases.append(Case("predict", f"segment(picture, {label})", lambda kw=kwargs: m.segment(picture, **kw),
+                          (ValueError,), match))
+    for label, image, kwargs, match in [
+        ("a 4-D array without spacing", np.ones((1, 2, 8, 8)), {}, r"spacing"),
+        ("a 4-D array with 2 spacings", np.ones((1, 2, 8, 8)), {"spacing": (1, 1)}, r"spacing=\(1, 1\)"),
+        ("an empty 4-D array", np.ones((1, 0, 8, 8)), {"spacing": (1, 1, 1)}, r"empty"),
+        ("a volume file with a spacing", good, {"spacing": (1, 1, 1)}, r"good\.nii\.gz"),
+        ("NaN intensities", np.full((8, 8), np.nan), {}, r"NaN"),
+        ("a 5-D array", np.ones((1, 1, 2, 8, 8)), {}, r"shape"),
+        ("a string array", np.array([["a"]]), {}, r"<U1|numbers"),
+    ]:
+        cases.append(Case("predict", f"segment({label})", lambda x=image, kw=kwargs: m.segment(x, **kw),
+                          (ValueError,), match))
+    png = d / "picture.png"
+    from PIL import Image
+
+    Image.fromarray(picture).save(png)
+    for label, argv, out, match in [
+        ("a volume's mask into a PNG", [good, "--out", d / "seg.png"], d / "seg.png", r"volume"),
+        ("--out seg.txt", [good, "--out", d / "seg.txt"], d / "seg.txt", r"seg\.txt"),
+        ("--slice 99", [good, "--out", d / "a.nii.gz", "--slice", "99"], d / "a.nii.gz", r"slice=99"),
+        ("--slice -1", [good, "--out", d / "b.nii.gz", "--slice", "-1"], d / "b.nii.gz", r"slice=-1"),
+        ("--slice on a picture", [png, "--out", d / "c.png", "--slice", "1"], d / "c.png", r"--slice 1"),
+        ("--folds 9", [good, "--out", d / "e.nii.gz", "--folds", "9"], d / "e.nii.gz", r"folds=\[9\]"),
+        ("a 4-D NIfTI", [d / "four_d.nii.gz", "--out", d / "f.nii.gz"], d / "f.nii.gz", r"four_d\.nii\.gz"),
+        ("a broken header", [d / "broken_header.nii", "--out", d / "g.nii.gz"], d / "g.nii.gz", r"broken_header"),
+    ]:
+        cases.append(Case("cli", f"predict a segmentation: {label}",
+                          lambda a=argv: cli("predict", native, *a), (), match, outputs=(out,), cli=True))
+    return cases
+
+
 def write_frameless_video(path: Path) -> None:
     """A video file (AVI) with a video stream and no frame in it."""
     import av
@@ -1171,7 +1258,7 @@ def build_corpus(root: Path, hub: Any = None) -> list[Case]:
     ws = Workspace(root)
     ws.build_seeds()
     return (convert_cases(ws) + load_cases(ws) + export_cases(ws) + pull_cases(ws, hub) + predict_cases(ws)
-            + text_cases(ws) + cli_cases(ws))
+            + segmentation_cases(ws) + text_cases(ws) + cli_cases(ws))
 
 
 def run_corpus(root: Path, hub: Any = None) -> list[Result]:
