@@ -140,7 +140,8 @@ def pack_jobs(jobs: list[Job], paths: list[str], scheme) -> list[Job]:
     converting, tensor by tensor."""
     names = {f"{p}.weight": p for p in paths}
     schemes = scheme if isinstance(scheme, dict) else {p: scheme for p in paths}
-    stored = {p: list(schemes[p].tensors(2, 2)) for p in paths}  # the names of what each scheme stores per weight
+    # the names of what each scheme stores per weight (a shape every scheme's groups divide)
+    stored = {p: list(schemes[p].tensors(2, 2 * getattr(schemes[p], "groups", 1))) for p in paths}
     out = []
     for job in jobs:
         if not any(d in names for d in job.dst):
