@@ -414,13 +414,15 @@ def _entries() -> list[Entry]:
               description="GLM-130B, 130B-parameter bilingual (English/Chinese) GLM; fp16, 8 tensor-parallel shards",
               tags=("llm", "glm", "bilingual"), extra=extra),
     ]
-    for bits in (8, 4):
+    # The published INT8 runs at MP 8 and INT4 at MP 4 (configs/model_glm_130b_int8/_int4.sh); convert_tp.py quantises
+    # each rank's slice, so the row-parallel weights carry one scale per row per rank: "-g<MP>" (quant.module_scheme)
+    for bits, mp in ((8, 8), (4, 4)):
         out.append(Entry(
             name=f"glm-130b-int{bits}", config=glm, source=sat, params=count_params(GLM_130B), **base,
             description=f"GLM-130B with INT{bits} weight-only quantisation of the four linear weights of every "
-                        "layer (per-row symmetric scales, as the GLM-130B repository does it)",
+                        f"layer (per-row symmetric scales per rank at MP {mp}, as the GLM-130B repository does it)",
             tags=("llm", "glm", "bilingual", f"int{bits}"),
-            extra={**extra, "quantize": f"int{bits}-row", "convert_args": f"--quantize int{bits}-row"}))
+            extra={**extra, "quantize": f"int{bits}-row-g{mp}", "convert_args": f"--quantize int{bits}-row-g{mp}"}))
     out.append(Entry(
         name="chatglm-6b", family="glm", config=asdict(CHATGLM_6B),
         source=Source(repo="THUDM/chatglm-6b", layout="hf-chatglm", file_format="bin"),

@@ -262,8 +262,14 @@ class RowwiseInt(Scheme):
 
     per_byte = 1  # codes per stored byte
 
-    def __init__(self, name: str, bits: int, groups: int = 1):
+    def __init__(self, name: str, bits: int, groups: int = 1, whole_rows: bool = False):
         self.name, self.bits, self.qmax, self.groups = name, bits, 2 ** (bits - 1) - 1, groups
+        self.whole_rows = whole_rows  # stored as `groups` scales per row, all equal: one scale over the whole row
+
+    def rank_variant(self) -> RowwiseInt:
+        """The same storage for a layer tensor parallelism splits by output rows (each rank holds whole rows, so
+        one scale per row, repeated over the groups): what GLM-130B's convert_tp.py writes for those layers."""
+        return type(self)(self.name, self.bits, self.groups, whole_rows=True)
 
     def tensors(self, out_features: int, in_features: int) -> TensorPlan:
         if in_features % self.groups:
@@ -282,11 +288,11 @@ class RowwiseInt(Scheme):
         # fp16 weights are quantised in fp16 arithmetic, as GLM-130B's quantization/layers.py and
         # tools/convert_tp.py do it (w / scale rounds to fp16 before round()): the published bytes, exactly
         work = weight if weight.dtype == torch.float16 else weight.float()
-        w = work.reshape(out, self.groups, n // self.groups)
+        w = work.reshape(out, 1 if self.whole_rows else self.groups, -1)
         scale = w.abs().amax(dim=2) / self.qmax
         q = torch.round(w / scale.clamp(min=torch.finfo(work.dtype).tiny)[..., None])
         q = q.clamp(-self.qmax, self.qmax).to(torch.int8).reshape(out, n)
-        scale = scale.to(weight.dtype)
+        scale = scale.to(weight.dtype).expand(out, self.groups).contiguous()
         return q, scale[:, 0] if self.groups == 1 else scale
 
     def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -621,21 +627,38 @@ def _target(module: nn.Module, path: str) -> nn.Module | torch.Tensor:
     return module.get_submodule(path)
 
 
-def module_scheme(module: nn.Module, path: str, scheme: str | Scheme) -> Scheme:
-    """The scheme the weight at `path` is packed with under `scheme` (an embedding: its embedding scheme)."""
+def module_scheme(module: nn.Module, path: str, scheme: str | Scheme, tp_plan: dict[str, str] | None = None) -> Scheme:
+    """The scheme the weight at `path` is packed with under `scheme` (an embedding: its embedding scheme).
+
+    A rowwise scheme with N groups ("int8-row-g8") quantises as the N tensor-parallel ranks of the family's
+    `tp_plan` do: a layer split by input rows ("rowwise") gets one scale per row per rank, any other layer one
+    scale per whole row (stored repeated, so every layer keeps the one scheme's storage)."""
     scheme = get_scheme(scheme)
     if isinstance(_target(module, path), nn.Embedding | PackedEmbedding):
         return scheme.embedding_scheme() or scheme
+    if tp_plan and isinstance(scheme, RowwiseInt) and scheme.groups > 1 and _plan_style(tp_plan, path) != "rowwise":
+        return scheme.rank_variant()
     return scheme
 
 
-def pack_linears(module: nn.Module, scheme: str | Scheme, paths: list[str]) -> list[str]:
+def _plan_style(plan: dict[str, str], path: str) -> str | None:
+    parts = path.split(".")
+    for pattern, style in plan.items():
+        tokens = pattern.split(".")
+        if len(tokens) == len(parts) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, tokens, strict=True)):
+            return style
+    return None
+
+
+def pack_linears(module: nn.Module, scheme: str | Scheme, paths: list[str],
+                 tp_plan: dict[str, str] | None = None) -> list[str]:
     """Replace the nn.Linear at each path by a PackedLinear of the same shape, a stacked [n, out, in] parameter by
     a PackedStack, and an nn.Embedding (a tied output embedding, see packable_paths) by a PackedEmbedding (call on
-    the meta device)."""
+    the meta device). tp_plan: see module_scheme."""
     scheme = get_scheme(scheme)
     for path in paths:
         old = _target(module, path)
+        chosen = module_scheme(module, path, scheme, tp_plan) if isinstance(old, nn.Linear) else scheme
         owner, _, attr = path.rpartition(".")
         parent = module.get_submodule(owner) if owner else module
         if isinstance(old, nn.Parameter):
@@ -649,9 +672,9 @@ def pack_linears(module: nn.Module, scheme: str | Scheme, paths: list[str]) -> l
             continue
         with torch.device(old.weight.device):
             if isinstance(old, nn.Linear):
-                new = PackedLinear(old.in_features, old.out_features, old.bias is not None, scheme, old.weight.dtype)
-            elif isinstance(old, nn.Embedding) and scheme.embedding_scheme() is not None:
-                new = PackedEmbedding(old.num_embeddings, old.embedding_dim, scheme.embedding_scheme(),
+                new = PackedLinear(old.in_features, old.out_features, old.bias is not None, chosen, old.weight.dtype)
+            elif isinstance(old, nn.Embedding) and chosen.embedding_scheme() is not None:
+                new = PackedEmbedding(old.num_embeddings, old.embedding_dim, chosen.embedding_scheme(),
                                       old.weight.dtype)
             else:
                 raise ValueError(f"quantization record names {path}, which is a {type(old).__name__}, not a "

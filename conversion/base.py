@@ -250,7 +250,7 @@ def _convert(
         check_against_model(planned, expected_state(family, config), str(src), published_names(keymap))
         meta = family.build_meta(config)
         paths = packable_paths(meta, scheme)  # every linear layer, and a tied output embedding
-        jobs = pack_jobs(jobs, paths, {p: module_scheme(meta, p, scheme) for p in paths})
+        jobs = pack_jobs(jobs, paths, {p: module_scheme(meta, p, scheme, family.tp_plan) for p in paths})
         planned = run_jobs_meta(jobs, tensors)
         quantization = {"scheme": scheme.name, "modules": paths}
     check_against_model(planned, expected_state(family, config, quantization), str(src), published_names(keymap))

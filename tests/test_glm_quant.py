@@ -94,12 +94,60 @@ def test_quantising_at_conversion_and_at_load_time_agree_and_match_the_reference
     b = zoo.load(fp16["native"], dtype=torch.float16, quantize=f"int{bits}-row")  # packed layer by layer on loading
     for (name, x), (_, y) in zip(a.module.state_dict().items(), b.module.state_dict().items()):
         assert torch.equal(x.to(y.dtype), y), name  # the same packed bytes and scales
-    # the paper's scheme on the merged weights: one scale per full output row
+    # "int<bits>-row" without groups: one scale per full output row, the published scheme at MP 1
     merged = {k: merge_ranks(k, [sd[k] for sd in fp16["shards"]]) for k in fp16["shards"][0]}
     reference = R.dequantize_sat_shards(R.quantize_sat_shards([merged], bits), bits)
     ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(2))
     expected = R.sat_glm130b_forward(reference, L, HEADS, ids, torch.arange(40)[None], _causal(40))
     assert max_abs_diff(a(ids), expected) < 1e-3
+
+
+# GLM-130B as released: 8 fp16 SAT ranks; INT8 is published at MP 8 and INT4 at MP 4 (convert_tp.py --target-tp).
+MP_HEADS, MP_INNER = 8, 128
+MP_ARGS = {**ARGS, "num_attention_heads": MP_HEADS, "inner_hidden_size": MP_INNER}
+
+
+@pytest.fixture(scope="module")
+def mp8(tmp_path_factory):
+    base = tmp_path_factory.mktemp("glm_mp8")
+    shards = R.random_sat_shards(L, H, MP_INNER, MP_HEADS, VOCAB, 8, std=0.25, embed_std=0.1, dtype=torch.float16,
+                                 seed=11)
+    R.write_sat_checkpoint(base / "sat", shards, model_config=MP_ARGS)
+    return {"base": base, "shards": shards, "native": zoo.convert(base / "sat", base / "native", progress=False)}
+
+
+@pytest.mark.parametrize("bits,mp", [(8, 8), (4, 4)])
+def test_zoo_quantised_glm_130b_equals_the_published_convert_tp_bit_for_bit(mp8, bits, mp):
+    from tests import glm_convert_tp_reference as convert_tp
+    from zoo.registry import get_entry
+
+    scheme = get_entry(f"glm-130b-int{bits}").extra["quantize"]
+    assert scheme == f"int{bits}-row-g{mp}"  # the registry's quantisation is the published MP degree's
+    published = convert_tp.main(mp8["shards"], target_tp=mp, quantization_bit_width=bits)
+    R.write_sat_checkpoint(mp8["base"] / f"pub{bits}", published, model_config=MP_ARGS)
+    from_published = zoo.convert(mp8["base"] / f"pub{bits}", mp8["base"] / f"pub{bits}-native", progress=False)
+    by_zoo = zoo.convert(mp8["base"] / "sat", mp8["base"] / f"zoo{bits}", quantize=scheme, progress=False)
+
+    records = [json.loads((d / "config.json").read_text())["quantization"] for d in (from_published, by_zoo)]
+    assert records[0] == records[1] and records[0]["scheme"] == scheme  # the per-rank grouping is recorded
+    a, b = load_file(from_published / "model.safetensors"), load_file(by_zoo / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    scale = a["layers.0.mlp.down_proj.weight_scale"]
+    assert scale.shape == (H, mp) and not torch.equal(scale[:, 0], scale[:, 1])  # one scale per row per rank
+    assert torch.equal(a["layers.0.attn.q_proj.weight_scale"][:, :1].expand(-1, mp),
+                       a["layers.0.attn.q_proj.weight_scale"])  # column-parallel: one scale per whole row
+
+    loaded = zoo.load(mp8["native"], dtype=torch.float16, quantize=scheme)  # quantised while loading: same bytes
+    for name, t in loaded.module.state_dict().items():
+        assert torch.equal(t, b[name].to(t.dtype) if t.is_floating_point() else b[name]), name
+
+    model = zoo.load(by_zoo, dtype=torch.float32)
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(3))
+    reference = R.dequantize_sat_shards(published, bits)  # the published ranks as they compute, rank by rank
+    expected = R.sat_glm130b_forward(reference, L, MP_HEADS, ids, torch.arange(40)[None], _causal(40))
+    assert max_abs_diff(model(ids), expected) < 1e-3
 
 
 def test_packed_models_hold_a_fraction_of_the_fp16_bytes(fp16):

@@ -33,11 +33,13 @@ def load(
     quantize: str | None = None,
     compile: bool | None = None,
     onednn: str | None = None,
+    pp: int | None = None,
 ) -> ZooModel:
     """Load a model by registry name, native directory or "hf://org/name@revision".
 
     dtype: None keeps the stored dtype. verify: check every file's sha256 against the index.
     tp: tensor-parallel degree inside a torchrun job. device_map/max_memory: place blocks on devices.
+    pp: pipeline stages inside a torchrun job (zoo.pipeline): consecutive blocks per process.
     quantize: "int8" | "int4" (or a scheme name of zoo.architectures.quant): weight-only quantisation of every
         linear layer while loading, one layer at a time; a checkpoint stored quantized loads packed by itself.
     compile: language models: decode each new token through one torch.compile'd step (zoo.generation); None takes
@@ -51,6 +53,7 @@ def load(
     dtype = parse_dtype(dtype)
     verify = check_bool(verify, "verify")
     tp = check_int(tp, "tp", minimum=1, allow_none=True)
+    pp = check_int(pp, "pp", minimum=1, allow_none=True)
     quantize = check_quantize(quantize)
     compile = None if compile is None else check_bool(compile, "compile")
     onednn = check_onednn(onednn)
@@ -66,6 +69,13 @@ def load(
             raise ValueError(f"revision={revision!r}: applies to 'hf://org/name' addresses only, not to "
                              f"{name_or_path!r}")
         validate_revision(revision)
+    if pp is not None and pp > 1:
+        if device_map is not None or quantize is not None:
+            raise ValueError(f"pp={pp} with device_map or quantize is not supported yet; pass pp (and tp) alone")
+        from zoo.pipeline import load_pipeline
+
+        model = load_pipeline(name_or_path, pp=pp, tp=tp or 1, dtype=dtype, revision=revision, verify=verify)
+        return _compile_option(model, False if compile is None else compile)
     if tp is not None and tp > 1 and device_map is not None:
         raise ValueError("tp and device_map are two ways to split a model; pass one of them")
     if quantize is not None and ((tp is not None and tp > 1) or device_map is not None):

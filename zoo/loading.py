@@ -98,9 +98,9 @@ def build_model(native: NativeConfig, quantize: str | None = None, where: str = 
         raise CheckpointError(f"{where}the {family.name} config does not build a model: {_describe(e)}") from None
     try:
         if stored:
-            pack_linears(module, stored["scheme"], list(stored["modules"]))
+            pack_linears(module, stored["scheme"], list(stored["modules"]), family.tp_plan)
         elif quantize is not None:
-            pack_linears(module, quantize, packable_paths(module, quantize))
+            pack_linears(module, quantize, packable_paths(module, quantize), family.tp_plan)
     except (TypeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{where}quantization record {stored!r} does not fit the model: {_describe(e)}") from None
     return family, module

@@ -214,8 +214,6 @@ def load_tensor_parallel(
     norms. `plan` overrides the family's tp_plan (benchmarks compare plans with it).
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
-    from torch.distributed.tensor.parallel import parallelize_module
 
     local = Path(str(name_or_path)).expanduser()
     if plan is None and local.is_dir():  # a family that cannot be split is refused before any process is asked
@@ -241,11 +239,26 @@ def load_tensor_parallel(
     if verify:  # the ranks share the hashing: file i is checked by rank i % tp, and all hear of any failure
         _verify_shared(ckpt, rank, tp)
     mesh = init_device_mesh(device.type, (tp,))
+    shard_and_load(module, plan, mesh, ckpt, rank, device, parse_dtype(dtype))
+    ckpt.close()
+    init_derived_buffers(module, device)
+    module.eval()
+    _share_random_stream()
+    model = get_task(family.task)(module, native, family, directory)
+    model.mesh = mesh
+    return model
+
+
+def shard_and_load(module: nn.Module, plan: dict[str, str], mesh, ckpt, rank: int, device: torch.device,
+                   target: torch.dtype | None) -> None:
+    """Apply `plan` on the meta-device `module` over the 1-D `mesh` and read this tp `rank`'s slice of every
+    parameter it holds (whole tensors for the replicated ones and for persistent buffers)."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
     # On meta, src_data_rank=None makes each rank cut its own (empty) shard: no communication, no data.
     styles = {path: _style(style) for path, style in resolve_plan(module, plan).items()}
     parallelize_module(module, mesh, styles, src_data_rank=None)
-
-    target = parse_dtype(dtype)
     for name, p in list(module.named_parameters()):
         placement = p.placements[0] if isinstance(p, DTensor) else None
         if isinstance(placement, Shard):
@@ -263,13 +276,6 @@ def load_tensor_parallel(
             owner, _, attr = name.rpartition(".")
             (module.get_submodule(owner) if owner else module).register_buffer(attr, ckpt.get(name).to(device,
                                                                                                         copy=True))
-    ckpt.close()
-    init_derived_buffers(module, device)
-    module.eval()
-    _share_random_stream()
-    model = get_task(family.task)(module, native, family, directory)
-    model.mesh = mesh
-    return model
 
 
 def _share_random_stream() -> None:

@@ -654,6 +654,20 @@ def load_cases(ws: Workspace) -> list[Case]:
     ]
     for label, kw, match in bad_args:
         cases.append(Case("load", f"argument {label}", lambda kw=kw: zoo.load(some, **kw), (ValueError,), match))
+    lm = ws.natives.get("qwen2")  # pipeline stages: a language model's blocks (zoo.pipeline)
+    if lm is not None:
+        n = json.loads((lm / "config.json").read_text())["config"]["n_layers"]
+        for label, kw, match in [
+            ("pp=0", dict(pp=0), r"pp=0"),
+            ("pp='2'", dict(pp="2"), r"pp='2'"),
+            ("pp=1.5", dict(pp=1.5), r"pp=1\.5"),
+            ("pp with device_map", dict(pp=2, device_map="auto"), r"pp=2 with device_map"),
+            ("pp with quantize", dict(pp=2, quantize="int8"), r"pp=2 with .*quantize"),
+            ("pp with a tp not dividing the heads", dict(pp=2, tp=64), r"tp=64 does not divide"),
+            (f"pp={n + 1} not dividing the {n} blocks", dict(pp=n + 1), rf"pp={n + 1} does not divide the {n} blocks"),
+            (f"pp={n} outside torchrun", dict(pp=n), rf"pp={n} runs one process per pipeline stage.*torchrun"),
+        ]:
+            cases.append(Case("load", f"argument {label}", lambda kw=kw: zoo.load(lm, **kw), (ValueError,), match))
     for label, name, errors, match in [
         ("name ''", "", (ValueError,), r"name_or_path=''"),
         ("name None", None, (ValueError,), r"name_or_path=None"),
