@@ -212,6 +212,9 @@ class GLMState(KVCache):
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + [t for t in (self.sop, self.mask_pos, self.gmask) if t is not None]
 
+    def batch_dims(self) -> list[tuple[torch.Tensor, int]]:
+        return super().batch_dims() + [(t, 0) for t in (self.sop, self.mask_pos, self.gmask) if t is not None]
+
 
 # -- layers -----------------------------------------------------------------------------------------------
 
@@ -304,7 +307,8 @@ class GLM(nn.Module):
     (the GLM context, the tokens before <sop>); int or [B]; None = fully causal.
     position_ids: [B, T] ([B, 2, T] for 2-D positions); None = 0..T-1 (2-D: block positions 0).
     `glm_positions(input_ids, config)` computes both from a prompt by the published rules.
-    Generation (zoo.generation) passes a state instead: the rules are then read from the prompt's tokens.
+    Generation (zoo.generation) passes a state (by keyword, architectures/state.py): the rules are then read
+    from the prompt's tokens.
     """
 
     def __init__(self, c: GLMConfig):
@@ -322,10 +326,8 @@ class GLM(nn.Module):
         return GLMState(batch, max_len, pad, self.config.position_2d)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                context_length: int | torch.Tensor | None = None, state: State | None = None,
+                context_length: int | torch.Tensor | None = None, *, state: State | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        if isinstance(position_ids, State):  # the generation engine's call: model(ids, state, last_only=...)
-            state, position_ids = position_ids, None
         B, T = input_ids.shape
         dev = input_ids.device
         if state is not None:

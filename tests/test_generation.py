@@ -196,3 +196,70 @@ def test_kv_cache_is_allocated_once_and_does_not_grow(model):
 def test_last_only_scores_only_the_last_position(model):
     ids = torch.tensor([model.tokenizer.encode("import os\nimport sys\n")])
     assert torch.allclose(model.module(ids, last_only=True), model.module(ids)[:, -1:], atol=1e-5, rtol=0)
+
+
+# -- the decoding protocol (architectures/state.py): one written contract for every language model ---------------
+
+
+def _tiny_language_models():
+    from tests.test_fast_decode import FAMILIES, tiny
+
+    return {family: tiny(family) for family in FAMILIES}
+
+
+def test_every_language_model_meets_the_written_decoding_protocol():
+    from zoo.architectures.state import DecodingModel, State
+
+    for family, module in _tiny_language_models().items():
+        assert isinstance(module, DecodingModel), family
+        state = module.new_state(2, 12, torch.tensor([1, 0]))
+        assert isinstance(state, State), family
+        tail = [251, 254] if family == "glm" else [20, 21]  # (GLM: [gMASK] <sop>)
+        with torch.inference_mode():  # the state by keyword, for every family (GLM included: no argument swap)
+            logits = module(torch.tensor([[0, *tail], [7, *tail]]), state=state, last_only=True)
+        assert logits.shape[:2] == (2, 1) and state.length == 3, family
+
+
+def test_the_state_switches_its_own_form_and_keeps_its_tensors():
+    from zoo.architectures.state import KVCache
+
+    state = KVCache(1, 8)
+    state.length = 3
+    state.make_static("cpu")
+    position, slots = state.position, state.slots
+    assert state.static and int(position) == 3
+    state.make_dynamic()
+    state.advance(2)  # an eager step moves both counts
+    state.make_static("cpu")
+    assert state.static and state.position is position and state.slots is slots and int(position) == 5
+    state.counted_in_graph(1)  # a compiled step moved only the device count
+    assert state.length == 6
+
+
+def test_reorder_moves_every_batch_row_of_every_family_state():
+    for family, module in _tiny_language_models().items():
+        state = module.new_state(3, 10, torch.tensor([2, 0, 1]))
+        tail = [251, 254] if family == "glm" else [20, 21]
+        with torch.inference_mode():
+            module(torch.tensor([[0, 0, 5, *tail], [5, 6, 7, *tail], [0, 8, 9, *tail]]), state=state)
+            before = [(t.clone(), d) for t, d in state.batch_dims()]
+            assert len(before) >= 2, family  # the family's own memory is named, not only the pads
+            rows = torch.tensor([2, 2, 0])
+            state.reorder(rows)
+        for (old, dim), (new, _) in zip(before, state.batch_dims()):
+            assert torch.equal(new, old.index_select(dim, rows)), family
+
+
+def test_a_state_that_hides_a_batch_tensor_is_refused_by_name():
+    from zoo.architectures.state import State
+
+    class Forgetful(State):
+        def __init__(self):
+            super().__init__(2, 4)
+            self.memory = torch.zeros(2, 3)
+
+        def tensors(self):
+            return super().tensors() + [self.memory]
+
+    with pytest.raises(TypeError, match="Forgetful.batch_dims"):
+        Forgetful().reorder(torch.tensor([1, 0]))

@@ -1,8 +1,9 @@
 """One decoding engine for every language model: prefill, then one token at a time.
 
-It only talks to the model through `model.new_state(batch, max_len, pad)` and
-`model(ids, state, last_only=True)` (architectures/state.py), so attention models (a KV cache) and
-recurrent ones (a fixed-size memory) share it, with batching, sampling and stopping.
+It only talks to the model through the decoding protocol (architectures/state.py, `DecodingModel`):
+`model.new_state(batch, max_len, pad)`, `model(ids, state=state, last_only=True)` and the state's own methods,
+so attention models (a KV cache) and recurrent ones (a fixed-size memory) share it, with batching, sampling,
+beam search and stopping.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def decode(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    logits = model(ids, state, last_only=True)[:, -1]
+    logits = model(ids, state=state, last_only=True)[:, -1]
     wanted = max_new_tokens > 1 and compile_wanted(compile, model, ids.shape[0], max_new_tokens)
     step = compiled_step(model) if wanted else None
     if step is not None:
@@ -124,12 +125,13 @@ def decode(
             out = step(model, state, nxt[:, None])
             if out is not None:
                 logits, best = out
-                state.length += 1  # the graph moved only the device-side count (architectures/state.py)
+                state.counted_in_graph(1)
                 continue
             step = None  # it could not be compiled: said once (compiled_step); eager from here
-        state.static = False  # (a step the family runs in the dynamic form, e.g. a rebuild of its state)
-        logits = model(nxt[:, None], state, last_only=True)[:, -1]
-        state.static = step is not None
+        state.make_dynamic()  # (a step the family runs in the dynamic form, e.g. a rebuild of its state)
+        logits = model(nxt[:, None], state=state, last_only=True)[:, -1]
+        if step is not None:
+            state.make_static(logits.device)
 
 
 # -- the compiled decoding step -----------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def compile_wanted(compile: bool | None, model: torch.nn.Module, batch: int, new
 
 
 def _decode_step(model: torch.nn.Module, state, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(tok, state, last_only=True)[:, -1]
+    logits = model(tok, state=state, last_only=True)[:, -1]
     return logits, logits.argmax(-1)
 
 
