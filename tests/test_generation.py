@@ -263,3 +263,48 @@ def test_a_state_that_hides_a_batch_tensor_is_refused_by_name():
 
     with pytest.raises(TypeError, match="Forgetful.batch_dims"):
         Forgetful().reorder(torch.tensor([1, 0]))
+
+
+# -- which strategy ran, and the combinations refused by name ------------------------------------------------------
+
+
+def test_generate_says_which_strategy_ran_with_its_numbers(model):
+    model.generate("x = 1", max_new_tokens=2, temperature=0)
+    assert model.last_strategy == "greedy"
+    model.generate("x = 1", max_new_tokens=2, temperature=0.8, top_k=40, seed=3)
+    assert model.last_strategy == "sampling (temperature=0.8, top_k=40, seed=3)"
+    model.generate("x = 1", max_new_tokens=2, num_beams=3, early_stopping=True)
+    assert model.last_strategy == "beam search (num_beams=3, length_penalty=1, early_stopping=True)"
+
+
+def test_cli_prints_the_strategy_on_one_line_beside_the_beams(capsys):
+    from zoo.cli import main
+
+    assert main(["generate", "qwen2-tiny-stdlib", "def f(x):", "--max-new-tokens", "4", "--num-beams", "3",
+                 "--num-return-sequences", "2", "--length-penalty", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("def f(x):") == 2 and "--- 2 of 2 ---" in out
+    assert err.strip() == "[beam search (num_beams=3, length_penalty=0.5, num_return_sequences=2)]"
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(num_beams=2, temperature=0.7), ["num_beams=2", "temperature=0.7", "does not sample"]),
+    (dict(num_beams=2, top_p=0.9), ["top_p=0.9"]),
+    (dict(num_beams=2, top_k=5), ["top_k=5"]),
+    (dict(num_beams=2, num_return_sequences=3), ["num_return_sequences=3 > num_beams=2"]),
+    (dict(num_beams=0), ["num_beams=0", ">= 1"]),
+    (dict(num_beams=2, stream=True), ["stream=True"]),
+    (dict(no_repeat_ngram_size=2), ["no_repeat_ngram_size=2", "num_beams > 1"]),
+])
+def test_nonsense_strategy_combinations_are_refused_by_name(model, kwargs, words):
+    with pytest.raises(ValueError) as e:
+        model.generate("x = 1", **{"max_new_tokens": 2, **kwargs})
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_min_gen_length_keeps_stop_tokens_out_of_the_first_tokens(model):
+    stop = min(model.stop_ids())
+    prompt = model.tokenizer.encode("x = 1\n")
+    free = model.generate(prompt, max_new_tokens=6, temperature=0, min_gen_length=6)
+    assert len(free) == 6 and stop not in free
+    assert model.last_strategy == "greedy (min_gen_length=6)"
