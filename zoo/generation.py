@@ -53,7 +53,11 @@ def check_max_new_tokens(n: object) -> int:
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]."""
+    """Next token ids [B] from last-position logits [B, V].
+
+    A draw takes exactly one uniform number per row from the generator (inverse CDF in fp32), whatever the
+    settings and whichever path computed the logits (eager or the compiled step), so the same seed draws the same
+    numbers on both; README "Reproducible sampling" says what can still differ."""
     if not s.temperature:
         return logits.argmax(-1)
     logits = logits.float() / s.temperature
@@ -66,8 +70,9 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
         drop = cum - sorted_logits.softmax(-1) > s.top_p  # keep the smallest set whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = 1.0 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)  # in (0, 1]: never a 0-mass token
+    return (cdf < u * cdf[:, -1:]).sum(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
