@@ -234,6 +234,9 @@ class GLMBeamSearch:
 
     def __init__(self, beams, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int,
                  device: torch.device):
+        if beams.early_stopping is not False:
+            raise ValueError(f"early_stopping={beams.early_stopping!r}: GLM-130B's beam search stops by its own rule "
+                             "(a prompt is done once num_beams beams finished and no running one can beat them)")
         self.k, self.n_prompts, self.device = beams.num_beams, len(prompts), device
         self.length_penalty, self.ngram = beams.length_penalty, beams.no_repeat_ngram_size
         self.min_gen_length, self.returned = beams.min_gen_length, beams.num_return_sequences

@@ -202,3 +202,10 @@ def test_chatglm_keeps_transformers_beam_rule_and_glm130b_its_own():
     assert GLM(GLMConfig(**small)).beam_rule is GLMBeamSearch
     assert GLM(GLMConfig(**small, position_2d=True, mlp="gelu_tanh", tie_embeddings=False)).beam_rule is None
     assert not GLM_130B.position_2d and CHATGLM_6B.position_2d
+
+
+def test_glm130b_beam_search_refuses_transformers_early_stopping_by_name():
+    from tests.test_fast_decode import tiny
+
+    with pytest.raises(ValueError, match="early_stopping=True: GLM-130B's beam search stops by its own rule"):
+        beam_search(tiny("glm"), [[5, 6, 251, 254]], 3, Beams(num_beams=2, early_stopping=True), set())
