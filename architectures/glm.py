@@ -212,6 +212,118 @@ class GLMState(KVCache):
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + [t for t in (self.sop, self.mask_pos, self.gmask) if t is not None]
 
+    def batch_dims(self) -> list[tuple[torch.Tensor, int]]:
+        return super().batch_dims() + [(t, 0) for t in (self.sop, self.mask_pos, self.gmask) if t is not None]
+
+
+# -- beam search: GLM-130B's rule ------------------------------------------------------------------------------
+
+
+class GLMBeamSearch:
+    """GLM-130B's beam search (generation/strategies.py `BeamSearchStrategy`, as generate.py runs it:
+    consider_end=True, end tokens <eop> and eos), with its `deterministic=True` candidate choice (the top
+    candidates; the published default draws them, which beam search with sampling settings is refused for).
+
+    Per prompt: every beam's log-probabilities (end tokens at -65504 before min_gen_length tokens, and tokens that
+    would repeat an n-gram this beam made at -65504) plus the beam's score; the (max(1, end tokens) + 1) *
+    num_beams best candidates, best first: one ending in an end token joins the finished beams (length-penalised
+    the OpenNMT way, score / ((5 + tokens) / 6) ** length_penalty, tokens counted from the prompt's start), the
+    first num_beams others run on. A prompt is done once num_beams beams finished and none running can beat the
+    worst of them; at the end the running beams of prompts not done join the finished ones. The engine's rule
+    interface: zoo/generation.py `BeamSearch`."""
+
+    def __init__(self, beams, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int,
+                 device: torch.device):
+        if beams.early_stopping is not False:
+            raise ValueError(f"early_stopping={beams.early_stopping!r}: GLM-130B's beam search stops by its own rule "
+                             "(a prompt is done once num_beams beams finished and no running one can beat them)")
+        self.k, self.n_prompts, self.device = beams.num_beams, len(prompts), device
+        self.length_penalty, self.ngram = beams.length_penalty, beams.no_repeat_ngram_size
+        self.min_gen_length, self.returned = beams.min_gen_length, beams.num_return_sequences
+        self.end_tokens = sorted(stop_ids)
+        self.prompt_lengths = [len(p) for p in prompts]
+        self.tokens = [[list(p) for _ in range(self.k)] for p in prompts]  # every beam, from the prompt's start
+        self.scores: torch.Tensor | None = None  # [prompts, beams]; None before the first token (scores 0)
+        self.bans = [[{} for _ in range(self.k)] for _ in prompts]  # n-gram prefix -> tokens this beam made after it
+        self.end_beams: list[list[list[int]]] = [[] for _ in prompts]
+        self.end_scores: list[list[torch.Tensor]] = [[] for _ in prompts]
+        self.prompt_done = [False] * len(prompts)
+        self.generated = 0
+        self.done = False
+
+    def _add_end_beam(self, b: int, score: torch.Tensor, beam: list[int]) -> None:
+        score = score / ((5.0 + len(beam)) / 6) ** self.length_penalty  # (OpenNMT's length penalty)
+        i = len(self.end_beams[b])
+        while i > 0 and not score < self.end_scores[b][i - 1]:
+            i -= 1
+        self.end_beams[b].insert(i, beam)
+        self.end_scores[b].insert(i, score)
+        del self.end_beams[b][self.k:], self.end_scores[b][self.k:]
+
+    def step(self, logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, K = self.n_prompts, self.k
+        logits = logits.float().view(B, K, -1)
+        if self.scores is None:  # the first token: every beam is the prompt; one counts
+            logits = logits[:, :1]
+        logits = logits.clone()
+        V, beams_now = logits.shape[-1], logits.shape[1]
+        if self.min_gen_length > self.generated:
+            logits[..., self.end_tokens] = -65504
+        if self.ngram > 0:
+            for b in range(B):
+                if len(self.tokens[b][0]) > self.ngram:
+                    for i in range(beams_now):
+                        prefix = tuple(self.tokens[b][i][-(self.ngram - 1):])
+                        for banned in self.bans[b][i].get(prefix, ()):
+                            logits[b, i, banned] = -65504
+        scores = torch.log_softmax(logits, dim=-1)
+        if self.scores is not None:
+            scores = scores + self.scores[..., None]
+        scores = scores.reshape(B, beams_now * V)
+        probs = torch.softmax(scores, dim=-1)
+        candidates = torch.topk(probs, k=(max(1, len(self.end_tokens)) + 1) * K).indices
+        cand_scores, order = torch.sort(scores.gather(1, candidates), descending=True, dim=1)
+        candidates = candidates.gather(1, order)
+        sources, cand_tokens = (candidates // V).tolist(), (candidates % V).tolist()
+        rows, kept, new_scores, new_tokens, new_bans = [], [], [], [], []
+        for b in range(B):
+            seq_len = len(self.tokens[b][0])
+            beams, scores_b, bans_b = [], [], []
+            for i, (src, tok) in enumerate(zip(sources[b], cand_tokens[b])):
+                beam = self.tokens[b][src] + [tok]
+                if not self.prompt_done[b] and tok in self.end_tokens:
+                    self._add_end_beam(b, cand_scores[b, i], beam)
+                elif len(beams) < K:
+                    beams.append(beam)
+                    rows.append(b * K + src)
+                    kept.append(tok)
+                    scores_b.append(cand_scores[b, i])
+                    if self.ngram > 0:
+                        bans = dict(self.bans[b][src])
+                        prefix = tuple(self.tokens[b][src][-(self.ngram - 1):])
+                        bans[prefix] = bans.get(prefix, ()) + (tok,)
+                        bans_b.append(bans)
+                else:
+                    break
+            new_tokens.append(beams)
+            new_scores.append(torch.stack(scores_b))
+            new_bans.append(bans_b if self.ngram > 0 else self.bans[b])
+            if not self.prompt_done[b] and len(self.end_beams[b]) == K:
+                best = torch.stack(scores_b).max() / ((5.0 + (seq_len + 1)) / 6) ** self.length_penalty
+                self.prompt_done[b] = bool(self.end_scores[b][-1] >= best)  # none running can do better
+        self.tokens, self.bans, self.scores = new_tokens, new_bans, torch.stack(new_scores)
+        self.generated += 1
+        self.done = all(self.prompt_done)
+        return torch.tensor(rows, device=self.device), torch.tensor(kept, device=self.device)
+
+    def finish(self) -> list[list[list[int]]]:
+        for b in range(self.n_prompts):
+            if not self.prompt_done[b]:
+                for i in range(self.k):
+                    self._add_end_beam(b, self.scores[b, i], self.tokens[b][i])
+        return [[beam[start:] for beam in ends[: self.returned]]
+                for start, ends in zip(self.prompt_lengths, self.end_beams)]
+
 
 # -- layers -----------------------------------------------------------------------------------------------
 
@@ -304,7 +416,8 @@ class GLM(nn.Module):
     (the GLM context, the tokens before <sop>); int or [B]; None = fully causal.
     position_ids: [B, T] ([B, 2, T] for 2-D positions); None = 0..T-1 (2-D: block positions 0).
     `glm_positions(input_ids, config)` computes both from a prompt by the published rules.
-    Generation (zoo.generation) passes a state instead: the rules are then read from the prompt's tokens.
+    Generation (zoo.generation) passes a state (by keyword, architectures/state.py): the rules are then read
+    from the prompt's tokens.
     """
 
     def __init__(self, c: GLMConfig):
@@ -318,14 +431,18 @@ class GLM(nn.Module):
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
         # (no `tied_embedding`: GLM-130B's INT8/INT4, as published, quantise the layers' linears, not the table)
 
+    @property
+    def beam_rule(self) -> type | None:
+        """The decoding protocol's hook (architectures/state.py): GLM-130B decodes beams by its own rule;
+        ChatGLM-6B (2-D positions) runs through transformers' generate, so transformers' rule (None)."""
+        return None if self.config.position_2d else GLMBeamSearch
+
     def new_state(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> GLMState:
         return GLMState(batch, max_len, pad, self.config.position_2d)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                context_length: int | torch.Tensor | None = None, state: State | None = None,
+                context_length: int | torch.Tensor | None = None, *, state: State | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        if isinstance(position_ids, State):  # the generation engine's call: model(ids, state, last_only=...)
-            state, position_ids = position_ids, None
         B, T = input_ids.shape
         dev = input_ids.device
         if state is not None:

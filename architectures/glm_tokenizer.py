@@ -193,8 +193,9 @@ class GLMPrompt:
 
     GLM-130B: the text is tokenized around its mask tokens; without one, [gMASK] is appended (long
     generation); eos follows unless the text ends with a mask; then <sop>. The model fills the blank of the
-    first [MASK] (else [sMASK], else [gMASK]) and stops at <eop> or eos; for a blank inside the text the result
-    is the text with the blank filled, for [gMASK] the continuation. ChatGLM-6B: text + [gMASK] + <sop>, the
+    first [MASK] (else [sMASK], else [gMASK]) and stops at <eop> or eos, then the next blank of that kind, one
+    after another until none is left (`refill`, generate.py's loop); for blanks inside the text the result is
+    the text with every blank filled, for one [gMASK] the continuation. ChatGLM-6B: text + [gMASK] + <sop>, the
     continuation.
     """
 
@@ -228,25 +229,51 @@ class GLMPrompt:
         return [*before, mask, *after, tokenizer.token_id("<sop>")]
 
     def infills(self, text: str) -> bool:
-        """Whether the output is the prompt with a blank filled (not a continuation)."""
-        return bool(re.search(r"\[s?MASK\]", text))
+        """Whether the output is the prompt with its blanks filled (not a continuation): a [MASK] or [sMASK], or
+        several [gMASK]s (filled one after another, like the others)."""
+        return bool(re.search(r"\[s?MASK\]", text)) or text.count("[gMASK]") > 1
 
     def echoes_prompt(self, tokenizer: GLMTokenizer, text: str) -> bool:
         return tokenizer.style != "chatglm" and self.infills(text)
 
-    def decode(self, tokenizer: GLMTokenizer, prompt: str, new_ids: list[int]) -> str:
+    def _around(self, tokenizer: GLMTokenizer, prompt: str,
+                prompt_ids: list[int] | None) -> tuple[list[int], int, list[int]]:
+        """(ids before the blank being filled, its mask id, ids after it up to <sop>) of a round's prompt ids
+        (the first round's from the text when not given)."""
+        if prompt_ids is None:
+            return self._parts(tokenizer, prompt)
+        mask = tokenizer.token_id(self._which(prompt))
+        context = prompt_ids[:-1]  # (the round's prompt ends with <sop>)
+        at = context.index(mask)
+        return context[:at], mask, context[at + 1:]
+
+    def refill(self, tokenizer: GLMTokenizer, prompt: str, prompt_ids: list[int],
+               new_ids: list[int]) -> list[int] | None:
+        """generate.py's loop over blanks: this round's blank put in place of its mask; while a blank of the
+        kind being filled ([MASK], else [sMASK], else [gMASK], chosen from the text) is left, the next round's
+        prompt (the filled context + <sop>, the next blank the first of its kind), else None. ChatGLM-6B's
+        prompts have one blank."""
+        if tokenizer.style == "chatglm":
+            return None
+        before, mask, after = self._around(tokenizer, prompt, prompt_ids)
+        filled = [*before, *new_ids, *after]
+        return [*filled, tokenizer.token_id("<sop>")] if mask in filled else None
+
+    def decode(self, tokenizer: GLMTokenizer, prompt: str, new_ids: list[int],
+               prompt_ids: list[int] | None = None) -> str:
         """The text so far: the prompt up to the blank and the blank (infilling), or the continuation."""
         if not self.echoes_prompt(tokenizer, prompt):
             return tokenizer.decode(new_ids)
-        before, _, _ = self._parts(tokenizer, prompt)
+        before, _, _ = self._around(tokenizer, prompt, prompt_ids)
         return tokenizer.decode([*before, *new_ids])
 
-    def complete(self, tokenizer: GLMTokenizer, prompt: str, new_ids: list[int]) -> str:
-        """The final text: as generate.py's answers, the context with the blank's tokens put in place of the mask
-        (its trailing eos dropped), detokenized."""
+    def complete(self, tokenizer: GLMTokenizer, prompt: str, new_ids: list[int],
+                 prompt_ids: list[int] | None = None) -> str:
+        """The final text: as generate.py's answers, the context with the last blank's tokens put in place of its
+        mask (earlier blanks are already in the round's prompt ids; the trailing eos dropped), detokenized."""
         if not self.echoes_prompt(tokenizer, prompt):
             return tokenizer.decode(new_ids)
-        before, _, after = self._parts(tokenizer, prompt)
+        before, _, after = self._around(tokenizer, prompt, prompt_ids)
         eos = tokenizer.token_id(tokenizer.special("eos_token"))
         if after and after[-1] == eos:
             after = after[:-1]

@@ -186,6 +186,9 @@ class HGRNState(State):
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + [self.h]
 
+    def batch_dims(self) -> list[tuple[torch.Tensor, int]]:
+        return super().batch_dims() + [(self.h, 1)]  # [n_layers, B, dim]: beam search reorders the rows
+
 
 class MMfreeLM(nn.Module):
     def __init__(self, c: MMfreeConfig):

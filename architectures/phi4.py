@@ -123,6 +123,9 @@ class TokenKVCache(KVCache):
     def length_dims(self) -> list[tuple[torch.Tensor, int]]:
         return super().length_dims() + ([(self.ids, 1)] if self.ids is not None else [])
 
+    def batch_dims(self) -> list[tuple[torch.Tensor, int]]:
+        return super().batch_dims() + ([(self.ids, 0)] if self.ids is not None else [])
+
 
 class Phi4LM(DecoderLM):
     """The decoder, plus transformers' LongRoPE cache rule for generation.

@@ -1,9 +1,11 @@
-"""Generation state: what the decoding engine keeps for a model between two calls.
+"""The decoding protocol: what a language model offers the one decoding engine (zoo/generation.py), and the
+generation state the engine keeps for it between two calls. Written once, here; the engine uses nothing else.
 
-The engine (zoo/generation.py) knows only this protocol:
+    state = model.new_state(batch, max_len, pad)                # once, before the prompt
+    logits = model(ids, state=state, last_only=True)            # the prompt, then one token at a time
 
-    state = model.new_state(batch, max_len, pad)      # once, before the prompt
-    logits = model(ids, state, last_only=True)         # the prompt, then one token at a time
+`DecodingModel` below is the contract (a `typing.Protocol`: families implement it, nothing inherits it), with
+every optional hook the core looks for on a model and what each means.
 
 A `State` carries the bookkeeping every family shares: how many tokens it has consumed (`length`), the
 left-pad count of each row of a batch (`pad`), the length of a bidirectional prefix (`prefix`, for
@@ -12,7 +14,8 @@ family remembers of the past is its own subclass: keys and values (`KVCache`), o
 recurrent memory. Either way every tensor is allocated once at its full size and updated in place, so
 memory does not grow with the sequence and one compiled decode step can serve every family.
 
-Two forms of the same arithmetic (zoo/generation.py picks one per generation):
+Two forms of the same arithmetic (zoo/generation.py picks one per generation; the state switches itself,
+`make_static` / `make_dynamic`):
 
     dynamic  (eager; the default)  positions from the Python count `length`, keys and values read up to the
              last written position, masks only where they are needed;
@@ -20,10 +23,15 @@ Two forms of the same arithmetic (zoo/generation.py picks one per generation):
              a device tensor, cache writes with index_copy_ at that position, attention over all `max_len`
              slots with a mask. Every shape is fixed and no Python number changes from token to token, so one
              graph serves every step. Inside a compiled graph only `position` advances (a Python count there
-             would be frozen into the graph): the graph's caller counts `length` on the host.
+             would be frozen into the graph): the graph's caller then tells the state (`counted_in_graph`).
+
+Beam search keeps one row per beam and, after each token, `reorder`s the state's rows (every tensor with a
+batch dimension, named by `batch_dims`), so the engine never reaches inside a state.
 """
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -43,10 +51,24 @@ class State:
 
     def make_static(self, device: torch.device | str) -> None:
         """Switch to the static form (module docstring): from now on positions, masks and cache writes come from
-        the device-side count `position`, which starts at `length`."""
-        self.position = torch.tensor(self.length, device=device)
-        self.slots = torch.arange(self.max_len, device=device)  # (a tensor: a graph may keep its size symbolic)
+        the device-side count `position`, which starts at `length`. Made once; switching back after a dynamic
+        step keeps the same tensors (a compiled graph was traced on them) and only re-reads the count."""
+        if self.position is None:
+            self.position = torch.tensor(self.length, device=device)
+            self.slots = torch.arange(self.max_len, device=device)  # (a tensor: a graph may keep its size symbolic)
+        else:
+            self.position.fill_(self.length)
         self.static = True
+
+    def make_dynamic(self) -> None:
+        """Switch to the dynamic form (a step the family runs eagerly, e.g. a rebuild of its state). The device
+        count keeps moving with `advance`, so `make_static` can switch back at any token."""
+        self.static = False
+
+    def counted_in_graph(self, steps: int) -> None:
+        """A compiled step consumed `steps` tokens: inside the graph only the device count moved (module
+        docstring); bring the host count along."""
+        self.length += steps
 
     def steps_ahead(self, steps: int, device: torch.device) -> torch.Tensor:
         """Indices (counting left pads) of the next `steps` tokens, [steps]."""
@@ -132,6 +154,27 @@ class State:
         serves every generation length (a subclass adds its own)."""
         return [(self.slots, 0)] if self.slots is not None else []
 
+    def batch_dims(self) -> list[tuple[torch.Tensor, int]]:
+        """(tensor, dim) of every dimension sized by the batch (one row per sequence or beam): what `reorder`
+        moves. A subclass adds every batch-sized tensor it holds (`reorder` refuses a state that forgets one)."""
+        return [(t, 0) for t in (self.pad, self.prefix) if t is not None]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes what row rows[i] was ([batch] indices; beam search keeps the chosen beams), in place:
+        the tensors stay the same objects, so a compiled step traced on them keeps serving."""
+        held = self.batch_dims()
+        moved = {id(t) for t, _ in held}
+        fixed = {id(t) for t in (self.position, self.slots) if t is not None}
+        missing = [tuple(t.shape) for t in self.tensors() if id(t) not in moved | fixed]
+        if missing:
+            raise TypeError(f"{type(self).__name__}.batch_dims does not name every tensor it holds (shapes "
+                            f"{missing}); a state must say where its batch dimension is to be reordered")
+        for t, dim in held:
+            self._reorder_tensor(t, dim, rows)
+
+    def _reorder_tensor(self, t: torch.Tensor, dim: int, rows: torch.Tensor) -> None:
+        t.copy_(t.index_select(dim, rows.to(t.device)))
+
 
 class KVCache(State):
     """Keys and values of every attention layer, preallocated to `max_len` positions.
@@ -168,3 +211,60 @@ class KVCache(State):
 
     def length_dims(self) -> list[tuple[torch.Tensor, int]]:
         return super().length_dims() + [(t, 2) for t in (*self.k.values(), *self.v.values())]
+
+    def batch_dims(self) -> list[tuple[torch.Tensor, int]]:
+        return super().batch_dims() + [(t, 0) for t in (*self.k.values(), *self.v.values())]
+
+    def _reorder_tensor(self, t: torch.Tensor, dim: int, rows: torch.Tensor) -> None:
+        if self.static or t.dim() != 4:
+            return super()._reorder_tensor(t, dim, rows)
+        used = t[:, :, : self.length]  # (dynamic form: only the written slots matter)
+        used.copy_(used.index_select(dim, rows.to(t.device)))
+
+
+# -- the contract between a language model and the decoding engine -------------------------------------------------
+
+
+@runtime_checkable
+class DecodingModel(Protocol):
+    """What zoo/generation.py asks of a language model (an nn.Module). Required:
+
+    new_state(batch, max_len, pad) -> State
+        A fresh generation state for `batch` rows of at most `max_len` tokens (prompt included), `pad` [batch] the
+        number of left-pad tokens of each row (None: no padding). Allocated at full size now; the model updates it
+        in place. A KV-cache family returns a `KVCache` (or a subclass), a recurrent family its own `State`
+        subclass; either way the subclass names its batch-sized tensors (`batch_dims`) so the engine can reorder
+        beams, and its `max_len`-sized ones (`length_dims`) so one compiled graph serves every length.
+
+    __call__(input_ids, *, state=None, last_only=False) -> logits
+        input_ids [B, T]; the state BY KEYWORD (the engine never passes it by position, so a family is free to
+        take other arguments, e.g. GLM's position_ids and context_length, in any order). With a state the call
+        continues from what the state holds, takes every token's position from it (`State.positions`, or a
+        family rule computed from the state: the engine never passes positions), writes what it must remember
+        into it and advances it by T (`State.advance`). last_only: score only the last position, [B, 1, V]
+        (all a decoding step needs); otherwise [B, T, V]. Without a state: a plain forward over positions 0..T-1.
+
+    Optional hooks (looked up with getattr; absent means the default in brackets):
+
+    tied_embedding: str | None   [None]  the name of the embedding module whose table the output head also
+        reads (tied weights); weight-only quantisation packs that table once for both (architectures/quant.py).
+    zoo_eager_only: str | None   [None]  a reason this model must decode eagerly (set by zoo/device_map.py when
+        weights are streamed from disk, which no graph can trace); compile=True then warns with the reason.
+    beam_rule: type | None       [None]  the family's own beam-search rule (a class with the engine's
+        `BeamRule` methods, zoo/generation.py) in place of transformers' (GLM: GLM-130B's BeamSearchStrategy).
+    init_buffers(device)         on any submodule holding non-persistent (derived) buffers: computes them on
+        `device` after loading from the meta device (zoo/family.py `init_derived_buffers`). Not decoding-specific.
+    input_multiple: int          [1]  (segmentation models, not language models) spatial sizes must be multiples
+        of it (zoo/tasks/segmentation.py pads to it).
+
+    The family's prompt rule (zoo/family.py `Family.prompt`) is the text-side counterpart: encode(tokenizer, text)
+    -> ids and decode(tokenizer, prompt, new_ids) -> text, optionally complete(tokenizer, prompt, new_ids) -> the
+    final text, echoes_prompt(tokenizer, prompt) -> bool, and refill(tokenizer, prompt, prompt_ids, new_ids) ->
+    the next round's prompt ids or None (a rule that fills several blanks one after another, GLM); a rule with
+    refill takes prompt_ids= (the round's prompt ids) in decode and complete.
+    """
+
+    def new_state(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> State: ...
+
+    def __call__(self, input_ids: torch.Tensor, *, state: State | None = None,
+                 last_only: bool = False) -> torch.Tensor: ...

@@ -123,6 +123,9 @@ class XLSTMState(State):
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + self.c + self.n + self.m
 
+    def batch_dims(self) -> list[tuple[torch.Tensor, int]]:
+        return super().batch_dims() + [(t, 0) for t in (*self.c, *self.n, *self.m)]
+
 
 class MLSTMLayer(nn.Module):
     """The mLSTM token mixer: projections, soft-capped gates, the cell, the per-head norm, the output gate."""

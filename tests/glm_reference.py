@@ -458,3 +458,250 @@ def dequantize_sat_shards(shards: list[dict[str, torch.Tensor]], bits: int, dtyp
             d[key] = published_dequantize(t, sd[key + "_scale"], bits, dtype) if key + "_scale" in sd else t.to(dtype)
         out.append(d)
     return out
+
+
+# -- GLM-130B beam search and blank filling (THUDM/GLM-130B @ 212215c, Apache-2.0) ---------------------------
+#
+# generation/strategies.py `BeamSearchStrategy`, evaluation/model.py `batch_filling_sequence` and generate.py
+# `fill_blanks`, statement by statement (numpy's np.bool swapped for Python lists, CUDA tensors for CPU ones; the
+# model call is `sat_glm130b_forward` over the whole sequence each step, which gives the cached call's logits:
+# the same masks and positions). GLM-130B is licensed under the Apache License 2.0
+# (https://github.com/THUDM/GLM-130B/blob/212215c/LICENSE); these are tests-only oracles derived from it.
+
+
+class Glm130bBeamSearchStrategy:
+    def __init__(self, batch_size, num_beams, length_penalty=1.0, consider_end=False, end_tokens=(),
+                 invalid_slices=(), no_repeat_ngram_size=0, min_gen_length=0, deterministic=False):
+        self.batch_size = batch_size
+        self.num_beams = num_beams
+        self.length_penalty = length_penalty
+        self.end_tokens = list(end_tokens)
+        self.ngram = no_repeat_ngram_size
+        self.min_gen_length = min_gen_length
+        self.invalid_slices = list(invalid_slices)
+        self.consider_end = consider_end
+        self.deterministic = deterministic
+        self._init_cache()
+
+    def _init_cache(self):
+        self.end_beams = [[] for _ in range(self.batch_size)]
+        self.end_beams_penalized_scores = [[] for _ in range(self.batch_size)]
+        self.cached_beam_scores = 0
+        self.cached_beam_ngram_bans = [[{} for _ in range(self.num_beams)] for _ in range(self.batch_size)]
+        self.length_generated = 0
+        self._is_done = [False] * self.batch_size
+
+    def _add_end_beams(self, score, beam, batch_idx):
+        score = score / ((5.0 + len(beam)) / 6) ** self.length_penalty
+        for i in range(len(self.end_beams[batch_idx]), -1, -1):
+            if i == 0 or score < self.end_beams_penalized_scores[batch_idx][i - 1]:
+                break
+        self.end_beams[batch_idx].insert(i, beam)
+        self.end_beams_penalized_scores[batch_idx].insert(i, score)
+        self.end_beams[batch_idx] = self.end_beams[batch_idx][: self.num_beams]
+        self.end_beams_penalized_scores[batch_idx] = self.end_beams_penalized_scores[batch_idx][: self.num_beams]
+
+    @property
+    def is_done(self) -> bool:
+        return all(self._is_done)
+
+    def forward(self, logits, tokens, mems):
+        batch_size, num_beams, vocab_size = logits.shape
+        seq_len = tokens.shape[-1]
+        logits = logits.float()
+        for invalid_slice in self.invalid_slices:
+            logits[..., invalid_slice] = -65504
+        if self.min_gen_length > self.length_generated:
+            for end_token in self.end_tokens:
+                logits[..., end_token] = -65504
+        if self.ngram > 0 and seq_len > self.ngram:
+            for batch_idx in range(batch_size):
+                for i in range(num_beams):
+                    ngram_prefix = tokens[batch_idx, i, -(self.ngram - 1):].tolist()
+                    for banned_index in self.cached_beam_ngram_bans[batch_idx][i].get(tuple(ngram_prefix), []):
+                        logits[batch_idx, i, banned_index] = -65504
+        next_token_scores = F.log_softmax(logits, dim=-1)
+        prev_scores = self.cached_beam_scores
+        if isinstance(prev_scores, torch.Tensor):
+            prev_scores = prev_scores[..., None].expand_as(next_token_scores)
+        next_token_scores = next_token_scores + prev_scores
+        next_token_scores = next_token_scores.view(batch_size, num_beams * vocab_size)
+        probs = F.softmax(next_token_scores, dim=-1)
+        if num_beams < self.num_beams:  # first token
+            probs = probs[..., :vocab_size]
+        if self.deterministic:
+            next_tokens = torch.topk(probs, k=(max(1, len(self.end_tokens)) + 1) * self.num_beams).indices
+        else:
+            next_tokens = torch.multinomial(probs, num_samples=(max(1, len(self.end_tokens)) + 1) * self.num_beams)
+        next_token_scores = next_token_scores[torch.arange(batch_size).unsqueeze(1), next_tokens]
+        next_token_scores, _indices = torch.sort(next_token_scores, descending=True, dim=1)
+        next_tokens = next_tokens[torch.arange(batch_size).unsqueeze(1), _indices]
+        next_indices = torch.div(next_tokens, vocab_size, rounding_mode="trunc")
+        next_tokens = next_tokens % vocab_size
+        beam_continue_batch, score_continue_batch, mems_continue_batch = [], [], []
+        for batch_idx in range(batch_size):
+            beam_continue = []
+            scores_continue = []
+            bans_continue = []
+            mems_contiue = []
+            for i in range(len(next_tokens[batch_idx])):
+                beam = torch.cat((tokens[batch_idx, next_indices[batch_idx, i]], next_tokens[batch_idx, i: i + 1]))
+                if not self._is_done[batch_idx] and int(next_tokens[batch_idx, i]) in self.end_tokens:
+                    self._add_end_beams(next_token_scores[batch_idx, i], beam, batch_idx)
+                elif len(beam_continue) < self.num_beams:
+                    beam_continue.append(beam)
+                    mems_contiue.append(mems[:, batch_idx, next_indices[batch_idx, i]])
+                    scores_continue.append(next_token_scores[batch_idx, i])
+                    if self.ngram > 0:
+                        bans = self.cached_beam_ngram_bans[batch_idx][next_indices[batch_idx, i]].copy()
+                        ngram_prefix = tuple(tokens[batch_idx, next_indices[batch_idx, i], -(self.ngram - 1):].tolist())
+                        bans[ngram_prefix] = bans.get(ngram_prefix, tuple()) + (next_tokens[batch_idx, i],)
+                        bans_continue.append(bans)
+                else:
+                    break
+            beam_continue_batch.append(torch.stack(beam_continue))
+            mems_continue_batch.append(torch.stack(mems_contiue, dim=1))
+            score_continue_batch.append(scores_continue)
+            self.cached_beam_ngram_bans[batch_idx] = bans_continue
+        tokens = torch.stack(beam_continue_batch)
+        mems = torch.stack(mems_continue_batch, dim=1)
+        self.cached_beam_scores = torch.tensor(score_continue_batch, device=logits.device)
+        self.length_generated += 1
+        for batch_idx in range(self.batch_size):
+            if batch_idx >= batch_size:
+                self._is_done[batch_idx] = True
+            elif (
+                len(self.end_beams[batch_idx]) == self.num_beams
+                and self.end_beams_penalized_scores[batch_idx][-1]
+                >= self.cached_beam_scores[batch_idx].max() / ((5.0 + (seq_len + 1)) / 6) ** self.length_penalty
+            ):
+                self._is_done[batch_idx] = True
+        return tokens, mems
+
+    def finalize(self, tokens, mems):
+        if self.consider_end:
+            batch_size, num_beams = tokens.shape[:2]
+            for batch_idx in range(batch_size):
+                if not self._is_done[batch_idx]:
+                    for i in range(num_beams):
+                        self._add_end_beams(self.cached_beam_scores[batch_idx, i], tokens[batch_idx, i], batch_idx)
+            mems = None
+            ret = self.end_beams[:batch_size]
+        else:
+            ret = tokens
+        self._init_cache()
+        return ret, mems
+
+
+class Glm130bGreedy:
+    """generation/strategies.py `BaseStrategy` at temperature -> 0 (top_k=1): argmax, stopping per row at an end
+    token (the tokens after it -1), so the filling loop can run greedily too."""
+
+    def __init__(self, end_tokens=()):
+        self.end_tokens = list(end_tokens)
+        self._is_done = [False]
+
+    @property
+    def is_done(self) -> bool:
+        return all(self._is_done)
+
+    def forward(self, logits, tokens, mems):
+        logits = logits.view(-1, logits.size(-1))
+        pred = logits.float().argmax(-1, keepdim=True)
+        if self._is_done[0]:
+            pred[0] = -1
+        elif pred[0].item() in self.end_tokens:
+            self._is_done[0] = True
+        return torch.cat((tokens, pred.view(tokens.shape[:-1] + (1,))), dim=-1), mems
+
+    def finalize(self, tokens, mems):
+        self._is_done = [False]
+        return tokens, mems
+
+
+def glm130b_batch_filling_sequence(shards, num_layers, num_heads, seqs, context_lengths, strategy,
+                                   get_masks_and_position_ids):
+    """evaluation/model.py batch_filling_sequence with the model call replaced by a full forward (no mems)."""
+    batch_size, context_length = seqs.shape
+    seqs, attention_mask, position_ids = get_masks_and_position_ids(seqs)
+    tokens = seqs[..., :context_length]
+    counter = context_length - 1
+    num_beams = 1
+    mems = torch.zeros(1, batch_size, 1, 1)  # (stands for the cache; the strategy reorders it per beam)
+    while counter < seqs.shape[1] - 1:
+        tokens = tokens.reshape(batch_size * num_beams, -1)
+        mems = mems.reshape(mems.shape[0], batch_size * num_beams, mems.shape[-2], mems.shape[-1])
+        logits = sat_glm130b_forward(shards, num_layers, num_heads, tokens,
+                                     position_ids[..., : counter + 1].expand(tokens.shape[0], -1),
+                                     attention_mask[..., : counter + 1, : counter + 1])
+        if counter == context_length - 1:
+            logits = logits[torch.arange(batch_size), context_lengths - 1]
+        else:
+            logits = logits[:, -1]
+        counter += 1
+        logits = logits.reshape(batch_size, num_beams, -1)
+        tokens = tokens.reshape(batch_size, num_beams, -1)
+        mems = mems.reshape(mems.shape[0], batch_size, num_beams, mems.shape[-2], mems.shape[-1])
+        tokens, mems = strategy.forward(logits, tokens, mems)
+        if len(tokens.shape) == 3 and num_beams == 1:
+            num_beams = tokens.shape[1]
+            position_ids = position_ids.unsqueeze(1).expand(batch_size, num_beams, -1).reshape(
+                batch_size * num_beams, -1)
+        if strategy.is_done:
+            break
+    return strategy.finalize(tokens, mems)
+
+
+def glm130b_get_masks_and_position_ids(seq, mask_position, max_gen_length, gmask=False):
+    """generate.py get_masks_and_position_ids."""
+    context_length = seq.shape[1]
+    tokens = torch.nn.functional.pad(seq, (0, max_gen_length), mode="constant", value=-1)
+    attention_mask = torch.ones((1, tokens.shape[-1], tokens.shape[-1]), device=tokens.device)
+    attention_mask.tril_()
+    attention_mask[..., : context_length - 1] = 1
+    attention_mask.unsqueeze_(1)
+    attention_mask = (attention_mask < 0.5).bool()
+    position_ids = torch.arange(tokens.shape[-1], dtype=torch.long, device=tokens.device)
+    if not gmask:
+        position_ids[context_length - 1:] = mask_position
+    position_ids = position_ids.unsqueeze(0)
+    return tokens, attention_mask, position_ids
+
+
+def glm130b_fill_blanks(shards, num_layers, num_heads, seq: list[int], generation_mask: int, use_gmask: bool,
+                        strategy, sop: int, max_gen_length: int) -> list[list[int]]:
+    """generate.py fill_blanks from the tokenized context `seq` on (sat_generation_context gives it): every blank
+    of the chosen kind, one after another, each round from the best output of the last. Returns the final
+    outputs (token ids, `answers` before detokenization; the trailing eos is the caller's to drop). One change:
+    each round may generate `max_gen_length` tokens (zoo's max_new_tokens), where generate.py allows
+    args.out_seq_length minus the round's input length."""
+    from functools import partial
+
+    output_list = [seq]
+    while True:
+        seq = output_list[0]
+        mask_token = generation_mask
+        if mask_token not in seq:
+            break
+        mask_position = seq.index(mask_token)
+        output_list = []
+        input_seq = torch.tensor([seq + [sop]])
+        output, _ = glm130b_batch_filling_sequence(
+            shards, num_layers, num_heads, input_seq, torch.tensor([input_seq.shape[-1]]), strategy,
+            partial(glm130b_get_masks_and_position_ids, mask_position=mask_position,
+                    max_gen_length=max_gen_length, gmask=use_gmask))
+        if isinstance(output, torch.Tensor):
+            output = output.tolist()
+        output = output[0]
+        output_list.extend(output)
+        for i in range(len(output_list)):
+            output = output_list[i].tolist() if isinstance(output_list[i], torch.Tensor) else output_list[i]
+            try:
+                unfinished = output.index(-1)
+            except ValueError:
+                unfinished = len(output)
+            if output[unfinished - 1] in strategy.end_tokens:
+                unfinished -= 1
+            bog = output.index(sop)
+            output_list[i] = output[:mask_position] + output[bog + 1: unfinished] + output[mask_position + 1: bog]
+    return output_list

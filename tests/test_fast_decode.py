@@ -56,7 +56,7 @@ def stepped_logits(model, prompt: list[int], steps: int, compiled: bool) -> list
     (eager prefill, then either eager steps on the dynamic state or the compiled step on the static one)."""
     with torch.inference_mode():
         state = model.new_state(1, len(prompt) + steps)
-        out = [model(torch.tensor([prompt]), state, last_only=True)[:, -1]]
+        out = [model(torch.tensor([prompt]), state=state, last_only=True)[:, -1]]
         step = compiled_step(model) if compiled else None
         if compiled:
             state.make_static(out[0].device)
@@ -68,11 +68,12 @@ def stepped_logits(model, prompt: list[int], steps: int, compiled: bool) -> list
                 assert logits_best is not None, "the decoding step did not compile"
                 out.append(logits_best[0])
                 assert torch.equal(logits_best[1], out[-1].argmax(-1))
-                state.length += 1
+                state.counted_in_graph(1)
             else:
-                state.static = False
-                out.append(model(tok, state, last_only=True)[:, -1])
-                state.static = compiled
+                state.make_dynamic()
+                out.append(model(tok, state=state, last_only=True)[:, -1])
+                if compiled:
+                    state.make_static(out[-1].device)
     return out
 
 

@@ -204,3 +204,46 @@ def check_output_directory(out: Any, sources: list[Any], arg: str = "OUT") -> No
         if os.path.isdir(src) and _inside(out, src):
             raise ValueError(f"{arg} {out}: lies inside the input directory {src}; give an output directory "
                              "outside it")
+
+
+def check_beam_search(num_beams: Any, length_penalty: Any, no_repeat_ngram_size: Any, early_stopping: Any,
+                      num_return_sequences: Any, min_gen_length: Any) -> None:
+    """Beam-search settings (transformers' names; min_gen_length is GLM-130B's): each value, then the
+    combinations that make no sense, by name."""
+    for name, value in (("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
+        check_int(value, name, minimum=1)
+    for name, value in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_gen_length", min_gen_length)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name}={value!r}: must be an integer >= 0 (0: off)")
+    lp = length_penalty
+    if isinstance(lp, bool) or not isinstance(lp, numbers.Real) or not math.isfinite(lp):
+        raise ValueError(f"length_penalty={lp!r}: must be a finite number (1.0: score per token; > 1 favours "
+                         "longer, < 1 shorter beams)")
+    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
+        raise ValueError(f"early_stopping={early_stopping!r}: must be True, False or 'never'")
+    if num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences={num_return_sequences} > num_beams={num_beams}: beam search "
+                         "returns at most num_beams sequences")
+    if num_beams == 1:
+        given = [f"{k}={v!r}" for k, v, default in (("length_penalty", lp, 1.0),
+                                                    ("no_repeat_ngram_size", no_repeat_ngram_size, 0),
+                                                    ("early_stopping", early_stopping, False)) if v != default]
+        if given:
+            raise ValueError(f"{', '.join(given)}: beam-search settings; give num_beams > 1")
+
+
+def check_decoding_strategy(num_beams: int, temperature: Any, top_k: Any, top_p: Any, stream: bool,
+                            seed: Any = None) -> None:
+    """Beam search keeps the most likely beams: it draws nothing and cannot stream (its best text is known only
+    at the end). A sampling setting or stream=True beside num_beams > 1 is refused by name."""
+    if num_beams <= 1:
+        return
+    sampling = [f"{k}={v!r}" for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                          ("seed", seed)) if v is not None and not (k == "temperature" and v == 0)]
+    if sampling:
+        raise ValueError(f"num_beams={num_beams} with {', '.join(sampling)}: beam search does not sample; "
+                         "drop the sampling settings or use num_beams=1")
+    if stream:
+        raise ValueError(f"num_beams={num_beams} with stream=True: beam search knows its best text only at the end; "
+                         "use stream=False or num_beams=1")
+

@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float)
     s.add_argument("--seed", type=int, help="random seed (shape models: default 42, as the published script)")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: greedy/sampling)")
+    s.add_argument("--length-penalty", type=float, default=1.0, help="beam score / new_tokens ** this")
+    s.add_argument("--no-repeat-ngram-size", type=int, default=0, help="beam search: never repeat an n-gram")
+    s.add_argument("--early-stopping", nargs="?", const="true", default="false", choices=["true", "false", "never"],
+                   help="beam search: stop once num_beams beams finished (transformers' early_stopping)")
+    s.add_argument("--num-return-sequences", type=int, default=1, help="beam search: print this many best beams")
+    s.add_argument("--min-gen-length", type=int, default=0, help="no stop token among the first N new tokens")
     s.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     s.add_argument("--out", help="write the result here: the text (any file), or a mesh (.obj, .ply, .glb, .stl, "
                    ".off); never over an input")

@@ -1,8 +1,9 @@
 """One decoding engine for every language model: prefill, then one token at a time.
 
-It only talks to the model through `model.new_state(batch, max_len, pad)` and
-`model(ids, state, last_only=True)` (architectures/state.py), so attention models (a KV cache) and
-recurrent ones (a fixed-size memory) share it, with batching, sampling and stopping.
+It only talks to the model through the decoding protocol (architectures/state.py, `DecodingModel`):
+`model.new_state(batch, max_len, pad)`, `model(ids, state=state, last_only=True)` and the state's own methods,
+so attention models (a KV cache) and recurrent ones (a fixed-size memory) share it, with batching, sampling,
+beam search and stopping.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zoo.checks import check_beam_search
 from zoo.settings import SETTINGS
 
 
@@ -51,7 +53,11 @@ def check_max_new_tokens(n: object) -> int:
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]."""
+    """Next token ids [B] from last-position logits [B, V].
+
+    A draw takes exactly one uniform number per row from the generator (inverse CDF in fp32), whatever the
+    settings and whichever path computed the logits (eager or the compiled step), so the same seed draws the same
+    numbers on both; README "Reproducible sampling" says what can still differ."""
     if not s.temperature:
         return logits.argmax(-1)
     logits = logits.float() / s.temperature
@@ -64,8 +70,9 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
         drop = cum - sorted_logits.softmax(-1) > s.top_p  # keep the smallest set whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = 1.0 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)  # in (0, 1]: never a 0-mass token
+    return (cdf < u * cdf[:, -1:]).sum(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,6 +85,45 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[t
     return ids, (pad if bool(pad.any()) else None)
 
 
+class Runner:
+    """The model over one generation state: the prompt once (an eager pass scoring only its last position), then
+    one token per row at a time, through the compiled step on the state's static form when compiling
+    (`compile_wanted`: True, False, or None for the default), else eagerly. Only the decoding protocol is used
+    (architectures/state.py)."""
+
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, pad: torch.Tensor | None, max_new_tokens: int,
+                 compile: bool | None):
+        self.model = model
+        self.state = model.new_state(ids.shape[0], ids.shape[1] + max_new_tokens, pad)
+        self.prompt = ids
+        wanted = max_new_tokens > 1 and compile_wanted(compile, model, ids.shape[0], max_new_tokens)
+        self.compiled = compiled_step(model) if wanted else None
+
+    def prefill(self) -> torch.Tensor:
+        """Last-position logits of the prompt, [B, V]."""
+        logits = self.model(self.prompt, state=self.state, last_only=True)[:, -1]
+        if self.compiled is not None:
+            self.state.make_static(logits.device)
+            self.compiled.mark_dynamic_length(self.state)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, V] after one more token per row ([B]), and their argmax when the compiled graph computed it
+        (greedy decoding's next token), else None."""
+        state = self.state
+        if self.compiled is not None and state.static_step(1):
+            out = self.compiled(self.model, state, tokens[:, None])
+            if out is not None:
+                state.counted_in_graph(1)
+                return out
+            self.compiled = None  # it could not be compiled: said once (compiled_step); eager from here
+        state.make_dynamic()  # (a step the family runs in the dynamic form, e.g. a rebuild of its state)
+        logits = self.model(tokens[:, None], state=state, last_only=True)[:, -1]
+        if self.compiled is not None:
+            state.make_static(logits.device)
+        return logits, None
+
+
 @torch.inference_mode()
 def decode(
     model: torch.nn.Module,
@@ -87,50 +133,205 @@ def decode(
     stop_ids: set[int],
     pad_id: int = 0,
     compile: bool | None = None,
+    min_gen_length: int = 0,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B], until all rows stopped or max_new_tokens.
 
-    Rows that stopped keep going until all have; callers cut each row at its first stop token.
-    The prompt runs as one eager pass that scores only its last position. When compiling (`compile_wanted`:
-    True, False, or None for the default), every later token runs through one compiled graph (`compiled_step`)
-    on the state in its static form; otherwise the same model call runs eagerly. Per token the host waits only
-    for the stop check; sampling stays on the device.
+    Rows that stopped keep going until all have; callers cut each row at its first stop token. The model runs
+    through a `Runner` (eager prefill, then eager or compiled steps). Per token the host waits only for the stop
+    check; sampling stays on the device. min_gen_length: no stop token among the first that many.
     """
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     if max_new_tokens == 0:
         return
     device = next(model.parameters()).device
     ids, pad = left_pad(sequences, pad_id, device)
-    state = model.new_state(ids.shape[0], ids.shape[1] + max_new_tokens, pad)
+    run = Runner(model, ids, pad, max_new_tokens, compile)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    logits = model(ids, state, last_only=True)[:, -1]
-    wanted = max_new_tokens > 1 and compile_wanted(compile, model, ids.shape[0], max_new_tokens)
-    step = compiled_step(model) if wanted else None
-    if step is not None:
-        state.make_static(logits.device)
-        step.mark_dynamic_length(state)
+    logits = run.prefill()
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
     best = None  # the compiled step's argmax of its logits: greedy decoding's next token, computed in the graph
     for n in range(max_new_tokens):
+        if n < min_gen_length and len(stops):
+            logits, best = logits.index_fill(-1, stops, float("-inf")), None
         nxt = best if best is not None and not sampling.temperature else sample(logits, sampling, generator)
         yield nxt
         done |= torch.isin(nxt, stops)
         if bool(done.all()) or n == max_new_tokens - 1:
             return
-        best = None
-        if step is not None and state.static_step(1):
-            out = step(model, state, nxt[:, None])
-            if out is not None:
-                logits, best = out
-                state.length += 1  # the graph moved only the device-side count (architectures/state.py)
-                continue
-            step = None  # it could not be compiled: said once (compiled_step); eager from here
-        state.static = False  # (a step the family runs in the dynamic form, e.g. a rebuild of its state)
-        logits = model(nxt[:, None], state, last_only=True)[:, -1]
-        state.static = step is not None
+        logits, best = run.step(nxt)
+
+
+# -- beam search ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Beams:
+    """Beam-search settings, with transformers' names (and GLM-130B's min_gen_length). Checked on creation."""
+
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    early_stopping: bool | str = False  # True, False or "never", as in transformers
+    num_return_sequences: int = 1
+    min_gen_length: int = 0
+
+    def __post_init__(self):
+        check_beam_search(self.num_beams, self.length_penalty, self.no_repeat_ngram_size, self.early_stopping,
+                          self.num_return_sequences, self.min_gen_length)
+
+    @property
+    def on(self) -> bool:
+        return self.num_beams > 1
+
+    def describe(self) -> str:
+        parts = [f"num_beams={self.num_beams}", f"length_penalty={self.length_penalty:g}"]
+        if self.no_repeat_ngram_size:
+            parts.append(f"no_repeat_ngram_size={self.no_repeat_ngram_size}")
+        if self.early_stopping is not False:
+            parts.append(f"early_stopping={self.early_stopping!r}")
+        if self.num_return_sequences > 1:
+            parts.append(f"num_return_sequences={self.num_return_sequences}")
+        if self.min_gen_length:
+            parts.append(f"min_gen_length={self.min_gen_length}")
+        return "beam search (" + ", ".join(parts) + ")"
+
+
+def describe_strategy(sampling: Sampling, beams: Beams | None = None) -> str:
+    """Which strategy a generation runs, with its numbers: greedy, sampling (...) or beam search (...)."""
+    if beams is not None and beams.on:
+        return beams.describe()
+    extra = f", min_gen_length={beams.min_gen_length}" if beams is not None and beams.min_gen_length else ""
+    if not sampling.temperature:
+        return f"greedy{' (' + extra[2:] + ')' if extra else ''}"
+    parts = [f"temperature={sampling.temperature:g}"]
+    parts += [f"{k}={getattr(sampling, k)}" for k in ("top_k", "top_p", "seed") if getattr(sampling, k) is not None]
+    return "sampling (" + ", ".join(parts) + extra + ")"
+
+
+def banned_ngram_tokens(tokens: Sequence[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram already in `tokens` (transformers' NoRepeatNGramLogitsProcessor)."""
+    if n <= 0 or len(tokens) + 1 < n:
+        return []
+    prefix = tuple(tokens[len(tokens) - n + 1:])
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix]
+
+
+class BeamSearch:
+    """transformers' beam search (GenerationMixin._beam_search, 5.x): per prompt, the best `beams_to_keep`
+    continuations of all beams by summed log-probability; those ending in a stop token (or reaching
+    max_new_tokens) compete, length-penalised (score / new_tokens ** length_penalty), for the num_beams finished
+    slots; the best num_beams unfinished ones run on. Stops per transformers' early-stopping heuristic.
+
+    The rule interface (a family may bring its own, `beam_rule`, architectures/state.py): constructed with
+    (beams, prompts, stop_ids, max_new_tokens, device); `step(logits [B*K, V], n)` -> (source row of each new
+    row [B*K], its token [B*K]); `done`; `finish()` -> per prompt the best num_return_sequences token lists."""
+
+    def __init__(self, beams: Beams, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int,
+                 device: torch.device):
+        self.b, self.k, self.max_new = len(prompts), beams.num_beams, max_new_tokens
+        self.beams, self.prompts, self.device = beams, prompts, device
+        self.stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+        self.keep = max(2, 1 + len(stop_ids)) * self.k
+        B, K = self.b, self.k
+        self.running = torch.zeros(B, K, max_new_tokens, dtype=torch.long, device=device)
+        self.running_scores = torch.zeros(B, K, device=device)
+        self.running_scores[:, 1:] = -1e9  # only the first beam's continuations count at the first token
+        self.sequences = torch.zeros(B, K, max_new_tokens, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(B, K, dtype=torch.long, device=device)
+        self.scores = torch.full((B, K), -1e9, device=device)
+        self.finished = torch.zeros(B, K, dtype=torch.bool, device=device)
+        self.improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
+        self.done = False
+
+    def _process(self, log_probs: torch.Tensor, n: int) -> torch.Tensor:
+        if n < self.beams.min_gen_length and len(self.stops):
+            log_probs = log_probs.index_fill(-1, self.stops, float("-inf"))
+        ngram = self.beams.no_repeat_ngram_size
+        if ngram:
+            history = self.running[:, :, :n].reshape(self.b * self.k, n).tolist()
+            for row, generated in enumerate(history):
+                banned = banned_ngram_tokens(self.prompts[row // self.k] + generated, ngram)
+                if banned:
+                    log_probs[row, banned] = float("-inf")
+        return log_probs
+
+    def step(self, logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, K, lp = self.b, self.k, self.beams.length_penalty
+        log_probs = self._process(torch.log_softmax(logits.float(), dim=-1), n)
+        V = log_probs.shape[-1]
+        flat = (log_probs.view(B, K, V) + self.running_scores[:, :, None]).view(B, K * V)
+        top_scores, top = torch.topk(flat, self.keep)
+        source, tokens = top // V, top % V
+        cand = self.running.gather(1, source[:, :, None].expand(B, self.keep, self.max_new)).clone()
+        cand[:, :, n] = tokens
+        hits = torch.isin(tokens, self.stops) | (n + 1 >= self.max_new)
+        # the best num_beams unfinished candidates run on
+        alive_scores = top_scores + hits.float() * -1e9
+        pick = torch.topk(alive_scores, K).indices
+        self.running = cand.gather(1, pick[:, :, None].expand(B, K, self.max_new))
+        self.running_scores = alive_scores.gather(1, pick)
+        rows = (source.gather(1, pick) + torch.arange(B, device=self.device)[:, None] * K).view(-1)
+        # finished candidates among the top num_beams compete for the finished slots
+        first = torch.zeros(self.keep, dtype=torch.bool, device=self.device)
+        first[:K] = True
+        just = hits & first[None]
+        penalised = top_scores / float(n + 1) ** lp
+        full = self.finished.all(-1, keepdim=True) & (self.beams.early_stopping is True)
+        penalised = penalised + full.float() * -1e9 + (~self.improvable).float() * -1e9 + (~just).float() * -1e9
+        scores = torch.cat([self.scores, penalised], 1)
+        best = torch.topk(scores, K).indices
+        self.sequences = torch.cat([self.sequences, cand], 1).gather(1, best[:, :, None].expand(B, K, self.max_new))
+        self.lengths = torch.cat([self.lengths, torch.full_like(top, n + 1)], 1).gather(1, best)
+        self.finished = torch.cat([self.finished, just], 1).gather(1, best)
+        self.scores = scores.gather(1, best)
+        # can a running beam still beat the worst finished one? (transformers' heuristic)
+        length = self.max_new if self.beams.early_stopping == "never" and lp > 0 else n + 1
+        best_possible = self.running_scores[:, :1] / float(length) ** lp
+        worst = torch.where(self.finished, self.scores.min(1, keepdim=True).values, -1e9)
+        self.improvable = self.improvable & (best_possible > worst).any(-1, keepdim=True)
+        all_full = bool(self.finished.all()) and self.beams.early_stopping is True
+        self.done = not bool(self.improvable.any()) or all_full or bool(hits.all())
+        return rows, self.running[:, :, n].reshape(-1)
+
+    def finish(self) -> list[list[list[int]]]:
+        r = self.beams.num_return_sequences
+        return [[self.sequences[b, j, : int(self.lengths[b, j])].tolist() for j in range(r)] for b in range(self.b)]
+
+
+@torch.inference_mode()
+def beam_search(
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    beams: Beams,
+    stop_ids: set[int],
+    pad_id: int = 0,
+    compile: bool | None = None,
+) -> list[list[list[int]]]:
+    """Per prompt, its best `beams.num_return_sequences` continuations (new token ids, a stop token ending a
+    finished one), best first. Every prompt gets num_beams rows of one state (prompt repeated, left padded); after
+    each token the state reorders its rows to the surviving beams (`State.reorder`). The scoring rule is the
+    model's `beam_rule` if it has one (architectures/state.py), else transformers' (`BeamSearch`)."""
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    if max_new_tokens == 0:
+        return [[[] for _ in range(beams.num_return_sequences)] for _ in sequences]
+    device = next(model.parameters()).device
+    prompts = [list(s) for s in sequences]
+    ids, pad = left_pad([p for p in prompts for _ in range(beams.num_beams)], pad_id, device)
+    run = Runner(model, ids, pad, max_new_tokens, compile)
+    rule = (getattr(model, "beam_rule", None) or BeamSearch)(beams, prompts, stop_ids, max_new_tokens, device)
+    logits = run.prefill()
+    for n in range(max_new_tokens):
+        rows, tokens = rule.step(logits, n)
+        if rule.done or n == max_new_tokens - 1:
+            break
+        run.state.reorder(rows)
+        logits, _ = run.step(tokens)
+    return rule.finish()
 
 
 # -- the compiled decoding step -----------------------------------------------------------------------------------
@@ -166,7 +367,7 @@ def compile_wanted(compile: bool | None, model: torch.nn.Module, batch: int, new
 
 
 def _decode_step(model: torch.nn.Module, state, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(tok, state, last_only=True)[:, -1]
+    logits = model(tok, state=state, last_only=True)[:, -1]
     return logits, logits.argmax(-1)
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from zoo.generation import Sampling, check_max_new_tokens, decode
+from zoo.checks import check_decoding_strategy
+from zoo.generation import Beams, Sampling, beam_search, check_max_new_tokens, decode, describe_strategy
 from zoo.tasks import Command, ZooModel, is_main_process, register_task
 
 
@@ -81,12 +82,14 @@ class TextModel(ZooModel):
 
     commands = {"generate": Command(  # what `zoo generate` may pass (checked before loading); --out: the text
         options=frozenset({"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "compile", "tp",
-                           "quantize", "out"}), inputs="text", out=("*",), out_from_stdout=True)}
+                           "quantize", "out", "num_beams", "length_penalty", "no_repeat_ngram_size", "early_stopping",
+                           "num_return_sequences", "min_gen_length"}), inputs="text", out=("*",), out_from_stdout=True)}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._tokenizer: Any = None
         self.compile: bool | None = None  # decode through a torch.compile'd step; None: where it pays (generation.py)
+        self.last_strategy: str | None = None  # what the last generate() ran: greedy, sampling or beam search
 
     def __call__(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T] (an integer tensor)."""
@@ -191,6 +194,12 @@ class TextModel(ZooModel):
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        early_stopping: bool | str = False,
+        num_return_sequences: int = 1,
+        min_gen_length: int = 0,
     ):
         """Continue a prompt.
 
@@ -198,9 +207,18 @@ class TextModel(ZooModel):
         token ids (list, list of lists, tensor) -> new token ids of the same nesting.
         stream=True (one prompt) yields the new text piece by piece, or token ids one at a time.
         temperature None takes the checkpoint's generation_config defaults (greedy if none).
+        num_beams > 1: beam search (transformers' arguments: length_penalty, no_repeat_ngram_size,
+        early_stopping, num_return_sequences; a family may bring its own rule, e.g. GLM-130B's); with
+        num_return_sequences > 1 each prompt's answer becomes a list of that many, best first.
+        min_gen_length: no stop token among the first that many new tokens (GLM-130B's name).
+        `self.last_strategy` says afterwards which strategy ran, with its numbers.
         """
         max_new_tokens = check_max_new_tokens(max_new_tokens)
-        sampling = self._sampling(temperature, top_k, top_p, seed)
+        beams = Beams(num_beams, length_penalty, no_repeat_ngram_size, early_stopping, num_return_sequences,
+                      min_gen_length)
+        check_decoding_strategy(num_beams, temperature, top_k, top_p, stream, seed)
+        sampling = Sampling() if beams.on else self._sampling(temperature, top_k, top_p, seed)
+        self.last_strategy = describe_strategy(sampling, beams)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop={stop!r}: give a non-empty string or a list of them")
@@ -209,18 +227,23 @@ class TextModel(ZooModel):
                 raise ValueError(f"prompt: a tensor prompt holds integer token ids [time] or [batch, time], got "
                                  f"{prompt.dtype} of shape {tuple(prompt.shape)}")
             prompt = prompt.tolist()
+        many = beams.num_return_sequences > 1
         if isinstance(prompt, str):
+            if beams.on:
+                texts = self._batch_text([prompt], max_new_tokens, sampling, stops, beams)[0]
+                return texts if many else texts[0]
             ids = self.encode_prompt(prompt)
             self._check_rows([ids])
             self._check_context(len(ids), max_new_tokens)
-            it = self._stream_text(prompt, ids, max_new_tokens, sampling, stops)
-            return it if stream else "".join(it)
+            it = self._stream_text(prompt, ids, max_new_tokens, sampling, stops, beams)
+            return it if stream else "".join(it)  # (one prompt streams: a stop string ends it early)
         if not isinstance(prompt, Sequence) or len(prompt) == 0:
             raise ValueError(f"prompt: expected text, a list of texts, or token ids; got {prompt!r:.80}")
         if all(isinstance(p, str) for p in prompt):
             if stream:
                 raise ValueError("stream=True takes one prompt, not a batch")
-            return self._batch_text(list(prompt), max_new_tokens, sampling, stops)
+            texts = self._batch_text(list(prompt), max_new_tokens, sampling, stops, beams)
+            return texts if many else [t[0] for t in texts]
         single = not isinstance(prompt[0], Sequence)
         if not single and not all(isinstance(p, Sequence) and not isinstance(p, str) for p in prompt):
             raise ValueError("prompt: a batch of token ids is a list of lists of integers")
@@ -230,8 +253,10 @@ class TextModel(ZooModel):
         if stream:
             if not single:
                 raise ValueError("stream=True takes one prompt, not a batch")
-            return (int(t[0]) for t in self._tokens(rows, max_new_tokens, sampling))
-        out = self._collect(rows, max_new_tokens, sampling)
+            return (int(t[0]) for t in self._tokens(rows, max_new_tokens, sampling, beams))
+        out = self._collect(rows, max_new_tokens, sampling, beams)
+        if not many:
+            out = [o[0] for o in out]
         return out[0] if single else out
 
     def chat(self, messages: list[dict[str, str]], **kwargs):
@@ -242,20 +267,33 @@ class TextModel(ZooModel):
         return self.generate(self.tokenizer.apply_chat_template(messages), **kwargs)
 
     def cli_generate(self, args: Any) -> None:
+        early = getattr(args, "early_stopping", "false")
+        beam_kw = dict(num_beams=getattr(args, "num_beams", 1), length_penalty=getattr(args, "length_penalty", 1.0),
+                       no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
+                       early_stopping={"true": True, "false": False}.get(early, early),
+                       num_return_sequences=getattr(args, "num_return_sequences", 1),
+                       min_gen_length=getattr(args, "min_gen_length", 0))
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, stop=args.stop, stream=True)
+                  top_p=args.top_p, seed=args.seed, stop=args.stop, stream=beam_kw["num_beams"] == 1, **beam_kw)
         if args.chat:
-            pieces = self.chat([{"role": "user", "content": args.prompt}], **kw)
+            out = self.chat([{"role": "user", "content": args.prompt}], **kw)
         else:
-            pieces = self.generate(args.prompt, **kw)
+            out = self.generate(args.prompt, **kw)
+        answers = [out] if kw["stream"] or isinstance(out, str) else out  # (beam search: one text per beam)
         main = is_main_process()
-        if main and not args.chat and not self.echoes_prompt(args.prompt):
-            print(args.prompt, end="", flush=True)
-        for piece in pieces:
+        echo = main and not args.chat and not self.echoes_prompt(args.prompt)
+        for n, pieces in enumerate(answers):
+            if main and len(answers) > 1:
+                print(f"--- {n + 1} of {len(answers)} ---", flush=True)
+            if echo:
+                print(args.prompt, end="", flush=True)
+            for piece in ([pieces] if isinstance(pieces, str) else pieces):
+                if main:
+                    print(piece, end="", flush=True)
             if main:
-                print(piece, end="", flush=True)
+                print()
         if main:
-            print()
+            print(f"[{self.last_strategy}]", file=sys.stderr)
             sys.stdout.flush()
 
     # -- prompt and output text: a family may change both through Family.prompt ---------------------------------
@@ -269,66 +307,103 @@ class TextModel(ZooModel):
         rule = self.family.prompt
         return bool(getattr(rule, "echoes_prompt", lambda tokenizer, text: False)(self.tokenizer, prompt))
 
-    def _finish_text(self, prompt: str, ids: list[int], stops: list[str], final: bool = False) -> tuple[str, bool]:
+    def _finish_text(self, prompt: str, ids: list[int], stops: list[str], final: bool = False,
+                     prompt_ids: list[int] | None = None) -> tuple[str, bool]:
         """The text for the new ids so far; `final`: of a finished generation (a prompt rule's `complete`, if it
-        has one, may then add what follows, e.g. the rest of a prompt whose blank was filled)."""
+        has one, may then add what follows, e.g. the rest of a prompt whose blank was filled). A rule that fills
+        blanks in rounds (`refill`) also gets the round's prompt ids."""
         rule = self.family.prompt
+        more = {"prompt_ids": prompt_ids} if hasattr(rule, "refill") else {}
         if rule is None:
             text = self.tokenizer.decode(ids)
         elif final and hasattr(rule, "complete"):
-            text = rule.complete(self.tokenizer, prompt, ids)
+            text = rule.complete(self.tokenizer, prompt, ids, **more)
         else:
-            text = rule.decode(self.tokenizer, prompt, ids)
+            text = rule.decode(self.tokenizer, prompt, ids, **more)
         for s in stops:
             if s in text:
                 return text[: text.index(s)], True
         return text, False
 
+    def _refill(self, prompt: str, prompt_ids: list[int], new_ids: list[int], max_new_tokens: int) -> list[int] | None:
+        """The next round's prompt ids when the family's prompt rule fills blanks one after another (GLM), else
+        None."""
+        refill = getattr(self.family.prompt, "refill", None)
+        nxt = refill(self.tokenizer, prompt, prompt_ids, new_ids) if refill is not None else None
+        if nxt is not None:
+            self._check_context(len(nxt), max_new_tokens)
+        return nxt
+
     # -- internals ----------------------------------------------------------------------------------------------
 
-    def _tokens(self, rows, max_new_tokens, sampling):
+    def _tokens(self, rows, max_new_tokens, sampling, beams: Beams | None = None):
         return decode(self.module, rows, max_new_tokens, sampling, self.stop_ids(), self._pad_id(),
-                      compile=self.compile)
+                      compile=self.compile, min_gen_length=beams.min_gen_length if beams else 0)
 
-    def _collect(self, rows, max_new_tokens, sampling) -> list[list[int]]:
+    def _collect(self, rows, max_new_tokens, sampling, beams: Beams) -> list[list[list[int]]]:
+        """Per row, its answers (one, or num_return_sequences beams): new token ids, a stop token ending each."""
+        if beams.on:
+            return beam_search(self.module, rows, max_new_tokens, beams, self.stop_ids(), self._pad_id(),
+                               compile=self.compile)
         stop_ids = self.stop_ids()
         out: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
-        for step in self._tokens(rows, max_new_tokens, sampling):
+        for step in self._tokens(rows, max_new_tokens, sampling, beams):
             for b, t in enumerate(step.tolist()):
                 if not done[b]:
                     out[b].append(t)
                     done[b] = t in stop_ids
-        return out
+        return [[o] for o in out]
 
-    def _batch_text(self, prompts, max_new_tokens, sampling, stops) -> list[str]:
-        rows = [self.encode_prompt(p) for p in prompts]
-        self._check_rows(rows)
-        self._check_context(max(len(r) for r in rows), max_new_tokens)
+    def _batch_text(self, prompts, max_new_tokens, sampling, stops, beams: Beams) -> list[list[str]]:
+        """Per prompt, its answers as text. A prompt rule that fills blanks in rounds (`refill`) gets every round
+        it asks for: the prompts still filling run together, each from the best answer of its last round."""
+        ids = [self.encode_prompt(p) for p in prompts]
+        self._check_rows(ids)
+        self._check_context(max(len(r) for r in ids), max_new_tokens)
         stop_ids = self.stop_ids()
-        return [self._finish_text(p, [t for t in ids if t not in stop_ids], stops, final=True)[0]
-                for p, ids in zip(prompts, self._collect(rows, max_new_tokens, sampling))]
+        texts: list[list[str]] = [[] for _ in prompts]
+        active = list(range(len(prompts)))
+        while active:
+            answers = self._collect([ids[i] for i in active], max_new_tokens, sampling, beams)
+            going = []
+            for i, beams_i in zip(active, answers):
+                beams_i = [b[:-1] if b and b[-1] in stop_ids else b for b in beams_i]  # (the stop ending it)
+                nxt = self._refill(prompts[i], ids[i], beams_i[0], max_new_tokens)
+                if nxt is None:
+                    texts[i] = [self._finish_text(prompts[i], b, stops, final=True, prompt_ids=ids[i])[0]
+                                for b in beams_i]
+                else:
+                    ids[i] = nxt
+                    going.append(i)
+            active = going
+        return texts
 
-    def _stream_text(self, prompt, ids, max_new_tokens, sampling, stops) -> Iterator[str]:
-        new: list[int] = []
+    def _stream_text(self, prompt, ids, max_new_tokens, sampling, stops, beams: Beams) -> Iterator[str]:
         sent = ""
         stop_ids = self.stop_ids()
         hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
-        for step in self._tokens([ids], max_new_tokens, sampling):
-            t = int(step[0])
-            if t in stop_ids:
+        while True:
+            new: list[int] = []
+            for step in self._tokens([ids], max_new_tokens, sampling, beams):
+                t = int(step[0])
+                if t in stop_ids:
+                    break
+                new.append(t)
+                text, stopped = self._finish_text(prompt, new, stops, prompt_ids=ids)
+                if stopped:
+                    yield text[len(sent):]
+                    return
+                ready = text[: len(text) - hold] if hold else text
+                if ready.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                    continue
+                if len(ready) > len(sent):
+                    yield ready[len(sent):]
+                    sent = ready
+            nxt = self._refill(prompt, ids, new, max_new_tokens)
+            if nxt is None:
                 break
-            new.append(t)
-            text, stopped = self._finish_text(prompt, new, stops)
-            if stopped:
-                yield text[len(sent):]
-                return
-            ready = text[: len(text) - hold] if hold else text
-            if ready.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            if len(ready) > len(sent):
-                yield ready[len(sent):]
-                sent = ready
-        text, _ = self._finish_text(prompt, new, stops, final=True)
+            ids = nxt
+        text, _ = self._finish_text(prompt, new, stops, final=True, prompt_ids=ids)
         if len(text) > len(sent):
             yield text[len(sent):]

@@ -1039,6 +1039,23 @@ def text_cases(ws: Workspace) -> list[Case]:
         ("a bool tensor", torch.ones(1, 2, dtype=torch.bool), r"bool"),
     ]:
         cases.append(Case("call", f"text model(x): {label}", lambda x=ids: model(x), (ValueError,), match))
+    for kw, match in [  # beam search: each setting, then the combinations that make no sense, by name
+        (dict(num_beams=0), r"num_beams=0"), (dict(num_beams=2.5), r"num_beams=2\.5"),
+        (dict(num_beams=True), r"num_beams=True"),
+        (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences=3"),
+        (dict(num_beams=2, num_return_sequences=0), r"num_return_sequences=0"),
+        (dict(num_beams=2, length_penalty=float("nan")), r"length_penalty=nan"),
+        (dict(num_beams=2, length_penalty="long"), r"length_penalty='long'"),
+        (dict(num_beams=2, no_repeat_ngram_size=-1), r"no_repeat_ngram_size=-1"),
+        (dict(num_beams=2, early_stopping="sometimes"), r"early_stopping='sometimes'"),
+        (dict(min_gen_length=-2), r"min_gen_length=-2"), (dict(length_penalty=2.0), r"length_penalty=2\.0"),
+        (dict(num_beams=2, temperature=0.7), r"temperature=0\.7"), (dict(num_beams=2, top_k=5), r"top_k=5"),
+        (dict(num_beams=2, top_p=0.9), r"top_p=0\.9"), (dict(num_beams=2, seed=3), r"seed=3"),
+        (dict(num_beams=2, stream=True), r"stream=True"),
+    ]:
+        label = ", ".join(f"{k}={val!r}" for k, val in kw.items())
+        cases.append(Case("generate", label, lambda kw=kw: model.generate("x = 1", **{"max_new_tokens": 2, **kw}),
+                          (ValueError,), match))
     return cases
 
 
@@ -1104,6 +1121,17 @@ def cli_cases(ws: Workspace) -> list[Case]:
         ("convert --to nope", ["convert", "--to", "nope", str(d), str(out)], r"config\.json|'nope'"),
         ("convert --to hf --dtype", ["convert", "--to", "hf", "--dtype", "bf16", str(d), str(out)], r"--dtype"),
         ("convert a junk source", ["convert", str(d / "junk.png"), str(out)], r"junk\.png"),
+        ("--num-beams 0", ["generate", text, "x", "--num-beams", "0"], r"num_beams=0"),
+        ("--num-beams with --temperature", ["generate", text, "x", "--num-beams", "2", "--temperature", "1"],
+         r"temperature=1\.0"),
+        ("--num-return-sequences past --num-beams", ["generate", text, "x", "--num-beams", "2",
+                                                     "--num-return-sequences", "3"], r"num_return_sequences=3"),
+        ("--length-penalty nan", ["generate", text, "x", "--num-beams", "2", "--length-penalty", "nan"],
+         r"length_penalty=nan"),
+        ("--no-repeat-ngram-size -1", ["generate", text, "x", "--num-beams", "2", "--no-repeat-ngram-size", "-1"],
+         r"no_repeat_ngram_size=-1"),
+        ("--early-stopping maybe", ["generate", text, "x", "--early-stopping", "maybe"], r"maybe"),
+        ("--min-gen-length -1", ["generate", text, "x", "--min-gen-length", "-1"], r"min_gen_length=-1"),
     ]
     if image is not None:
         argvs += [("predict --top-k 0", ["predict", str(image), str(d / "junk.png"), "--top-k", "0"], r"--top-k 0"),
