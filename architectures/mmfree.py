@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-from zoo.architectures.kernels.bitlinear import bitlinear_latent, widen
 from zoo.architectures.kernels.hgrn import hgrn
-from zoo.architectures.quant import PackedLinear
+from zoo.architectures.kernels.precision import widen
+from zoo.architectures.quant import PackedLinear, bitlinear_latent
 from zoo.architectures.state import State
 
 from zoo.family import Family

@@ -38,7 +38,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.kernels import bitlinear as bitlinear_kernels
-from zoo.architectures.kernels.bitlinear import pack_ternary, ternarize, unpack_ternary
 from zoo.architectures.kernels.dequant_matmul import fast_dequant_matmul, int4pack_mm_cpu
 
 
@@ -102,7 +101,7 @@ class Scheme:
                   in_features: int) -> torch.Tensor:
         """The MatMul-free LM's BitLinear (kernels/bitlinear.py) on this packed weight: a weight packed by another
         scheme (zoo.load(quantize="int8") of a latent checkpoint) stands in for the latent one."""
-        return bitlinear_kernels.bitlinear_latent(x, norm_weight, eps, self.unpack(t, x.dtype))
+        return bitlinear_latent(x, norm_weight, eps, self.unpack(t, x.dtype))
 
     def prepare(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """The stored tensors rearranged for a faster kernel on this machine, or None where the stored form is
@@ -360,10 +359,58 @@ class AffineInt4(Int4Kernel, Scheme):
         return dequantize(unnibble(t["weight"]), t["weight_scale"], torch.float32, t["weight_zero"]).to(dtype)
 
 
+# -- ternary: BitNet b1.58's absmean codes {-1, 0, +1}, 2 bits each -------------------------------------------
+
+WEIGHT_MIN = 1e-5  # floor of a weight tensor's mean |W|
+CODES_PER_BYTE = 4  # ternary codes, 2 bits each
+
+
+def ternarize(w: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor absmean ternary: (codes in {-1, 0, 1} as `dtype`, scale [1] in w's dtype); w ~ codes * scale.
+
+    In w's own dtype, as the published weight_quant runs on the model's weights (fp16 ones give fp16 scales and
+    products, so codes on a rounding boundary fall as they fall there). The scale is what the published
+    u = codes / s_w gives a code of 1: 1 / s_w, rounded to w's dtype, so codes * scale is u exactly."""
+    inv = 1.0 / w.abs().mean().clamp(min=WEIGHT_MIN)
+    codes = (w * inv).round().clamp(-1, 1)
+    return codes.to(dtype), (1.0 / inv).reshape(1)
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """int8 ternary codes [out, in] -> uint8 [out, ceil(in / 4)].
+
+    Column k goes to byte k // 4, bits 2*(k % 4) .. 2*(k % 4) + 1, as code + 1 (0: -1, 1: 0, 2: +1);
+    the padding columns of a last partial byte hold the code for 0."""
+    out_f, in_f = codes.shape
+    pad = -in_f % CODES_PER_BYTE
+    biased = (F.pad(codes.to(torch.int16), (0, pad)) + 1).to(torch.uint8).view(out_f, -1, CODES_PER_BYTE)
+    shifts = torch.arange(0, 2 * CODES_PER_BYTE, 2, dtype=torch.uint8, device=codes.device)
+    return (biased << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_ternary(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """uint8 [out, ceil(in / 4)] -> ternary codes [out, in] as `dtype` (pack_ternary read backwards).
+
+    One table lookup per byte: byte value -> its 4 codes, so a layer unpacks in a single pass."""
+    table = _UNPACK_TABLE.to(device=packed.device, dtype=dtype)
+    codes = F.embedding(packed.to(torch.int32), table).reshape(packed.shape[0], -1)
+    return codes if codes.shape[1] == in_features else codes[:, :in_features]
+
+
+_UNPACK_TABLE = ((torch.arange(256)[:, None] >> torch.arange(0, 2 * CODES_PER_BYTE, 2)) & 3) - 1  # [256, 4]
+
+
+def bitlinear_latent(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
+    """BitLinear on the latent (trained, full-precision) weight, ternarised for this call."""
+    codes, scale = ternarize(weight, weight.dtype)
+    return bitlinear_kernels.bitlinear_reference(x, norm_weight, eps, codes, scale)
+
+
 class Ternary(Scheme):
     """BitNet b1.58 / MatMul-free LM weights: codes {-1, 0, +1} and one absmean scale per matrix,
-    w ~ codes * mean|w|; the codes 2 bits each, 4 per byte (zoo.architectures.kernels.bitlinear).
-    Its BitLinear is the fused kernel on the packed bytes."""
+    w ~ codes * scale with scale = 1 / (1 / mean|w|) rounded in the weight's dtype (`ternarize`); the codes 2 bits
+    each, 4 per byte (`pack_ternary`). Its BitLinear is the fused kernel on the packed bytes where the dispatch
+    picks it, else the reference on this layer's unpacked codes."""
 
     name = "ternary"
     rows_independent = False  # one scale for the whole matrix
@@ -389,7 +436,11 @@ class Ternary(Scheme):
 
     def bitlinear(self, x: torch.Tensor, t: dict[str, torch.Tensor], norm_weight: torch.Tensor, eps: float,
                   in_features: int) -> torch.Tensor:
-        return bitlinear_kernels.bitlinear(x, norm_weight, eps, t["weight"], t["weight_scale"], in_features)
+        y = bitlinear_kernels.bitlinear_fused(x, norm_weight, eps, t["weight"], t["weight_scale"])
+        if y is not None:
+            return y  # else the reference, which unpacks this one layer's codes for the call and drops them after
+        codes = unpack_ternary(t["weight"], in_features, x.dtype)
+        return bitlinear_kernels.bitlinear_reference(x, norm_weight, eps, codes, t["weight_scale"])
 
     def embedding_scheme(self) -> Scheme | None:
         return None  # one scale per matrix: not a table of rows

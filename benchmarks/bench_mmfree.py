@@ -60,10 +60,11 @@ def decode(model, prompt: torch.Tensor, n_new: int) -> tuple[float, object]:
 
 def kernel_rows(c: mmfree.MMfreeConfig, dtype: torch.dtype) -> list[str]:
     """Triton kernels against their references at this model's shapes (CUDA only)."""
-    from zoo.architectures.kernels.bitlinear import bitlinear_reference, pack_ternary, ternarize, unpack_ternary
+    from zoo.architectures.kernels.bitlinear import bitlinear_reference
     from zoo.architectures.kernels.bitlinear_triton import bitlinear_triton
     from zoo.architectures.kernels.hgrn import hgrn_scan
     from zoo.architectures.kernels.hgrn_triton import hgrn_triton
+    from zoo.architectures.quant import pack_ternary, ternarize, unpack_ternary
 
     rows = []
     dev = "cuda"

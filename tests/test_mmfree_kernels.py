@@ -15,15 +15,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the launchers import tr
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from zoo.architectures.kernels.bitlinear import (  # noqa: E402
-    bitlinear,
     bitlinear_reference,
-    pack_ternary,
     quantize_activations,
     rms_norm,
-    ternarize,
-    unpack_ternary,
 )
 from zoo.architectures.kernels.hgrn import hgrn, hgrn_recurrent, hgrn_scan  # noqa: E402
+from zoo.architectures.quant import get_scheme, pack_ternary, ternarize, unpack_ternary  # noqa: E402
 
 from tests import mmfree_reference as ref  # noqa: E402
 
@@ -150,7 +147,8 @@ def test_bitlinear_triton_keeps_leading_dims_and_the_dispatch_uses_the_reference
     codes, scale = ternarize(torch.randn(24, 40, generator=g))
     packed = pack_ternary(codes)
     y = bitlinear_triton(x, norm_weight, 1e-6, packed, scale)
-    on_cpu = bitlinear(x, norm_weight, 1e-6, packed, scale, 40)  # CPU tensors: the reference path
+    on_cpu = get_scheme("ternary").bitlinear(x, {"weight": packed, "weight_scale": scale}, norm_weight, 1e-6,
+                                           40)  # CPU tensors: the dispatch picks the reference path
     assert y.shape == on_cpu.shape == (2, 3, 24)
     step = scale / quantize_activations(rms_norm(x, norm_weight, 1e-6))[1]
     assert_close_up_to_flips(y.reshape(6, 24), on_cpu.reshape(6, 24), step.reshape(6, 1))

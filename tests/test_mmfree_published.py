@@ -11,8 +11,9 @@ import json
 
 import pytest
 import torch
-from zoo.architectures.kernels.bitlinear import pack_ternary, quantize_activations, rms_norm, ternarize
+from zoo.architectures.kernels.bitlinear import quantize_activations, rms_norm
 from zoo.architectures.kernels.hgrn import hgrn_recurrent, hgrn_scan
+from zoo.architectures.quant import pack_ternary, ternarize
 
 import zoo
 from tests import mmfree_published as P

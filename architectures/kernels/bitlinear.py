@@ -14,10 +14,11 @@ tests/test_mmfree_published.py): the fused kernel rounds with Triton's `tl.math.
 from zero) and stores x_q / s_x in the activation dtype; `weight_quant` ternarises in the weight's own dtype
 (fp16 in the published generate script) with torch.round (halves to even).
 
-This module holds the plain PyTorch reference of each step, the 2-bit packing of ternary codes (4 per byte),
-and `bitlinear`: the fused Triton kernel (bitlinear_triton.py: normalise, quantise, ternary matmul on the packed
-bytes, rescale, in one launch) where the dispatch (dispatch.py) picks Triton, the reference otherwise. No triton
-import here, so `import zoo` stays fast.
+This module holds the plain PyTorch reference of the activation side and of the product, and `bitlinear_fused`:
+the fused Triton kernel (bitlinear_triton.py: normalise, quantise, ternary matmul on the packed bytes, rescale, in
+one launch) where the dispatch (dispatch.py) picks Triton. The weight side (ternarise, the 2-bit packing of the
+codes, 4 per byte) is the "ternary" scheme's, in architectures/quant.py, which owns every packing. No triton import
+here, so `import zoo` stays fast.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from zoo.architectures.kernels.dispatch import use_triton
 from zoo.architectures.kernels.precision import widen
 
 ACT_MIN = 1e-5  # floor of a token's absmax before 127 / absmax (an all-zero token quantises to zeros)
-WEIGHT_MIN = 1e-5  # floor of a weight tensor's mean |W|
-CODES_PER_BYTE = 4  # ternary codes, 2 bits each
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -52,41 +51,6 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return round_half_away(x * scale).clamp(-128, 127), scale
 
 
-def ternarize(w: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor absmean ternary: (codes in {-1, 0, 1} as `dtype`, scale [1] in w's dtype); w ~ codes * scale.
-
-    In w's own dtype, as the published weight_quant runs on the model's weights (fp16 ones give fp16 scales and
-    products, so codes on a rounding boundary fall as they fall there). The scale is what the published
-    u = codes / s_w gives a code of 1: 1 / s_w, rounded to w's dtype, so codes * scale is u exactly."""
-    inv = 1.0 / w.abs().mean().clamp(min=WEIGHT_MIN)
-    codes = (w * inv).round().clamp(-1, 1)
-    return codes.to(dtype), (1.0 / inv).reshape(1)
-
-
-def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
-    """int8 ternary codes [out, in] -> uint8 [out, ceil(in / 4)].
-
-    Column k goes to byte k // 4, bits 2*(k % 4) .. 2*(k % 4) + 1, as code + 1 (0: -1, 1: 0, 2: +1);
-    the padding columns of a last partial byte hold the code for 0."""
-    out_f, in_f = codes.shape
-    pad = -in_f % CODES_PER_BYTE
-    biased = (F.pad(codes.to(torch.int16), (0, pad)) + 1).to(torch.uint8).view(out_f, -1, CODES_PER_BYTE)
-    shifts = torch.arange(0, 2 * CODES_PER_BYTE, 2, dtype=torch.uint8, device=codes.device)
-    return (biased << shifts).sum(-1, dtype=torch.uint8)
-
-
-def unpack_ternary(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
-    """uint8 [out, ceil(in / 4)] -> ternary codes [out, in] as `dtype` (pack_ternary read backwards).
-
-    One table lookup per byte: byte value -> its 4 codes, so a layer unpacks in a single pass."""
-    table = _UNPACK_TABLE.to(device=packed.device, dtype=dtype)
-    codes = F.embedding(packed.to(torch.int32), table).reshape(packed.shape[0], -1)
-    return codes if codes.shape[1] == in_features else codes[:, :in_features]
-
-
-_UNPACK_TABLE = ((torch.arange(256)[:, None] >> torch.arange(0, 2 * CODES_PER_BYTE, 2)) & 3) - 1  # [256, 4]
-
-
 def bitlinear_reference(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, codes: torch.Tensor,
                         scale: torch.Tensor) -> torch.Tensor:
     """BitLinear from ternary codes [out, in] and their scale, step by step; output in x's dtype.
@@ -97,18 +61,13 @@ def bitlinear_reference(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     return F.linear((x_q / s_x).to(x.dtype), codes.to(x.dtype) * scale.to(x.dtype))
 
 
-def bitlinear_latent(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
-    """BitLinear on the latent (trained, full-precision) weight, ternarised for this call."""
-    codes, scale = ternarize(weight, weight.dtype)
-    return bitlinear_reference(x, norm_weight, eps, codes, scale)
+def bitlinear_fused(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, packed: torch.Tensor,
+                   scale: torch.Tensor) -> torch.Tensor | None:
+    """BitLinear on packed ternary weights through the fused Triton kernel where the dispatch picks it (CUDA
+    tensors at inference); None otherwise, and the caller (quant.Ternary) runs the reference on the unpacked
+    codes."""
+    if not use_triton(x, norm_weight):
+        return None
+    from zoo.architectures.kernels.bitlinear_triton import bitlinear_triton
 
-
-def bitlinear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, packed: torch.Tensor,
-              scale: torch.Tensor, in_features: int) -> torch.Tensor:
-    """BitLinear on packed ternary weights: the fused Triton kernel where the dispatch picks it (CUDA tensors at
-    inference), else the reference (which unpacks this one layer's weights for the call and drops them after)."""
-    if use_triton(x, norm_weight):
-        from zoo.architectures.kernels.bitlinear_triton import bitlinear_triton
-
-        return bitlinear_triton(x, norm_weight, eps, packed, scale)
-    return bitlinear_reference(x, norm_weight, eps, unpack_ternary(packed, in_features, x.dtype), scale)
+    return bitlinear_triton(x, norm_weight, eps, packed, scale)
