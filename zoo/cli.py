@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", help="shape models: write each shape here as NAME.obj (default: here)")
     s.add_argument("--target-faces", type=int, help="shape models: simplify each mesh to at most N faces (default "
                    "50000, which any viewer opens at once; 0 keeps every marching-cubes face)")
-    s.add_argument("--max-new-tokens", type=int, help=f"default {DEFAULTS['max_new_tokens']}")
+    s.add_argument("--max-new-tokens", type=int, help=f"default {DEFAULTS['generate']['max_new_tokens']}")
     s.add_argument("--temperature", type=float, help="0 = greedy; default: the checkpoint's generation config")
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
             "zoo predict ./my-dinounet scan.png --out mask.png")
     s.add_argument("model")
     s.add_argument("file", help="image or video file")
-    s.add_argument("--top-k", type=int, help=f"classification: how many labels (default {DEFAULTS['top_k']})")
+    s.add_argument("--top-k", type=int,
+                   help=f"classification: how many labels (default {DEFAULTS['predict']['top_k']})")
     s.add_argument("--out", help="write the result here: classification, the labels and scores as .json; "
                    "segmentation, the label mask as a .png, plus MASK_overlay.png")
     # segmentation (nnU-Net's inference): the overlay's slice of a volume, the folds, mirroring, postprocessing
@@ -144,7 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-DEFAULTS = {"max_new_tokens": 128, "top_k": 5}  # filled in after the checks, so giving one is always seen
+# per command, filled in after the checks, so giving one is always seen (generate's --top-k stays None: no top-k
+# filter unless asked; predict's is how many labels)
+DEFAULTS = {"generate": {"max_new_tokens": 128}, "predict": {"top_k": 5}}
 
 
 def _cmd_list(a) -> None:
@@ -290,18 +293,27 @@ def _run_task(command: str, a, load_options: dict) -> None:
     if spec is None:  # not known before loading (an hf:// address): the same checks, on the model's own task
         target.task, target.config = model.task, dict(model.native.config)
         spec = check_command(command, target, a.given, a)
-    for dest, value in DEFAULTS.items():
+    for dest, value in DEFAULTS.get(command, {}).items():
         if hasattr(a, dest) and getattr(a, dest) is None:
             setattr(a, dest, value)
-    for out in (getattr(a, "out", None), getattr(a, "preview", None)):  # checked writable: make its directory
+    made: list[Path] = []  # directories made for the outputs (checked writable), removed again if the task refuses
+    for out in (getattr(a, "out", None), getattr(a, "preview", None)):
         if out:
-            Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
+            parent = Path(out).absolute().parent
+            made += [d for d in (parent, *parent.parents) if not d.exists()]
+            parent.mkdir(parents=True, exist_ok=True)
     run = getattr(model, f"cli_{command}")
-    if spec.out_from_stdout and a.out and is_main_process():  # (under torchrun only rank 0 prints, so writes)
-        with _Tee(a.out):
+    try:
+        if spec.out_from_stdout and a.out and is_main_process():  # (under torchrun only rank 0 prints, so writes)
+            with _Tee(a.out):
+                run(a)
+        else:
             run(a)
-    else:
-        run(a)
+    except BaseException:
+        for d in made:  # deepest first: a refused or failed run leaves no directory it made behind
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
 
 
 class _Tee:
