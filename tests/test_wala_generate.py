@@ -261,14 +261,14 @@ def test_outputs_and_extras_are_checked_before_the_diffusion_and_inputs_are_neve
         "two inputs, one name": ([pc, str(ring), str(ring2), "--out-dir", "shapes"], ["ring.obj.obj", "both"]),
         "--out for two inputs": ([pc, str(ring), str(ply), "--out", "x.obj"], ["--out", "--out-dir"]),
         "--out and --out-dir": ([pc, str(ring), "--out", "x.obj", "--out-dir", "d"], ["--out", "--out-dir"]),
-        "unknown mesh format": ([pc, str(ring), "--out", "x.xyz"], ["x.xyz", "unknown mesh format"]),
+        "unknown mesh format": ([pc, str(ring), "--out", "x.xyz"], ["x.xyz", "unknown", "format"]),
         "unknown picture format": ([pc, str(ring), "--preview", "x.txt"], ["x.txt", "picture"]),
         "a missing second input": ([pc, str(ring), "nothing.h5"], ["nothing.h5"]),
         "the shapes extra missing": ([pc, str(ring)], ["mcubes", "zoo[shapes]"]),
         "the simplifier missing": ([pc, str(ring)], ["fast_simplification", "zoo[shapes]"]),
-        "--target-faces 3": ([pc, str(ring), "--target-faces", "3"], ["target_faces=3"]),
-        "--steps 0": ([pc, str(ring), "--steps", "0"], ["steps=0"]),
-        "--seed 2**64": ([pc, str(ring), "--seed", str(2**64)], ["seed=18446744073709551616"]),
+        "--target-faces 3": ([pc, str(ring), "--target-faces", "3"], ["--target-faces 3"]),
+        "--steps 0": ([pc, str(ring), "--steps", "0"], ["--steps 0"]),
+        "--seed 2**64": ([pc, str(ring), "--seed", str(2**64)], ["--seed 18446744073709551616"]),
     }[case]
     if case.endswith("missing"):
         gone = words[0]

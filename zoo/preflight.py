@@ -135,7 +135,8 @@ def _suffix(path: Path, known: tuple[str, ...]) -> str:
 
 def _outputs(spec: Any, args: Any, inputs: list[Path]) -> dict[str, Path]:
     """--out (its default filled in), the files written beside it and --preview, by the argument naming each."""
-    if getattr(args, "out_dir", None):  # one output per input, named by the task (which checks them itself)
+    if getattr(args, "out_dir", None) or getattr(args, "inputs", None):  # several inputs, or one output per
+        # input in a directory: named by the task, which checks them itself
         return {}
     out = getattr(args, "out", None)
     if out is None and spec.default_out:
