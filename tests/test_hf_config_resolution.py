@@ -33,7 +33,7 @@ def _zoo_and_transformers(layout: str, src: Path) -> tuple[dict, transformers.Pr
     return fields, transformers.AutoConfig.from_pretrained(src)
 
 
-def _common(fields: dict, theirs: transformers.PreTrainedConfig) -> None:
+def check_common_fields(fields: dict, theirs: transformers.PreTrainedConfig) -> None:
     assert fields["dim"] == theirs.hidden_size
     assert fields["n_layers"] == theirs.num_hidden_layers
     assert fields["n_heads"] == theirs.num_attention_heads
@@ -59,7 +59,7 @@ QWEN2 = {
 @pytest.mark.parametrize("way", list(QWEN2))
 def test_qwen2_configs_written_each_way_read_as_transformers_reads_them(tmp_path, way):
     fields, theirs = _zoo_and_transformers("hf-qwen2", QWEN2[way](tmp_path / "c"))
-    _common(fields, theirs)
+    check_common_fields(fields, theirs)
 
 
 QWEN2_MOE = {
@@ -74,7 +74,7 @@ QWEN2_MOE = {
 @pytest.mark.parametrize("way", list(QWEN2_MOE))
 def test_qwen2_moe_configs_written_each_way_read_as_transformers_reads_them(tmp_path, way):
     fields, theirs = _zoo_and_transformers("hf-qwen2-moe", QWEN2_MOE[way](tmp_path / "c"))
-    _common(fields, theirs)
+    check_common_fields(fields, theirs)
     assert fields["mlp_only_layers"] == theirs.mlp_only_layers
 
 
@@ -98,7 +98,7 @@ PHI3 = {
 @pytest.mark.parametrize("way", list(PHI3))
 def test_phi3_configs_written_each_way_read_as_transformers_reads_them(tmp_path, way):
     fields, theirs = _zoo_and_transformers("hf-phi3", PHI3[way](tmp_path / "c"))
-    _common(fields, theirs)
+    check_common_fields(fields, theirs)
     rope = theirs.rope_parameters
     assert fields["partial_rotary_factor"] == rope.get("partial_rotary_factor", 1.0)
     assert fields["rope_type"] == rope["rope_type"]
