@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from zoo.tasks import Command, ZooModel, is_main_process, register_task
-from zoo.tasks.vision import open_pil
+from zoo.tasks.vision import check_image_file, open_pil
 
 # class colours for masks and overlays (index 0, the background, is black / transparent)
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -114,12 +114,7 @@ def read_volume(paths: str | Path | list[str | Path], io: str = "SimpleITKIO") -
         raise ValueError("no image files given")
     arrays, spacings, geometry = [], [], {}
     for f in files:
-        if f.is_dir():
-            raise ValueError(f"{f}: is a directory, not an image file")
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: no such image file")
-        if f.stat().st_size == 0:
-            raise ValueError(f"{f}: not a readable image (the file is empty)")
+        check_image_file(f)
         a, sp, geo = (read_nibabel if io.startswith("NibabelIO") else read_sitk)(f)
         if a.ndim not in (2, 3):
             raise ValueError(f"{f}: a {a.ndim}-D image of shape {tuple(a.shape)}; zoo reads 2-D and 3-D images, one "

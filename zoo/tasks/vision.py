@@ -71,12 +71,8 @@ def open_image(path: str | Path) -> Image.Image:
     return to_rgb(open_pil(path), f"image {path}")
 
 
-def open_pil(path: str | Path) -> Image.Image:
-    """An image file, decoded, in its own mode (L, RGBA, I;16, ...): unreadable, empty and truncated files,
-    directories and images past PIL's decompression-bomb limit are refused with errors that name the file.
-    Task modules that convert modes their own way (segmentation keeps 16-bit values) read files through this."""
-    import warnings
-
+def check_image_file(path: str | Path) -> Path:
+    """An image file that exists and is not empty, refused by name otherwise (before any reader opens it)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a directory, not an image file")
@@ -84,6 +80,16 @@ def open_pil(path: str | Path) -> Image.Image:
         raise FileNotFoundError(f"{path}: no such image file")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: not a readable image (the file is empty)")
+    return path
+
+
+def open_pil(path: str | Path) -> Image.Image:
+    """An image file, decoded, in its own mode (L, RGBA, I;16, ...): unreadable, empty and truncated files,
+    directories and images past PIL's decompression-bomb limit are refused with errors that name the file.
+    Task modules that convert modes their own way (segmentation keeps 16-bit values) read files through this."""
+    import warnings
+
+    path = check_image_file(path)
     try:
         with warnings.catch_warnings():  # past MAX_IMAGE_PIXELS PIL only warns (errors at twice that): refuse
             warnings.simplefilter("error", Image.DecompressionBombWarning)
