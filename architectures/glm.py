@@ -521,15 +521,37 @@ GLM_130B_DOWNLOAD = ("https://docs.google.com/forms/d/e/1FAIpQLSehr5Dh_i3TwACmFF
                      "viewform")
 
 
+# The setups GLM-130B runs on (zoo.memory_plan: `zoo info` shows what each needs per GPU). The GLM-130B README's
+# hardware table and the paper (arXiv 2210.02414, section 5): fp16 on 8 x A100 40 GB, INT8 on 8 x RTX 3090 or
+# 4 x A100, INT4 on 4 x RTX 3090 or 8 x RTX 2080 Ti. The published INT8 ranks are MP 8 and the INT4 ranks MP 4
+# (their per-rank scales: "-g8" / "-g4"); 8 x 2080 Ti takes INT4 at TP 8, whose per-rank scales convert_tp.py
+# --target-tp 8 makes (zoo: --quantize int4-row-g8 from the fp16 release).
+_PUBLISHED = "GLM-130B README / paper"
+GLM_130B_SETUPS = {
+    "fp16": [dict(name="fp16, TP 8", gpus=8, gpu="A100", gpu_memory_gib=40, tp=8, source=_PUBLISHED),
+             dict(name="fp16, TP 8 x PP 2", gpus=16, gpu="V100", gpu_memory_gib=32, tp=8, pp=2,
+                  source="zoo (pipeline stages)", note="two 8-GPU machines")],
+    "int8": [dict(name="INT8, TP 8", gpus=8, gpu="RTX 3090", gpu_memory_gib=24, quantize="int8-row-g8", tp=8,
+                  source=_PUBLISHED),
+             dict(name="INT8, TP 4", gpus=4, gpu="A100", gpu_memory_gib=40, quantize="int8-row-g8", tp=4,
+                  source=_PUBLISHED)],
+    "int4": [dict(name="INT4, TP 4", gpus=4, gpu="RTX 3090", gpu_memory_gib=24, quantize="int4-row-g4", tp=4,
+                  source=_PUBLISHED)],
+    "int4-tp8": [dict(name="INT4, TP 8", gpus=8, gpu="RTX 2080 Ti", gpu_memory_gib=11, quantize="int4-row-g8", tp=8,
+                      source=_PUBLISHED, note="scales per rank at TP 8: zoo convert --quantize int4-row-g8")],
+}
+
+
 def _entries() -> list[Entry]:
     base = dict(family="glm", license=GLM_130B_LICENSE, paper=PAPER, task="text-generation")
     sat = Source(repo="THUDM/GLM-130B", layout="sat-glm", host="manual", file_format="pt")
     glm = asdict(GLM_130B)
     extra = {"license_url": GLM_130B_LICENSE_URL, "download": GLM_130B_DOWNLOAD}
+    every = [s for setups in GLM_130B_SETUPS.values() for s in setups]
     out = [
         Entry(name="glm-130b", config=glm, source=sat, params=count_params(GLM_130B), **base,
               description="GLM-130B, 130B-parameter bilingual (English/Chinese) GLM; fp16, 8 tensor-parallel shards",
-              tags=("llm", "glm", "bilingual"), extra=extra),
+              tags=("llm", "glm", "bilingual"), extra={**extra, "setups": every}),
     ]
     # The published INT8 runs at MP 8 and INT4 at MP 4 (configs/model_glm_130b_int8/_int4.sh); convert_tp.py quantises
     # each rank's slice, so the row-parallel weights carry one scale per row per rank: "-g<MP>" (quant.module_scheme)
@@ -539,7 +561,8 @@ def _entries() -> list[Entry]:
             description=f"GLM-130B with INT{bits} weight-only quantisation of the four linear weights of every "
                         f"layer (per-row symmetric scales per rank at MP {mp}, as the GLM-130B repository does it)",
             tags=("llm", "glm", "bilingual", f"int{bits}"),
-            extra={**extra, "quantize": f"int{bits}-row-g{mp}", "convert_args": f"--quantize int{bits}-row-g{mp}"}))
+            extra={**extra, "quantize": f"int{bits}-row-g{mp}", "convert_args": f"--quantize int{bits}-row-g{mp}",
+                   "setups": GLM_130B_SETUPS[f"int{bits}"]}))
     out.append(Entry(
         name="chatglm-6b", family="glm", config=asdict(CHATGLM_6B),
         source=Source(repo="THUDM/chatglm-6b", layout="hf-chatglm", file_format="bin"),

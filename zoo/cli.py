@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     s = add("info", "Show a model's published config, source, license and card.", "zoo info qwen2-7b")
     s.add_argument("model", help="registry name or native directory")
     s.add_argument("--json", action="store_true", help="print the registry entry as JSON")
+    s.add_argument("--tp", type=int, help="what a setup needs per GPU: tensor-parallel degree (imports torch: it "
+                   "counts on the model built on the meta device)")
+    s.add_argument("--pp", type=int, help="with --tp or alone: pipeline stages")
+    s.add_argument("--quantize", help="with --tp/--pp: weights packed by this scheme (int8, int4, int4-row-g4, ...)")
+    s.add_argument("--dtype", default="float16", help="with --tp/--pp: the float tensors' dtype (default float16)")
+    s.add_argument("--gpu-memory", type=float, help="with --tp/--pp: GiB per GPU, to say whether it fits")
 
     s = add("convert", "Convert a published checkpoint to zoo's native format (or back with --to).",
             "zoo convert ./Qwen2-0.5B ./qwen2-0.5b\nzoo convert --to hf ./qwen2-0.5b ./Qwen2-0.5B-hf")
@@ -205,6 +211,7 @@ def _cmd_info(a) -> None:
     if a.json:
         print(json.dumps(e.to_dict(), indent=2))
         return
+    setups = _setups(e, a)  # before anything is printed: an asked setup the model cannot take is refused first
     print(f"{e.name}: {e.description}")
     local = local_directory(e)
     facts: list[tuple[str, object]] = [
@@ -237,9 +244,37 @@ def _cmd_info(a) -> None:
     _fields(shown)
     if len(shown) < len(e.config):
         print(f"    ({len(e.config) - len(shown)} fields this model does not use are not shown; --json has them)")
+    for line in setups:
+        print(line)
     card = zoo_home() / "models" / e.name / "README.md"
     if card.is_file():
         print("\n" + card.read_text())
+
+
+def _setups(e, a) -> list[str]:
+    """The lines on what each declared setup needs per GPU (from the registry snapshot: no torch), or on the one
+    asked for with --tp / --pp (counted now: imports torch)."""
+    from zoo.memory_plan import GIB, KV_TOKENS, Setup, need, setups_with_needs, table
+
+    if not (a.tp or a.pp):
+        if a.quantize is not None or a.gpu_memory is not None:
+            raise ValueError("--quantize and --gpu-memory describe a setup: give --tp (or --pp) with them")
+        rows = setups_with_needs(e)
+        head = "  what each setup needs per GPU (weights by the config's arithmetic; activations come on top):"
+        return [head] + ["    " + line for line in table(rows)] if rows else []
+    tp, pp = a.tp or 1, a.pp or 1
+    for flag, value in (("--tp", tp), ("--pp", pp)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    what = f"{a.quantize or a.dtype}, TP {tp}" + (f" x PP {pp}" if pp > 1 else "")
+    n = need(e.family, e.config, a.dtype, a.quantize, tp, pp)
+    if a.gpu_memory is None:  # nothing to compare with: the bytes alone
+        kv = f", KV cache {n.kv_cache / GIB:.2f} GiB per {KV_TOKENS} tokens" if n.kv_cache else ""
+        return [f"  {what}: {n.weights / GIB:.1f} GiB of weights per GPU{kv} (--gpu-memory GIB: does it fit)"]
+    asked = Setup(name=what, gpus=tp * pp, gpu="GPU", gpu_memory_gib=a.gpu_memory, dtype=a.dtype,
+                  quantize=a.quantize, tp=tp, pp=pp, source="asked")
+    return ["  what this setup needs per GPU (weights by the config's arithmetic; activations come on top):"] + \
+        ["    " + line for line in table([(asked, n)])]
 
 
 def _training_facts(directory) -> list[tuple[str, object]]:

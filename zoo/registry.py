@@ -233,9 +233,12 @@ def unused_config_fields(entry: Entry) -> list[str]:
 def build_snapshot() -> dict[str, Any]:
     """The live registry as JSON data (imports every family)."""
     _ensure_loaded()
+    from zoo.memory_plan import setup_rows  # (imported here only: it counts on the meta-built models)
+
     entries = [json.loads(json.dumps(_ENTRIES[n].to_dict())) for n in sorted(_ENTRIES)]
     return {"fingerprint": fingerprint(), "entries": entries,
-            "unused_fields": {n: f for n in sorted(_ENTRIES) if (f := unused_config_fields(_ENTRIES[n]))}}
+            "unused_fields": {n: f for n in sorted(_ENTRIES) if (f := unused_config_fields(_ENTRIES[n]))},
+            "setups": {n: rows for n in sorted(_ENTRIES) if (rows := setup_rows(_ENTRIES[n]))}}
 
 
 def write_snapshot(path: Path = SNAPSHOT) -> Path:
@@ -252,6 +255,13 @@ def _read_snapshot() -> dict[str, Any]:
         except (OSError, ValueError):
             _snapshot = {}
     return _snapshot
+
+
+def snapshot_section(key: str) -> dict[str, Any]:
+    """A section of the registry snapshot ("setups": zoo.memory_plan's numbers per entry) while the snapshot is
+    current, else {} (the caller computes live)."""
+    data = {} if _discovered else _read_snapshot()
+    return dict(data.get(key, {}))
 
 
 def _entry_from_dict(d: dict[str, Any]) -> Entry:
