@@ -486,7 +486,7 @@ def build(c: GLMConfig) -> GLM:
 
 
 def count_params(c: GLMConfig) -> int:
-    attn = 4 * (c.dim * c.n_heads * c.head_dim + c.n_heads * c.head_dim) - 3 * c.n_heads * c.head_dim + c.dim
+    attn = 4 * c.dim * c.n_heads * c.head_dim + 3 * c.n_heads * c.head_dim + c.dim  # q, k, v, o; their biases
     halves = 2 if c.mlp == "geglu" else 1
     mlp = halves * (c.dim * c.inner_size + c.inner_size) + c.inner_size * c.dim + c.dim
     block = attn + mlp + 4 * c.dim

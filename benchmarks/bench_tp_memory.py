@@ -190,9 +190,11 @@ def table(results: list[dict], config: dict, a) -> str:
         "weights, written as the N-rank SAT checkpoint and converted as a published one. Loaded with tp=N in N gloo "
         f"processes on the CPU ({os.cpu_count()} cores). Expected: the bytes one rank holds by zoo.memory_plan "
         "(the split tensors / N plus the replicated ones). Peak: the largest per-rank peak RSS growth while "
-        "loading; resident: RSS growth once loaded." + (" Each row in its own processes." if a.isolate else ""),
+        "loading; peak - expected: what loading needs above the weights (read chunks, quantising temporaries: "
+        "add it to `zoo info glm-130b`'s weights per GPU, scaling what grows with a tensor's size); resident: RSS "
+        "growth once loaded." + (" Each row in its own processes." if a.isolate else ""),
         "",
-        "| row | scheme | tp | expected per rank | peak per rank | peak / expected | resident per rank | load s |",
+        "| row | scheme | tp | expected per rank | peak per rank | peak - expected | resident per rank | load s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -201,7 +203,8 @@ def table(results: list[dict], config: dict, a) -> str:
                          f"refused: {r['refused']} | | | |")
             continue
         lines.append(f"| {r['row']} | {r['scheme']} | {r['tp']} | {r['expected'] / MIB:.1f} MiB | "
-                     f"{r['peak'] / MIB:.1f} MiB | {r['peak'] / r['expected']:.2f} | {r['resident'] / MIB:.1f} MiB | "
+                     f"{r['peak'] / MIB:.1f} MiB | {(r['peak'] - r['expected']) / MIB:+.1f} MiB | "
+                     f"{r['resident'] / MIB:.1f} MiB | "
                      f"{r['load_s']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -193,3 +193,16 @@ def test_the_readme_states_what_zoo_info_states_for_each_glm_130b_setup():
         row = next((line for line in readme.splitlines() if line.strip().startswith(f"| {name} |")), None)
         assert row is not None, f"README has no row for {name}"
         assert f"| {n.weights / GIB:.1f} GiB | yes |" in row, row
+
+
+@pytest.mark.parametrize("name", ["glm-130b", "chatglm-6b"])
+def test_glm_parameter_counts_are_the_built_models(name):
+    """The count the sizes and `zoo info` start from: every parameter of the model built from the config (q, k, v
+    biases of the heads' width, the output projection's of the hidden size)."""
+    from zoo.registry import get_family
+
+    entry = get_entry(name)
+    family = get_family("glm")
+    meta = family.build_meta(family.config_from_dict(entry.config))
+    assert entry.params == sum(p.numel() for p in meta.parameters())
+    assert need("glm", entry.config, "float32").weights == 4 * entry.params  # tp 1: the whole model

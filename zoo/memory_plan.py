@@ -1,5 +1,6 @@
 """What a multi-GPU setup needs per GPU: the weight bytes each GPU holds, from a model's published config and its
-family's tensor-parallel plan, and the KV cache it adds per 1024 tokens.
+family's tensor-parallel plan, and the KV cache it adds per 1024 tokens (the keys and values its blocks' k_proj
+and v_proj make, the names zoo's decoders give them; None for a model without them).
 
 A registry entry may declare the setups its publisher runs it on, `extra["setups"]`: a list of
     {"name": "INT4, TP 4", "gpus": 4, "gpu": "RTX 3090", "gpu_memory_gib": 24, "dtype": "float16",
