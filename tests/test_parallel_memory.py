@@ -206,3 +206,9 @@ def test_glm_parameter_counts_are_the_built_models(name):
     meta = family.build_meta(family.config_from_dict(entry.config))
     assert entry.params == sum(p.numel() for p in meta.parameters())
     assert need("glm", entry.config, "float32").weights == 4 * entry.params  # tp 1: the whole model
+
+
+def test_zoo_info_of_a_directory_refuses_setup_options(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    code, out, err = run("info", str(tmp_path), "--tp", "2")
+    assert code != 0 and "give its name" in err and out == ""

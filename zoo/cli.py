@@ -202,6 +202,8 @@ def _cmd_info(a) -> None:
 
     path = Path(a.model)
     if path.is_dir():
+        if a.tp or a.pp or a.quantize is not None or a.gpu_memory is not None:
+            raise ValueError("--tp, --pp, --quantize and --gpu-memory count a registry entry's setup; give its name")
         if not path.joinpath("config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json; not a zoo native directory")
         print(path.joinpath("README.md").read_text() if path.joinpath("README.md").is_file() else "")
