@@ -138,6 +138,13 @@ def setup_rows(entry: Any) -> list[dict[str, Any]]:
             for s in declared_setups(entry)]
 
 
+def snapshot_setups() -> dict[str, list[dict[str, Any]]]:
+    """Entry name -> setup_rows, for every registered entry that declares setups (the snapshot's "setups")."""
+    from zoo.registry import get_entry, list_models
+
+    return {name: rows for name in list_models() if (rows := setup_rows(get_entry(name)))}
+
+
 # -- reading and showing (no torch) -------------------------------------------------------------------------------
 
 

@@ -233,16 +233,15 @@ def unused_config_fields(entry: Entry) -> list[str]:
 def build_snapshot() -> dict[str, Any]:
     """The live registry as JSON data (imports every family)."""
     _ensure_loaded()
-    from zoo.memory_plan import setup_rows  # (imported here only: it counts on the meta-built models)
-
     entries = [json.loads(json.dumps(_ENTRIES[n].to_dict())) for n in sorted(_ENTRIES)]
     return {"fingerprint": fingerprint(), "entries": entries,
-            "unused_fields": {n: f for n in sorted(_ENTRIES) if (f := unused_config_fields(_ENTRIES[n]))},
-            "setups": {n: rows for n in sorted(_ENTRIES) if (rows := setup_rows(_ENTRIES[n]))}}
+            "unused_fields": {n: f for n in sorted(_ENTRIES) if (f := unused_config_fields(_ENTRIES[n]))}}
 
 
-def write_snapshot(path: Path = SNAPSHOT) -> Path:
-    path.write_text(json.dumps(build_snapshot(), indent=1) + "\n")
+def write_snapshot(path: Path = SNAPSHOT, sections: dict[str, Any] | None = None) -> Path:
+    """Write the snapshot, with `sections` beside the registry's own (the script adds zoo.memory_plan's "setups":
+    what each declared setup needs per GPU, so `zoo info` shows it without torch)."""
+    path.write_text(json.dumps({**build_snapshot(), **(sections or {})}, indent=1) + "\n")
     return path
 
 
