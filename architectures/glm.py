@@ -521,9 +521,9 @@ GLM_130B_DOWNLOAD = ("https://docs.google.com/forms/d/e/1FAIpQLSehr5Dh_i3TwACmFF
                      "viewform")
 
 
-# The setups GLM-130B runs on (zoo.memory_plan: `zoo info` shows what each needs per GPU). The GLM-130B README's
-# hardware table and the paper (arXiv 2210.02414, section 5): fp16 on 8 x A100 40 GB, INT8 on 8 x RTX 3090 or
-# 4 x A100, INT4 on 4 x RTX 3090 or 8 x RTX 2080 Ti. The published INT8 ranks are MP 8 and the INT4 ranks MP 4
+# The setups GLM-130B runs on (zoo.memory_plan: `zoo info` shows what each needs per GPU), as its README's hardware
+# table and its paper (arXiv 2210.02414) state them: fp16 on 8 x A100 40 GB, INT8 on 8 x RTX 3090 or 4 x A100,
+# INT4 on 4 x RTX 3090 or 8 x RTX 2080 Ti. The published INT8 ranks are MP 8 and the INT4 ranks MP 4
 # (their per-rank scales: "-g8" / "-g4"); 8 x 2080 Ti takes INT4 at TP 8, whose per-rank scales convert_tp.py
 # --target-tp 8 makes (zoo: --quantize int4-row-g8 from the fp16 release).
 _PUBLISHED = "GLM-130B README / paper"
