@@ -21,6 +21,7 @@ def script(name: str, *args: str) -> subprocess.CompletedProcess:
     ("bench_decode.py", ["--only", "--device", "--rounds", "--dir"]),
     ("bench_matrix.py", ["--cells", "--isa", "--llama-cpp-path", "--quick", "--new-tokens", "--layers", "--rounds"]),
     ("bench_kernels.py", ["--device", "--layers", "--repeats", "--no-write"]),
+    ("bench_start.py", ["--isa", "--profile", "--prompt-tokens", "--no-05b"]),
     ("bench_tp.py", ["--new-tokens", "--layers", "--no-write"]),
     ("bench_mmfree.py", ["--size", "--kernels", "--memory"]),
     ("bench_recurrent.py", ["--lengths", "--models", "--kernels"]),
