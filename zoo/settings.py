@@ -42,7 +42,7 @@ def onednn_from_text(text: str) -> str:
 
 
 def compile_from_text(text: str) -> bool | None:
-    """A ZOO_COMPILE value: unset or empty -> None (where it pays), 0 -> False, anything else -> True."""
+    """A ZOO_COMPILE value: unset or empty -> None (the default decision), 0 -> False, anything else -> True."""
     text = text.strip()
     return None if not text else text != "0"
 
