@@ -202,6 +202,8 @@ def worker_llama_cpp(args, opts: dict) -> dict:
     L.llama_backend_init()
     t = time.perf_counter()
     mp = L.llama_model_default_params()
+    if os.environ.get("ZOO_BENCH_LLAMA_REPACK") == "0" and hasattr(mp, "use_extra_bufts"):
+        mp.use_extra_bufts = False  # no repacked (e.g. AMX) weight layouts: llama.cpp's plain CPU kernels
     model = L.llama_model_load_from_file(str(path).encode(), mp)
     cp = L.llama_context_default_params()
     cp.n_ctx = len(args.prompt) + args.new_tokens + 8
@@ -269,7 +271,9 @@ def worker_bandwidth(args) -> dict:
 # -- checkpoint preparation (parent process) ----------------------------------------------------------------------
 
 
-def make_checkpoints(work: Path, layers: int) -> tuple[Path, Path, Path, list[str]]:
+def make_checkpoints(work: Path, layers: int, vocab: int | None = None) -> tuple[Path, Path, Path, list[str]]:
+    """The Qwen2-0.5B-shaped checkpoint with `layers` layers (and `vocab` tokens, a quick run's smaller table)
+    under `work`: transformers' (hf), zoo's (native, native-int8, native-int4) and GGUF files; each kept if there."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -279,7 +283,7 @@ def make_checkpoints(work: Path, layers: int) -> tuple[Path, Path, Path, list[st
     notes = []
     if not hf_dir.exists():
         torch.manual_seed(0)
-        cfg = Qwen2Config(**QWEN2_05B, num_hidden_layers=layers)
+        cfg = Qwen2Config(**{**QWEN2_05B, "vocab_size": vocab or QWEN2_05B["vocab_size"]}, num_hidden_layers=layers)
         model = Qwen2ForCausalLM(cfg)
         with torch.no_grad():  # random biases, as a trained model has
             for name, p in model.named_parameters():

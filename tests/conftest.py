@@ -1,4 +1,6 @@
+import getpass
 import os
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +8,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Inductor's cache where torch keeps it by default (torch._inductor.runtime.cache_dir_utils.default_cache_dir, not
+# imported: it would import triton before TRITON_INTERPRET is set), not under each test's own ZOO_HOME
+# (zoo.generation.inductor_cache would put it there): compiled steps stay warm from one test session to the next
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(),
+                                                              f"torchinductor_{getpass.getuser()}"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 if not torch.cuda.is_available():  # Triton kernels run under its interpreter, whichever test imports triton first
     os.environ.setdefault("TRITON_INTERPRET", "1")

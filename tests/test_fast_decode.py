@@ -142,11 +142,60 @@ def test_static_state_is_written_in_place_at_a_device_side_position():
     assert mask.shape == (1, 1, 1, 16) and mask[0, 0, 0].tolist() == [True] * 9 + [False] * 7
 
 
-def test_compile_default_is_where_it_pays(monkeypatch):
+def facts(**kw) -> generation.CompileFacts:
+    base = dict(device="cpu", isa="AVX2", weights="bfloat16", weight_bytes=10**9, new_tokens=64,
+                compiled_already=False)
+    return generation.CompileFacts(**{**base, **kw})
+
+
+def test_compile_default_never_picks_a_step_measured_slower_than_eager():
+    """Every corner of the table walked: a ratio <= 1 stays eager however long the generation and even when a
+    step is compiled already; a corner with no measurement (an ARM CPU, a GPU, AVX-512 int8) stays eager too."""
+    long = dict(weight_bytes=10**10, new_tokens=10**6)
+    for (device, isa, weights), speedup in generation.COMPILED_SPEEDUP.items():
+        for already in (False, True):
+            got = generation.compile_pays(facts(device=device, isa=isa, weights=weights, compiled_already=already,
+                                                **long))
+            assert got == (speedup > 1), (device, isa, weights, already)
+    for device, isa, weights in (("cpu", "AVX2", "int8"), ("cpu", "AVX2", "int4"), ("cpu", "DEFAULT", "bfloat16"),
+                                 ("cpu", "AVX512", "int8"), ("cuda", "*", "bfloat16"), ("cpu", "AVX2", "ternary")):
+        assert not generation.compile_pays(facts(device=device, isa=isa, weights=weights, **long))
+
+
+def test_compile_default_pays_for_a_faster_step_only_over_a_long_enough_generation():
+    table = {("cpu", "AVX512", "bfloat16"): 2.0}
+    gb = facts(isa="AVX512", weight_bytes=10**9)
+    # 1 GB of weights at 2x saves 0.5 GB of reading a token: compiling pays from COMPILE_PAYS / 0.5e9 tokens
+    first = 2 * generation.COMPILE_PAYS // 10**9
+    assert not generation.compile_pays(gb, table)  # 64 tokens: a compile costs more than it saves
+    assert not generation.compile_pays(facts(isa="AVX512", new_tokens=first - 1), table)
+    assert generation.compile_pays(facts(isa="AVX512", new_tokens=first), table)
+    assert generation.compile_pays(facts(isa="AVX512", compiled_already=True), table)  # nothing left to pay
+    assert not generation.compile_pays(facts(isa="AVX2", new_tokens=first), table)  # another ISA: unmeasured
+    assert not generation.compile_pays(facts(isa="AVX512", weights="int8", new_tokens=first), table)
+
+
+def test_compile_wanted_reads_the_models_facts_and_honours_the_asked_and_the_environment(monkeypatch):
+    from zoo.architectures.quant import PackedLinear
+
     model = tiny("qwen2")
+    assert generation.weight_kind(model) == "float32"
+    assert generation.weight_kind(tiny("qwen2").to(torch.bfloat16)) == "bfloat16"
+    packed = [torch.nn.Sequential(torch.nn.LayerNorm(64), PackedLinear(64, 32, False, q)) for q in ("int8", "int4")]
+    assert [generation.weight_kind(m) for m in packed] == ["int8", "int4"]
+    got = generation.compile_facts(model, 1, 100)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert (got.device, got.weights, got.weight_bytes, got.new_tokens, got.compiled_already) == (
+        "cpu", "float32", weight_bytes, 100, False)
+    assert got.isa == torch.backends.cpu.get_cpu_capability()
+
     monkeypatch.setattr(settings.SETTINGS, "compile", None)
+    monkeypatch.setattr(generation, "COMPILED_SPEEDUP", {("cpu", got.isa, "float32"): 2.0})
+    needed = 2 * generation.COMPILE_PAYS // weight_bytes + 1
     assert not generation.compile_wanted(None, model, 1, 128)  # 0.5 MB of weights: never pays
-    assert generation.compile_wanted(None, model, 1, generation.COMPILE_PAYS)  # long enough, it does
+    assert generation.compile_wanted(None, model, 1, needed)  # long enough, and measured faster: it does
+    monkeypatch.setattr(generation, "COMPILED_SPEEDUP", {("cpu", got.isa, "float32"): 0.5})
+    assert not generation.compile_wanted(None, model, 1, needed * 10**6)  # measured slower: never by default
     assert generation.compile_wanted(True, model, 1, 2) and not generation.compile_wanted(False, model, 1, 10**12)
     monkeypatch.setattr(settings.SETTINGS, "compile", True)  # ZOO_COMPILE=1
     assert generation.compile_wanted(None, model, 1, 2)
@@ -154,6 +203,20 @@ def test_compile_default_is_where_it_pays(monkeypatch):
     assert not generation.compile_wanted(None, model, 1, 10**12)
     assert [settings.from_environ({"ZOO_COMPILE": v}).compile for v in ("", "1", "0", " 1 ")] == [None, True, False,
                                                                                                 True]
+
+
+def test_inductor_cache_goes_under_zoo_home_unless_the_user_chose_one(monkeypatch, tmp_path):
+    import os
+
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # (recorded, so the test's end restores whatever was there)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    generation.inductor_cache()
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "home" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    generation.inductor_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
 @pytest.fixture(scope="module")

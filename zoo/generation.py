@@ -337,19 +337,84 @@ def beam_search(
 # -- the compiled decoding step -----------------------------------------------------------------------------------
 
 
-# Weights streamed by a generation (bytes x new tokens) from which compiling its decoding step pays on a CPU: a
-# compiled step is about 1.4x faster than an eager one, and compiling costs seconds (warm Inductor cache) to a minute
-# (first time on a machine) for a 0.5B model (BENCHMARKS.md). Qwen2-0.5B in bf16 (1 GB) compiles from ~500 new
-# tokens, a 7B model in bf16 from ~40; the 24 MB embedded model practically never.
-COMPILE_PAYS = 2**39
+# Whether the default (compile=None, no ZOO_COMPILE) decodes through the compiled step: ONE table of measured
+# speed-ups, one pure decision over facts (`compile_pays`, walked by tests/test_fast_decode.py), as
+# kernels/dispatch.choose is for kernels. (The table lives here, beside the step it is about; it could move next to
+# the kernel dispatch.) A compiled step is not faster everywhere: on AVX2 the compiled int8 step decodes 6x slower
+# than the eager one and int4 2x (Inductor's widen-then-multiply against aten's and zoo's CPU kernels), so the
+# default is eager wherever no measurement says the compiled step is faster.
+#
+# (device type, CPU instruction set as ATen names it ("*" off the CPU), weights) -> the compiled step's decode rate
+# over the eager one's, Qwen2-0.5B shape, batch 1 (benchmarks/bench_matrix.py prints these ratios per machine;
+# BENCHMARKS.md keeps the runs). Weights: the float dtype ("float32", "bfloat16") or the quantisation ("int8", "int4").
+# A missing entry, or a ratio <= 1, keeps that corner eager by default; compile=True still compiles.
+COMPILED_SPEEDUP: dict[tuple[str, str, str], float] = {
+    ("cpu", "AVX512", "float32"): 2.54,  # 16.0 / 6.3 tok/s (BENCHMARKS.md "decode", AVX-512 BF16/VNNI EPYC)
+    ("cpu", "AVX512", "bfloat16"): 1.91,  # 24.4 / 12.8 (same run)
+    ("cpu", "AVX2", "bfloat16"): 1.34,  # 14.3 / 10.7 (BENCHMARKS.md "structure-avx2")
+    ("cpu", "AVX2", "int8"): 0.16,  # 2.6 / 16.3 (issue 20, AVX2-only EPYC)
+    ("cpu", "AVX2", "int4"): 0.49,  # 7.0 / 14.4 (issue 20)
+}
+# Compiling costs seconds with a warm Inductor cache (under $ZOO_HOME: `inductor_cache`) to a minute the first time
+# on a machine, for a 0.5B model. A token's time is about its weights' bytes over the memory bandwidth, and the
+# compiled step saves (1 - 1/speed-up) of it, so compiling pays from this many weight bytes saved over a generation
+# (weights x new tokens x (1 - 1/speed-up); ~5 s of a 30 GB/s read): Qwen2-0.5B in bf16 (1 GB) at 1.9x from ~330 new
+# tokens, a 7B model from ~25; the 24 MB embedded model practically never.
+COMPILE_PAYS = 150 * 10**9
+
+
+@dataclass(frozen=True)
+class CompileFacts:
+    """What the default compile decision depends on, gathered from a model and a generation (`compile_facts`)."""
+
+    device: str  # "cpu", "cuda", ...
+    isa: str  # the CPU's vector instruction set (dispatch.cpu_isa(): "AVX512", "AVX2", "DEFAULT", ...); "*" off CPU
+    weights: str  # "float32", "bfloat16", "float16", "int8", "int4", "ternary", ...
+    weight_bytes: int  # bytes of every parameter and buffer: what one token streams
+    new_tokens: int
+    compiled_already: bool  # a step of this model has already been compiled for this batch size
+
+
+def compile_pays(facts: CompileFacts, table: dict[tuple[str, str, str], float] | None = None) -> bool:
+    """The default decision: compiled where the table (COMPILED_SPEEDUP unless given) says the compiled step is
+    faster on this machine for these weights, and either it is compiled already (nothing left to pay) or the
+    generation is long enough for the time it saves to pay for compiling (COMPILE_PAYS)."""
+    speedup = (COMPILED_SPEEDUP if table is None else table).get((facts.device, facts.isa, facts.weights), 0.0)
+    if speedup <= 1.0:
+        return False
+    if facts.compiled_already:
+        return True
+    return facts.weight_bytes * facts.new_tokens * (1 - 1 / speedup) >= COMPILE_PAYS
+
+
+def weight_kind(model: torch.nn.Module) -> str:
+    """What the model's weights are for the decision: a packed layer's scheme family ("int8" for "int8-row",
+    "int4" for "int4-group128", "ternary"), else the dtype of its floating-point weights ("bfloat16", ...)."""
+    for m in model.modules():
+        name = getattr(getattr(m, "scheme", None), "name", None)
+        if isinstance(name, str) and name:
+            return name.split("-")[0]
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return str(first.dtype).removeprefix("torch.") if first is not None else "float32"
+
+
+def compile_facts(model: torch.nn.Module, batch: int, new_tokens: int) -> CompileFacts:
+    from zoo.architectures.kernels.dispatch import cpu_isa
+
+    device = next((t.device.type for t in (*model.parameters(), *model.buffers())), "cpu")
+    done = _STEPS.get(model)
+    return CompileFacts(device=device, isa=cpu_isa() if device == "cpu" else "*", weights=weight_kind(model),
+                        weight_bytes=sum(t.numel() * t.element_size() for t in (*model.parameters(),
+                                                                                  *model.buffers())),
+                        new_tokens=new_tokens, compiled_already=done is not None and batch in done.batches)
 
 
 def compile_wanted(compile: bool | None, model: torch.nn.Module, batch: int, new_tokens: int) -> bool:
     """Whether a generation decodes through the compiled step. True / False: as asked (zoo.load(compile=...),
-    `zoo generate --compile / --no-compile`). None, the default: ZOO_COMPILE=1 / 0 if set; otherwise where it
-    pays: when this model already has a step compiled for this batch size (nothing left to pay), or when the
-    generation streams at least COMPILE_PAYS bytes of weights. A model marked `zoo_eager_only` (a reason: weights
-    streamed from disk by a device map, which no graph can trace) decodes eagerly; asked to compile, it says why."""
+    `zoo generate --compile / --no-compile`). None, the default: ZOO_COMPILE=1 / 0 if set; otherwise
+    `compile_pays` (eager unless measured faster on this machine for these weights, and worth its compile). A
+    model marked `zoo_eager_only` (a reason: weights streamed from disk by a device map, which no graph can trace)
+    decodes eagerly; asked to compile, it says why."""
     eager_only = getattr(model, "zoo_eager_only", None)
     if eager_only:
         if compile:
@@ -359,11 +424,19 @@ def compile_wanted(compile: bool | None, model: torch.nn.Module, batch: int, new
         return bool(compile)
     if SETTINGS.compile is not None:  # ZOO_COMPILE, read once by zoo.settings
         return SETTINGS.compile
-    done = _STEPS.get(model)
-    if done is not None and batch in done.batches:
-        return True
-    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    return weights * new_tokens >= COMPILE_PAYS
+    return compile_pays(compile_facts(model, batch, new_tokens))
+
+
+def inductor_cache() -> None:
+    """Point Inductor's on-disk caches at $ZOO_HOME/inductor unless the user chose a place
+    (TORCHINDUCTOR_CACHE_DIR): a compile warm from an earlier process is what users meet, and it stays with
+    zoo's other per-machine files instead of the system's temp directory (which may be wiped at boot)."""
+    import os
+
+    from zoo.settings import zoo_home
+
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(zoo_home() / "inductor")
 
 
 def _decode_step(model: torch.nn.Module, state, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -454,6 +527,7 @@ def compiled_step(model: torch.nn.Module) -> CompiledStep | None:
     torch.compile is unavailable."""
     if not hasattr(torch, "compile"):
         return None
+    inductor_cache()
     first = next(model.parameters())
     where = (first.device, first.dtype)
     if model not in _STEPS or _STEPS[model].where != where:

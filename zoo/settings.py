@@ -5,10 +5,13 @@ argument where a user looks for it.
                  1 (default) | pack | 0                          zoo.load(onednn="dense" | "pack" | "off"),
                                                                  zoo generate/predict --onednn
     ZOO_COMPILE  decoding through one torch.compile'd step (zoo.generation.compile_wanted):
-                 unset (default: where it pays) | 1 | 0          zoo.load(compile=True | False), --compile
+                 unset (default: where measured faster on this   zoo.load(compile=True | False), --compile
+                 CPU for these weights and worth its compile,
+                 zoo.generation.COMPILED_SPEEDUP) | 1 | 0
     ZOO_HOME     where converted registry models and the verified-files record live (default ~/.cache/zoo).
                  A location rather than a switch: read at each use (`zoo_home`), so a process can point it
-                 elsewhere (the tests give each test its own).
+                 elsewhere (the tests give each test its own). Inductor's caches go to $ZOO_HOME/inductor
+                 unless TORCHINDUCTOR_CACHE_DIR is set (zoo.generation.inductor_cache).
 
 An argument wins over the environment; the environment only sets the default. Code reads SETTINGS, never
 os.environ, for these; `from_environ` builds them from a given environment.
@@ -27,7 +30,7 @@ ONEDNN_MODES = ("off", "dense", "pack")  # no oneDNN | on the model's own weight
 @dataclass
 class Settings:
     onednn: str = "dense"  # one of ONEDNN_MODES
-    compile: bool | None = None  # None: where it pays
+    compile: bool | None = None  # None: where measured faster and worth its compile
 
 
 def onednn_from_text(text: str) -> str:
@@ -39,7 +42,7 @@ def onednn_from_text(text: str) -> str:
 
 
 def compile_from_text(text: str) -> bool | None:
-    """A ZOO_COMPILE value: unset or empty -> None (where it pays), 0 -> False, anything else -> True."""
+    """A ZOO_COMPILE value: unset or empty -> None (the default decision), 0 -> False, anything else -> True."""
     text = text.strip()
     return None if not text else text != "0"
 
