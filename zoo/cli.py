@@ -93,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--quantize", help="weight-only quantisation while loading: int8 (per output row) | int4 "
                    "(groups of 128 columns)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode each new token through one torch.compile'd step (default: where it pays, a long "
-                        "enough generation; ZOO_COMPILE=0/1 sets the default)")
+                   help="decode each new token through one torch.compile'd step (default: only where measured "
+                        "faster on this CPU for these weights and worth its compile; ZOO_COMPILE=0/1 sets the default)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--tp", type=int, help="tensor-parallel degree (inside torchrun)")
 
