@@ -3,12 +3,14 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/tp_worker.py
         [--rss DIR] [--corrupt DIR] OUT NAME=DIR ...
 
-Every NAME=DIR is loaded with tp=WORLD_SIZE in fp32 and run: logits of fixed ids, greedy tokens, unseeded
-sampled tokens, a padded batch; for qwen2 also greedy tokens through the compiled decoding step.
+Every NAME=DIR (NAME=DIR@SCHEME: quantised with SCHEME while loading) is loaded with tp=WORLD_SIZE in fp32
+and run: logits of fixed ids, greedy tokens, unseeded sampled tokens, a padded batch; for qwen2 also greedy tokens
+through the compiled decoding step.
 Then --rss DIR is loaded to measure this rank's peak RSS growth: peak RSS after loading it minus peak RSS
 before (after imports, process group and the tiny models, so one-time costs such as code pages are not
 counted as the model's). --corrupt DIR must fail to load on every rank.
-Each rank writes OUT/NAME.rank{R}.json; rank 0 also writes OUT/NAME.logits.pt.
+Each rank writes OUT/NAME.rank{R}.json; rank 0 also writes OUT/NAME.logits.pt. A model with packed weights also
+writes OUT/NAME.rank{R}.packed.pt: the stored form of every packed tensor this rank holds.
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ def compiled_greedy(model, prompt: list[int]) -> dict:
     return {"greedy": tokens, "graphs": step.graphs, "failed": step.failed}
 
 
-def run_model(name: str, directory: str, out: Path, rank: int) -> None:
+def run_model(name: str, directory: str, out: Path, rank: int, quantize: str | None = None) -> None:
     from torch.distributed.tensor import DTensor
+    from zoo.architectures.quant import PACKED
 
     import zoo
 
-    model = zoo.load(directory, tp=dist.get_world_size(), dtype=torch.float32)
+    model = zoo.load(directory, tp=dist.get_world_size(), dtype=torch.float32, quantize=quantize)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(ids.to(model.device)).cpu()
@@ -61,6 +64,10 @@ def run_model(name: str, directory: str, out: Path, rank: int) -> None:
                        for n, p in model.module.named_parameters() if isinstance(p, DTensor)},
     }
     (out / f"{name}.rank{rank}.json").write_text(json.dumps(result))
+    packed = {f"{path}.{k}": t for path, sub in model.module.named_modules() if isinstance(sub, PACKED)
+              for k, t in sub.packed().items()}
+    if packed:
+        torch.save(packed, out / f"{name}.rank{rank}.packed.pt")
     if rank == 0:
         torch.save(logits, out / f"{name}.logits.pt")
 
@@ -82,8 +89,9 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for item in a.models:
-        name, _, directory = item.partition("=")
-        run_model(name, directory, out, rank)
+        name, _, spec = item.partition("=")
+        directory, _, quantize = spec.partition("@")
+        run_model(name, directory, out, rank, quantize or None)
     if a.corrupt:
         from zoo.weights.format import CheckpointError
 
