@@ -48,6 +48,7 @@ def _cases() -> list[tuple[str, str, str]]:
 
 
 CASES = _cases()
+COMPILED = "qwen2-int8-stored"  # also decoded through the compiled step (funcol collectives inside the graph)
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: int = 400) -> None:
@@ -83,7 +84,7 @@ def job(tmp_path_factory):
         dirs[name] = zoo.convert(base / f"glm-pub{bits}", base / name, progress=False)
         published[bits] = shards
         specs.append(f"{name}={dirs[name]}")
-    torchrun(str(ROOT / "tests" / "tp_worker.py"), str(base / "out"), *specs)
+    torchrun(str(ROOT / "tests" / "tp_worker.py"), "--compiled", COMPILED, "--", str(base / "out"), *specs)
     return {"out": base / "out", "dirs": dirs, "published": published}
 
 
@@ -116,6 +117,11 @@ def test_tp2_packed_logits_and_greedy_tokens_equal_tp1(job, name):
     assert r0["greedy"] == r1["greedy"] == greedy
     assert r0["batch"] == r1["batch"] == model.generate([prompt, prompt[:3]], max_new_tokens=6)
     assert r0["sampled"] == r1["sampled"]
+
+
+def test_tp2_packed_decodes_through_the_compiled_step_with_the_same_tokens(job):
+    for r in _ranks(job, COMPILED):
+        assert r["compiled"] == {"greedy": r["greedy"], "graphs": 1, "failed": False}
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
@@ -265,6 +271,21 @@ def test_a_stored_packed_checkpoint_streams_its_packed_tensors_from_disk(untied)
     streamed = model.module.layers[1].attn.q_proj
     assert streamed.kernel == () and streamed.weight.dtype == torch.int8  # the stored form, as mapped
     assert _mapped_file(streamed.weight).endswith("model.safetensors")
+
+
+def test_a_packed_tied_head_streamed_from_disk_matches(tmp_path):
+    """A tied embedding packed while loading (quantize packs the table the head reads) on "disk" with the
+    head: streamed around the blocks, packed."""
+    helpers.tiny_qwen2(tmp_path / "hf", tie=True)
+    native = zoo.convert(tmp_path / "hf", tmp_path / "native", progress=False)
+    ref = zoo.load(native, quantize="int8", dtype=torch.float64)
+    model = zoo.load(native, quantize="int8", dtype=torch.float64, device_map={"": "disk", "layers.0": "cpu"})
+    assert model.device_map["embed"] == "disk" and model.module.embed.weight.dtype == torch.int8
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert max_abs_diff(model(ids), ref(ids)) == 0.0
+    prompt = ids[0, :5].tolist()
+    assert model.generate(prompt, max_new_tokens=10) == ref.generate(prompt, max_new_tokens=10)
 
 
 def test_auto_map_counts_packed_bytes(untied):

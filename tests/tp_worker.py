@@ -1,11 +1,11 @@
 """One rank of the tensor-parallel test job (tests/test_distributed.py launches it with torchrun).
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/tp_worker.py
-        [--rss DIR] [--corrupt DIR] OUT NAME=DIR ...
+        [--rss DIR] [--corrupt DIR] [--compiled NAME ...] OUT NAME=DIR ...
 
 Every NAME=DIR (NAME=DIR@SCHEME: quantised with SCHEME while loading) is loaded with tp=WORLD_SIZE in fp32
-and run: logits of fixed ids, greedy tokens, unseeded sampled tokens, a padded batch; for qwen2 also greedy tokens
-through the compiled decoding step.
+and run: logits of fixed ids, greedy tokens, unseeded sampled tokens, a padded batch; for qwen2 (and --compiled
+NAMEs) also greedy tokens through the compiled decoding step.
 Then --rss DIR is loaded to measure this rank's peak RSS growth: peak RSS after loading it minus peak RSS
 before (after imports, process group and the tiny models, so one-time costs such as code pages are not
 counted as the model's). --corrupt DIR must fail to load on every rank.
@@ -44,6 +44,9 @@ def compiled_greedy(model, prompt: list[int]) -> dict:
     return {"greedy": tokens, "graphs": step.graphs, "failed": step.failed}
 
 
+COMPILED: list[str] = []  # --compiled NAME ...: also decode these through the compiled step
+
+
 def run_model(name: str, directory: str, out: Path, rank: int, quantize: str | None = None) -> None:
     from torch.distributed.tensor import DTensor
     from zoo.architectures.quant import PACKED
@@ -59,7 +62,7 @@ def run_model(name: str, directory: str, out: Path, rank: int, quantize: str | N
         "greedy": model.generate(prompt, max_new_tokens=24),
         "sampled": model.generate(prompt, max_new_tokens=8, temperature=1.0),  # unseeded: ranks must agree
         "batch": model.generate([prompt, prompt[:3]], max_new_tokens=6),
-        "compiled": compiled_greedy(model, prompt) if name == "qwen2" else None,
+        "compiled": compiled_greedy(model, prompt) if name in ("qwen2", *COMPILED) else None,
         "placements": {n: f"Shard({p.placements[0].dim})" if p.placements[0].is_shard() else "Replicate"
                        for n, p in model.module.named_parameters() if isinstance(p, DTensor)},
     }
@@ -77,8 +80,10 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("models", nargs="*", help="NAME=DIR")
     p.add_argument("--rss", help="checkpoint to measure peak memory on")
+    p.add_argument("--compiled", nargs="*", default=[], help="also decode these models through the compiled step")
     p.add_argument("--corrupt", help="a checkpoint with a damaged shard: record the error each rank raises")
     a = p.parse_args()
+    COMPILED.extend(a.compiled)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

@@ -42,6 +42,8 @@ def load(
     pp: pipeline stages inside a torchrun job (zoo.pipeline): consecutive blocks per process.
     quantize: "int8" | "int4" (or a scheme name of zoo.architectures.quant): weight-only quantisation of every
         linear layer while loading, one layer at a time; a checkpoint stored quantized loads packed by itself.
+        Packed weights go with tp (each rank packs or reads its own slices), device_map (a "disk" block streams
+        packed) and pp (each stage its own blocks).
     compile: language models: decode each new token through one torch.compile'd step (zoo.generation); None takes
         the default (see zoo.generation.compile_wanted; ZOO_COMPILE=0 turns it off).
     onednn: "dense" | "pack" | "off": the vision models' linear layers on CPU through oneDNN on their own weights,

@@ -349,7 +349,8 @@ def _all_gather_last(t: torch.Tensor, group) -> torch.Tensor:
     """The ranks' slices side by side along the last axis (rank order)."""
     from torch.distributed import _functional_collectives as funcol
 
-    y = funcol.all_gather_tensor(t.contiguous(), t.dim() - 1, group)
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # (renamed in torch 2.10)
+    y = gather(t.contiguous(), t.dim() - 1, group)
     return y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else y
 
 
@@ -433,9 +434,10 @@ def _load_packed(module: nn.Module, path: str, sub: nn.Module, style: str | None
         new.bias = nn.Parameter(bias, requires_grad=False)
     if isinstance(new, PackedEmbedding):
         new.dtype = tensors["weight_scale"].dtype
-    if style is not None and kind is not PackedLinear:
+    if style is not None and kind is not PackedLinear:  # the styles that communicate
         new.group = mesh.get_group()
-        new.start = share * local_out
+    if isinstance(new, VocabPackedEmbedding):
+        new.start = share * local_out  # the first vocabulary row this rank owns
     owner, _, attr = path.rpartition(".")
     setattr(module.get_submodule(owner) if owner else module, attr, new)
 
