@@ -62,6 +62,8 @@ class Scheme:
     name = ""
     names: tuple[str, ...] = ("weight", "weight_scale")  # what tensors() names, whatever the shape
     rows_independent = True  # a row's stored tensors depend on that row alone (every packed tensor is [out, ...])
+    # packing a slice of whole scale groups of columns gives that slice of the whole packing (no value spans groups)
+    columns_independent = True
 
     def tensors(self, out_features: int, in_features: int) -> TensorPlan:
         raise NotImplementedError
@@ -270,6 +272,10 @@ class RowwiseInt(Scheme):
     def __init__(self, name: str, bits: int, groups: int = 1, whole_rows: bool = False):
         self.name, self.bits, self.qmax, self.groups = name, bits, 2 ** (bits - 1) - 1, groups
         self.whole_rows = whole_rows  # stored as `groups` scales per row, all equal: one scale over the whole row
+
+    @property
+    def columns_independent(self) -> bool:
+        return not self.whole_rows  # one scale over the whole row, stored per group
 
     def rank_variant(self) -> RowwiseInt:
         """The same storage for a layer tensor parallelism splits by output rows (each rank holds whole rows, so

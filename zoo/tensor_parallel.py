@@ -415,7 +415,9 @@ def _load_packed(module: nn.Module, path: str, sub: nn.Module, style: str | None
                 t = read_slice(ckpt, f"{path}.{name}", sl.axis, sl.start, sl.stop, device, target)
                 tensors[name] = t.reshape(sl.shape)
     else:
-        tensors = _pack_rows_sliced(ckpt, float_key(path, sub), sub.scheme, slices, stack, device, target)
+        columns = (share * in_f // parts, (share + 1) * in_f // parts) if style == "rowwise" else None
+        tensors = _pack_rows_sliced(ckpt, float_key(path, sub), sub.scheme, scheme, slices, stack, columns, device,
+                                    target)
     kind = type(sub) if style is None else _PACKED_STYLES[style]
     local_out, local_in = _local_dims(out_f, in_f, style, parts)
     with torch.device("meta"):
@@ -448,15 +450,23 @@ def _local_dims(out_f: int, in_f: int, style: str | None, parts: int) -> tuple[i
     return (out_f, in_f // parts) if style == "rowwise" else (out_f // parts, in_f)
 
 
-def _pack_rows_sliced(ckpt, key: str, scheme, slices: dict[str, Slice], stack: int | None, device: torch.device,
-                      target: torch.dtype | None, chunk_bytes: int = 32 * 2**20) -> dict[str, torch.Tensor]:
-    """This rank's slices of the weight `key` packed as a whole: the float rows are read a block at a time (this
-    rank's rows under a row split, every row under a column split: a per-row scale needs the whole row), each
-    block packed, and only this rank's columns of it kept. The packed numbers are the whole model's."""
+def _pack_rows_sliced(ckpt, key: str, scheme, local_scheme, slices: dict[str, Slice], stack: int | None,
+                      columns: tuple[int, int] | None, device: torch.device, target: torch.dtype | None,
+                      chunk_bytes: int = 32 * 2**20) -> dict[str, torch.Tensor]:
+    """This rank's slices of the weight `key` packed as the whole model packs it.
+
+    Under a column split (`columns`: this rank's input columns) where every stored tensor lies along the columns
+    (scale groups: int4-group*, GLM's per-rank "-gN"), groups are packed independently: only this rank's columns
+    are read, and packed by the slice's scheme. Otherwise the float rows are read a block at a time (this rank's
+    rows under a row split; every row under a column split with one scale per whole row, which needs the whole
+    row's absmax), each block packed whole, and only this rank's columns of it kept."""
     if stack is not None or not scheme.rows_independent:  # a stack (replicated) or one scale per matrix: whole
         packed = scheme.pack_rows(read_slice(ckpt, key, None, 0, 0, device, target))
         return {name: packed[name] if stack is not None else _narrow(packed[name], sl).reshape(sl.shape)
                 for name, sl in slices.items()}
+    if columns is not None and scheme.columns_independent and all(sl.axis not in (None, 0) for sl in slices.values()):
+        packed = local_scheme.pack_rows(read_slice(ckpt, key, 1, *columns, device, target))
+        return {name: packed[name].reshape(sl.shape).contiguous() for name, sl in slices.items()}
     rows = next((sl for sl in slices.values() if sl.axis == 0), None)
     first, last = (rows.start, rows.stop) if rows else (0, ckpt.shape(key)[0])
     step = max(1, chunk_bytes // max(1, ckpt.shape(key)[1] * 4))
