@@ -8,7 +8,8 @@ and run: logits of fixed ids, greedy tokens, unseeded sampled tokens, a padded b
 NAMEs) also greedy tokens through the compiled decoding step.
 Then --rss DIR is loaded to measure this rank's peak RSS growth: peak RSS after loading it minus peak RSS
 before (after imports, process group and the tiny models, so one-time costs such as code pages are not
-counted as the model's). --corrupt DIR must fail to load on every rank.
+counted as the model's); with --rss-quantize SCHEME, again packed while loading (OUT/rss_quantized.rank{R}.json).
+--corrupt DIR must fail to load on every rank.
 Each rank writes OUT/NAME.rank{R}.json; rank 0 also writes OUT/NAME.logits.pt. A model with packed weights also
 writes OUT/NAME.rank{R}.packed.pt: the stored form of every packed tensor this rank holds.
 """
@@ -16,6 +17,7 @@ writes OUT/NAME.rank{R}.packed.pt: the stored form of every packed tensor this r
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -29,6 +31,12 @@ def peak_rss() -> int:
     """Peak RSS of this process: VmHWM (ru_maxrss would start at the parent's RSS, which exec carries over)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh at the current RSS (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def compiled_greedy(model, prompt: list[int]) -> dict:
@@ -81,6 +89,7 @@ def main() -> None:
     p.add_argument("models", nargs="*", help="NAME=DIR")
     p.add_argument("--rss", help="checkpoint to measure peak memory on")
     p.add_argument("--compiled", nargs="*", default=[], help="also decode these models through the compiled step")
+    p.add_argument("--rss-quantize", help="also measure --rss DIR loaded with this quantize scheme")
     p.add_argument("--corrupt", help="a checkpoint with a damaged shard: record the error each rank raises")
     a = p.parse_args()
     COMPILED.extend(a.compiled)
@@ -117,6 +126,20 @@ def main() -> None:
         stats = {"baseline": baseline, "loaded": loaded, "local_bytes": local}
         (out / f"rss.rank{rank}.json").write_text(json.dumps(stats))
         print(f"rank {rank}: {stats}", flush=True)
+        if a.rss_quantize:  # the same checkpoint packed while loading: the peak measured afresh
+            from zoo.architectures.quant import PACKED
+
+            del model
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # the float model's freed pages back to the system
+            reset_peak_rss()
+            baseline = peak_rss()
+            model = zoo.load(a.rss, tp=dist.get_world_size(), dtype=torch.float32, quantize=a.rss_quantize)
+            loaded = peak_rss()
+            local = sum(t.nbytes for m in model.module.modules() if isinstance(m, PACKED) for t in m.buffers())
+            stats = {"baseline": baseline, "loaded": loaded, "packed_bytes": local}
+            (out / f"rss_quantized.rank{rank}.json").write_text(json.dumps(stats))
+            print(f"rank {rank} ({a.rss_quantize}): {stats}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
