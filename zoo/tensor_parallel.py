@@ -12,9 +12,12 @@ nn.Linear, so DTensor's styles do not apply to them: each planned packed module 
 packed module (quant.split_packed says which slice of every stored tensor, scales included, is the rank's), with
 the communication the style implies done by hand, as the styles do it: colwise keeps its output columns local,
 rowwise all-reduces partial sums (then adds the bias once), vocab masks the ids it does not own and all-reduces,
-colwise_rep (and a packed tied head) all-gathers the logit slices. Quantising while loading packs whole rows (a
-block of rows at a time) and keeps this rank's slice of the packed rows: the codes and scales are those of the
-whole model, so TP=N computes what TP=1 computes (a rowwise layer's per-row scale needs the whole row's absmax).
+colwise_rep (and a packed tied head) all-gathers the logit slices. Quantising while loading gives the codes and
+scales of the whole model, so TP=N computes what TP=1 computes: a rank packs its own rows (column-parallel), or
+its own columns where the scheme's scales are per group of columns (int4-group*, GLM's per-rank "-gN"); a
+row-parallel layer with one scale per whole row (int8) needs the whole row's absmax, so there the rank reads every
+row, a block at a time, packs it and keeps its columns. A tp that would cut a scale group or a nibble pair is
+refused, naming the layer, before any weight is read (check_packed_split).
 
 torch.distributed.tensor costs about half a second to import: it is imported here, when tp is asked for.
 """
