@@ -31,6 +31,7 @@ torchao's int4 weight-only arithmetic) and "ternary" (MatMul-free LM; its BitLin
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from typing import NamedTuple
 
@@ -61,6 +62,8 @@ class Scheme:
     name = ""
     names: tuple[str, ...] = ("weight", "weight_scale")  # what tensors() names, whatever the shape
     rows_independent = True  # a row's stored tensors depend on that row alone (every packed tensor is [out, ...])
+    # packing a slice of whole scale groups of columns gives that slice of the whole packing (no value spans groups)
+    columns_independent = True
 
     def tensors(self, out_features: int, in_features: int) -> TensorPlan:
         raise NotImplementedError
@@ -115,6 +118,11 @@ class Scheme:
     def embedding_scheme(self) -> Scheme | None:
         """The scheme for an embedding table that is also the output head (PackedEmbedding), or None to keep it
         float. A table is read by rows (lookups) and whole (the head) from one stored copy."""
+        return self
+
+    def for_columns(self, parts: int) -> Scheme:
+        """The scheme of one of `parts` equal column slices of a weight packed by this one (tensor parallelism's
+        rowwise split): the same, except where the scheme counts its scale groups per row."""
         return self
 
 
@@ -265,10 +273,23 @@ class RowwiseInt(Scheme):
         self.name, self.bits, self.qmax, self.groups = name, bits, 2 ** (bits - 1) - 1, groups
         self.whole_rows = whole_rows  # stored as `groups` scales per row, all equal: one scale over the whole row
 
+    @property
+    def columns_independent(self) -> bool:
+        return not self.whole_rows  # one scale over the whole row, stored per group
+
     def rank_variant(self) -> RowwiseInt:
         """The same storage for a layer tensor parallelism splits by output rows (each rank holds whole rows, so
         one scale per row, repeated over the groups): what GLM-130B's convert_tp.py writes for those layers."""
         return type(self)(self.name, self.bits, self.groups, whole_rows=True)
+
+    def for_columns(self, parts: int) -> RowwiseInt:
+        if self.groups == 1:  # one scale per whole row: every column slice keeps it
+            return self
+        if self.groups % parts:
+            raise ValueError(f"{self.name}: {self.groups} scale groups per row do not split into {parts} column slices")
+        groups = self.groups // parts
+        base = self.name.rsplit("-g", 1)[0] if self.groups > 1 else self.name
+        return type(self)(base if groups == 1 else f"{base}-g{groups}", self.bits, groups, self.whole_rows)
 
     def tensors(self, out_features: int, in_features: int) -> TensorPlan:
         if in_features % self.groups:
@@ -627,6 +648,61 @@ class PackedStack(nn.Module):
 PACKED = (PackedLinear, PackedEmbedding, PackedStack)  # the modules whose weight is stored packed
 
 
+# -- splitting a packed weight (tensor parallelism) ---------------------------------------------------------------
+
+
+class Slice(NamedTuple):
+    """Where one rank's part of a stored tensor lies: [start, stop) along `axis`, or the whole tensor (axis None:
+    a value every part shares, such as a per-row scale under a column split); `shape`: the part's shape as the
+    rank's own packed module stores it."""
+
+    axis: int | None
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+
+
+def split_packed(scheme: str | Scheme, out_features: int, in_features: int, by: str, parts: int,
+                 rank: int) -> tuple[Scheme, dict[str, Slice]]:
+    """The scheme and the stored-tensor slices of rank `rank`'s part of a packed [out, in] weight split into
+    `parts` equal parts by output rows (by="rows": column-parallel layers, vocabulary splits) or by input columns
+    (by="columns": row-parallel layers), read from `Stored`'s description of each tensor.
+
+    A column split must not cut what one stored element stands for: a nibble pair, a scale group (int4-group128,
+    GLM's per-rank scale groups "-gN"); that is refused with a ValueError naming the tensor, before any weight is
+    read. A tensor that does not lie along the split axis (a per-row scale under a column split, a per-matrix
+    scale) is whole on every rank: it holds for every part."""
+    scheme = get_scheme(scheme)
+    whole = scheme.tensors(out_features, in_features)
+    size = out_features if by == "rows" else in_features
+    if by not in ("rows", "columns") or size % parts:
+        raise ValueError(f"{scheme.name}: {size} {by} do not split into {parts} equal parts")
+    local_scheme = scheme if by == "rows" else scheme.for_columns(parts)
+    local_out, local_in = (out_features // parts, in_features) if by == "rows" else (out_features, in_features // parts)
+    local = local_scheme.tensors(local_out, local_in)
+    slices: dict[str, Slice] = {}
+    for name, st in whole.items():
+        if by == "rows" and st.by_row:
+            n = st.shape[0] // parts
+            axis, length = 0, n
+        elif by == "columns" and st.columns:
+            if local_in % st.columns:
+                raise ValueError(f"{scheme.name}: splitting {in_features} input columns into {parts} parts of "
+                                 f"{local_in} would cut tensor {name!r}, whose elements stand for {st.columns} "
+                                 "columns each (a nibble pair or a scale group)")
+            axis, length = len(st.shape) - 1, local_in // st.columns
+        else:
+            axis, length = None, 0
+        start = rank * length
+        shape = local[name].shape
+        want = (math.prod(st.shape) // st.shape[axis] * length) if axis is not None else math.prod(st.shape)
+        if math.prod(shape) != want:
+            raise ValueError(f"{scheme.name}: tensor {name!r} of a [{out_features}, {in_features}] weight does not "
+                             f"split into {parts} parts by {by}")
+        slices[name] = Slice(axis, start, start + length, tuple(shape))
+    return local_scheme, slices
+
+
 def stack_linear(x: torch.Tensor, stack: torch.Tensor | PackedStack, index: int) -> torch.Tensor:
     """x @ stack[index]^T for a stacked weight, float (an nn.Parameter [n, out, in]) or packed (PackedStack)."""
     return stack.linear(x, index) if isinstance(stack, PackedStack) else x @ stack[index].T
@@ -717,16 +793,23 @@ def pack_linears(module: nn.Module, scheme: str | Scheme, paths: list[str],
                 raise ValueError(f"quantization record names {path}, a parameter of shape {tuple(old.shape)}, not "
                                  "a stack of weight matrices [n, out, in]")
             with torch.device(old.device):
-                new = PackedStack(*old.shape, scheme, old.dtype)
+                try:
+                    new = PackedStack(*old.shape, scheme, old.dtype)
+                except ValueError as e:
+                    raise ValueError(f"{scheme.name!r} cannot pack {path} (stack {list(old.shape)}): {e}") from None
             delattr(parent, attr)
             setattr(parent, attr, new)
             continue
         with torch.device(old.weight.device):
-            if isinstance(old, nn.Linear):
-                new = PackedLinear(old.in_features, old.out_features, old.bias is not None, chosen, old.weight.dtype)
-            elif isinstance(old, nn.Embedding) and chosen.embedding_scheme() is not None:
-                new = PackedEmbedding(old.num_embeddings, old.embedding_dim, chosen.embedding_scheme(),
-                                      old.weight.dtype)
+            if isinstance(old, nn.Linear | nn.Embedding) and (isinstance(old, nn.Linear) or chosen.embedding_scheme()):
+                shape = tuple(old.weight.shape)
+                try:  # a scheme that cannot pack this shape is refused naming the layer (before any weight is read)
+                    new = (PackedLinear(old.in_features, old.out_features, old.bias is not None, chosen,
+                                        old.weight.dtype) if isinstance(old, nn.Linear) else
+                           PackedEmbedding(old.num_embeddings, old.embedding_dim, chosen.embedding_scheme(),
+                                           old.weight.dtype))
+                except ValueError as e:
+                    raise ValueError(f"{scheme.name!r} cannot pack {path} (weight {list(shape)}): {e}") from None
             else:
                 raise ValueError(f"quantization record names {path}, which is a {type(old).__name__}, not a "
                                  "linear layer (or a tied output embedding)")

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 
-def run_model(name: str, directory: str, out: Path, rank: int, tp: int) -> None:
+def run_model(name: str, directory: str, out: Path, rank: int, tp: int, quantize: str | None = None) -> None:
     from zoo.weights.reader import Checkpoint
 
     import zoo
@@ -36,7 +36,8 @@ def run_model(name: str, directory: str, out: Path, rank: int, tp: int) -> None:
 
     Checkpoint.get, Checkpoint.get_slice = recording_get, recording_get_slice
     try:
-        model = zoo.load(directory, pp=int(os.environ["WORLD_SIZE"]) // tp, tp=tp, dtype=torch.float32)
+        model = zoo.load(directory, pp=int(os.environ["WORLD_SIZE"]) // tp, tp=tp, dtype=torch.float32,
+                          quantize=quantize)
     finally:
         Checkpoint.get, Checkpoint.get_slice = get, get_slice
     ids = torch.randint(0, 200, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -66,8 +67,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     for spec in a.models:
-        name, _, directory = spec.partition("=")
-        run_model(name, directory, out, int(os.environ["RANK"]), a.tp)
+        name, _, path = spec.partition("=")
+        directory, _, quantize = path.partition("@")  # NAME=DIR@SCHEME: quantised with SCHEME while loading
+        run_model(name, directory, out, int(os.environ["RANK"]), a.tp, quantize or None)
     if dist.is_initialized():
         dist.destroy_process_group()
 

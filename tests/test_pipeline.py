@@ -35,7 +35,11 @@ def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("pp")
     write_random_native(base / "qwen2", "qwen2", QWEN2)
     helpers.tiny_glm(base / "glm-sat")
-    return {"qwen2": base / "qwen2", "glm": zoo.convert(base / "glm-sat", base / "glm", progress=False)}
+    glm = zoo.convert(base / "glm-sat", base / "glm", progress=False)
+    return {"qwen2": base / "qwen2", "glm": glm, "glm-int4": glm}
+
+
+QUANTIZE = {"glm-int4": "int4-row"}  # packed while loading, by each stage (and tp rank) for its own blocks
 
 
 @pytest.fixture(scope="module", params=[(1, 2), (2, 2)], ids=["pp2", "tp2xpp2"])
@@ -46,7 +50,8 @@ def pp_job(request, models, tmp_path_factory):
     for var in TORCHRUN_ENV:
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
-           str(ROOT / "tests" / "pp_worker.py"), "--tp", str(tp), str(out), *(f"{n}={d}" for n, d in models.items())]
+           str(ROOT / "tests" / "pp_worker.py"), "--tp", str(tp), str(out),
+           *(f"{n}={d}" + (f"@{QUANTIZE[n]}" if n in QUANTIZE else "") for n, d in models.items())]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {"out": out, "models": models, "tp": tp, "pp": pp}
@@ -57,10 +62,10 @@ def _ranks(pp_job, name: str) -> list[dict]:
             for r in range(pp_job["tp"] * pp_job["pp"])]
 
 
-@pytest.mark.parametrize("name", ["qwen2", "glm"])
+@pytest.mark.parametrize("name", ["qwen2", "glm", "glm-int4"])
 def test_pp2_logits_and_greedy_tokens_equal_pp1_on_every_rank(pp_job, name):
     ranks = _ranks(pp_job, name)
-    whole = zoo.load(pp_job["models"][name], dtype=torch.float32)
+    whole = zoo.load(pp_job["models"][name], dtype=torch.float32, quantize=QUANTIZE.get(name))
     ids = torch.randint(0, 200, (2, 20), generator=torch.Generator().manual_seed(1))  # the worker's ids
     with torch.no_grad():
         expected = whole(ids)
@@ -68,7 +73,7 @@ def test_pp2_logits_and_greedy_tokens_equal_pp1_on_every_rank(pp_job, name):
         logits = torch.load(pp_job["out"] / f"{name}.rank{r}.logits.pt")
         assert max_abs_diff(logits, expected) < 1e-4
     prompt = ids[0, :8].tolist()
-    if name == "glm":
+    if name.startswith("glm"):
         prompt += [whole.config.gmask_token_id, whole.config.sop_token_id]
     greedy = whole.generate(prompt, max_new_tokens=16, temperature=0.0)
     assert len(set(greedy)) > 3
@@ -78,7 +83,7 @@ def test_pp2_logits_and_greedy_tokens_equal_pp1_on_every_rank(pp_job, name):
         assert result["sampled"] == ranks[0]["sampled"]  # one random stream: every rank picks the same tokens
 
 
-@pytest.mark.parametrize("name,n_layers", [("qwen2", 4), ("glm", 2)])
+@pytest.mark.parametrize("name,n_layers", [("qwen2", 4), ("glm", 2), ("glm-int4", 2)])
 def test_each_stage_reads_only_its_own_blocks(pp_job, name, n_layers):
     ranks = _ranks(pp_job, name)
     per = n_layers // pp_job["pp"]
@@ -132,10 +137,9 @@ def test_pp_different_from_world_size_is_refused(weightless, monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-@pytest.mark.parametrize("kw", [dict(quantize="int8"), dict(device_map="auto")])
-def test_pp_with_a_device_map_or_quantize_is_refused_by_name(weightless, kw):
-    with pytest.raises(ValueError, match=r"pp=2 with device_map or quantize is not supported yet"):
-        zoo.load(weightless, pp=2, **kw)
+def test_pp_with_a_device_map_is_refused_by_name(weightless):
+    with pytest.raises(ValueError, match=r"pp=2 with device_map: pipeline stages and a device map are two ways"):
+        zoo.load(weightless, pp=2, device_map="auto")
 
 
 def test_pp_with_a_tp_not_dividing_the_heads_is_refused_before_any_process_is_asked(weightless):

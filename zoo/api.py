@@ -42,6 +42,8 @@ def load(
     pp: pipeline stages inside a torchrun job (zoo.pipeline): consecutive blocks per process.
     quantize: "int8" | "int4" (or a scheme name of zoo.architectures.quant): weight-only quantisation of every
         linear layer while loading, one layer at a time; a checkpoint stored quantized loads packed by itself.
+        Packed weights go with tp (each rank packs or reads its own slices), device_map (a "disk" block streams
+        packed) and pp (each stage its own blocks).
     compile: language models: decode each new token through one torch.compile'd step (zoo.generation); None takes
         the default (see zoo.generation.compile_wanted; ZOO_COMPILE=0 turns it off).
     onednn: "dense" | "pack" | "off": the vision models' linear layers on CPU through oneDNN on their own weights,
@@ -70,27 +72,28 @@ def load(
                              f"{name_or_path!r}")
         validate_revision(revision)
     if pp is not None and pp > 1:
-        if device_map is not None or quantize is not None:
-            raise ValueError(f"pp={pp} with device_map or quantize is not supported yet; pass pp (and tp) alone")
+        if device_map is not None:
+            raise ValueError(f"pp={pp} with device_map: pipeline stages and a device map are two ways to place blocks; "
+                             "pass one of them")
         from zoo.pipeline import load_pipeline
 
-        model = load_pipeline(name_or_path, pp=pp, tp=tp or 1, dtype=dtype, revision=revision, verify=verify)
+        model = load_pipeline(name_or_path, pp=pp, tp=tp or 1, dtype=dtype, revision=revision, verify=verify,
+                              quantize=quantize)
         return _compile_option(model, False if compile is None else compile)
     if tp is not None and tp > 1 and device_map is not None:
         raise ValueError("tp and device_map are two ways to split a model; pass one of them")
-    if quantize is not None and ((tp is not None and tp > 1) or device_map is not None):
-        raise ValueError(f"quantize={quantize!r} with tp or device_map is not supported yet; quantize on one device")
     if tp is not None and tp > 1:
         from zoo.tensor_parallel import load_tensor_parallel
 
-        model = load_tensor_parallel(name_or_path, tp=tp, dtype=dtype, revision=revision, verify=verify)
+        model = load_tensor_parallel(name_or_path, tp=tp, dtype=dtype, revision=revision, verify=verify,
+                                     quantize=quantize)
         # (DTensor compiles on CPU, measured: BENCHMARKS.md)
         return _onednn_option(_compile_option(model, compile), onednn)
     if device_map is not None:
         from zoo.device_map import load_with_device_map
 
         model = load_with_device_map(name_or_path, device_map=device_map, max_memory=max_memory, dtype=dtype,
-                                     revision=revision, verify=verify)
+                                     revision=revision, verify=verify, quantize=quantize)
         # plain path unless asked: parts move between devices by hooks, streamed ones swap their weights per call
         return _onednn_option(_compile_option(model, False if compile is None else compile), onednn)
     directory = resolve(name_or_path, revision)

@@ -4,26 +4,38 @@
 
 Whole blocks fill the listed devices in order, the rest go to "disk": those stay memory-mapped from the
 safetensors files and are copied to the compute device just before they run, then dropped.
+
+Packed weights (a checkpoint stored by `zoo convert --quantize`, or quantize=...) are placed and streamed packed:
+the planner counts their packed bytes, and a block on "disk" streams its packed tensors. Quantising while loading,
+a disk block's weights are packed once, a block at a time, into a spill file under $ZOO_HOME/spill that is
+memory-mapped back (and unlinked at once: the mapping keeps it until the model goes), so they stay off memory
+packed, as a stored-packed checkpoint's do. A streamed packed layer keeps its stored form (no kernel
+rearrangement: it would be redone on every pass).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 
 import torch
 import torch.nn as nn
 
+from zoo.architectures.quant import PACKED, PackedLinear, float_key
 from zoo.family import init_derived_buffers
 from zoo.loading import (
     DistributedConfigError,
     build_model,
     check_keys,
+    expected_dtypes,
+    expected_shapes,
     materialize,
     open_checkpoint,
     resolve,
     set_param,
 )
+from zoo.settings import zoo_home
 from zoo.tasks import get_task
 from zoo.weights.format import parse_dtype, read_config
 
@@ -143,7 +155,7 @@ def model_parts(module: nn.Module) -> tuple[list[str], list[str]]:
     for name, child in module.named_children():
         if isinstance(child, nn.ModuleList):
             blocks += [f"{name}.{i}" for i in range(len(child))]
-        elif any(True for _ in child.parameters()):
+        elif _weights(child):
             head.append(name)
     if any(True for _ in module.parameters(recurse=False)):
         raise DistributedConfigError(f"{type(module).__name__} has parameters outside its submodules; "
@@ -151,8 +163,49 @@ def model_parts(module: nn.Module) -> tuple[list[str], list[str]]:
     return head, blocks
 
 
+def _weights(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A part's weights by state-dict name: its parameters and the stored tensors of its packed modules."""
+    out = {f"{prefix}{n}": p for n, p in module.named_parameters()}
+    for path, sub in module.named_modules():
+        if isinstance(sub, PACKED):
+            out.update({f"{prefix}{path}.{n}" if path else f"{prefix}{n}": getattr(sub, n) for n in sub.stored})
+    return out
+
+
 def _bytes(module: nn.Module, dtype: torch.dtype) -> int:
-    return sum(p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size()) for p in module.parameters())
+    return sum(p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())
+               for p in _weights(module).values())
+
+
+def _set_tensor(module: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Put `t` in as parameter or (a packed module's stored tensor) buffer `name`."""
+    owner, _, attr = name.rpartition(".")
+    parent = module.get_submodule(owner) if owner else module
+    if attr in parent._parameters:
+        set_param(module, name, t)
+    else:
+        parent.register_buffer(attr, t)
+
+
+def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr)
+
+
+def _spill(module: nn.Module, names: list[str]) -> None:
+    """Move the tensors `names` (packed here while loading) to a file and map them back from it (see the module
+    docstring): a disk block stays off memory packed."""
+    folder = zoo_home() / "spill"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(suffix=".pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.save({n: module.get_buffer(n) for n in names}, path)
+        mapped = torch.load(path, mmap=True, weights_only=True)
+    finally:
+        os.unlink(path)  # the mapping holds the data until the tensors go
+    for n, t in mapped.items():
+        _set_tensor(module, n, t)
 
 
 def _explicit_map(device_map: dict[str, str], head: list[str], blocks: list[str]) -> tuple[str, dict[str, str]]:
@@ -200,15 +253,15 @@ class _Streamed:
         self.module, self.names, self.device, self.dtype = module, names, device, dtype
 
     def before(self, mod, args, kwargs):
-        self.mapped = {n: self.module.get_parameter(n) for n in self.names}
+        self.mapped = {n: _get_tensor(self.module, n) for n in self.names}
         for n, p in self.mapped.items():
             dtype = self.dtype if self.dtype is not None and p.dtype.is_floating_point else p.dtype
-            set_param(self.module, n, p.detach().to(self.device, dtype))
+            _set_tensor(self.module, n, p.detach().to(self.device, dtype))
         return _move(args, self.device), _move(kwargs, self.device)
 
     def after(self, mod, args, output):
         for n, p in self.mapped.items():
-            set_param(self.module, n, p)
+            _set_tensor(self.module, n, p)
         self.mapped = {}
 
 
@@ -219,6 +272,7 @@ def load_with_device_map(
     dtype: str | torch.dtype | None = None,
     revision: str | None = None,
     verify: bool = True,
+    quantize: str | None = None,
 ):
     """Load with blocks placed on devices: "auto" plans from max_memory, a dict {part or prefix: device} is
     taken as given ("disk" streams a part from the file). Each part runs on its device; its inputs are moved
@@ -233,7 +287,7 @@ def load_with_device_map(
     target = parse_dtype(dtype)
     directory = resolve(name_or_path, revision)
     native = read_config(directory)
-    family, module = build_model(native, where=str(directory / "config.json"))
+    family, module = build_model(native, quantize, where=str(directory / "config.json"))
     head, blocks = model_parts(module)
     compute = target or parse_dtype(native.dtype) or torch.float32  # what a placed part will weigh
 
@@ -248,29 +302,39 @@ def load_with_device_map(
         main = next((d for d in used if d != "cpu"), "cpu")
 
     ckpt = open_checkpoint(directory, verify)
-    state = module.state_dict()
-    check_keys({k: tuple(v.shape) for k, v in state.items()}, ckpt, str(directory),
-               {k: v.dtype for k, v in state.items()})
+    shapes = expected_shapes(module, native)  # float weights where packing happens here
+    check_keys(shapes, ckpt, str(directory), expected_dtypes(module, native))
     placement = {**{h: head_dev for h in head}, **block_devs}
-    keys_on: dict[str, list[str]] = {}
-    for part, dev in placement.items():
-        keys_on.setdefault(dev, []).extend(f"{part}.{k}" for k in module.get_submodule(part).state_dict())
+    packing = {} if native.quantization else {  # float weight key -> packed module path, packed while loading
+        float_key(path, sub): path for path, sub in module.named_modules() if isinstance(sub, PACKED)}
+    keys_of = {part: [k for k in shapes if k.startswith(part + ".")] for part in placement}
     # Streamed parts keep the mapped file views (no copy, no memory beyond the page cache) until they run.
-    for dev, keys in keys_on.items():
-        materialize(module, ckpt, None if dev == "disk" else target, "cpu" if dev == "disk" else dev,
-                    str(directory), keys=keys, native=native)
+    for part, dev in placement.items():
+        if dev != "disk":
+            materialize(module, ckpt, target, dev, str(directory), keys=keys_of[part], native=native)
+            continue
+        floating = [k for k in keys_of[part] if k not in packing]
+        materialize(module, ckpt, None, "cpu", str(directory), keys=floating, native=native)
+        packed = [k for k in keys_of[part] if k in packing]
+        if packed:  # packed here (in the compute dtype, as on a device), then off to a mapped spill file
+            materialize(module, ckpt, target, "cpu", str(directory), keys=packed, native=native)
+            _spill(module, [f"{packing[k]}.{n}" for k in packed for n in module.get_submodule(packing[k]).stored])
+    for path, sub in module.named_modules():  # a streamed packed layer runs its stored form (module docstring)
+        if isinstance(sub, PackedLinear) and placement[_part_of(path, placement)] == "disk":
+            sub.kernel = ()
 
     caller = _ReturnToCaller()  # registered first: sees the caller's input before any hook moves it
     module.register_forward_pre_hook(caller.before, with_kwargs=True)
     module.register_forward_hook(caller.after)
     if head_dev == "disk":  # the head's weights are used around the blocks (a tied output head): whole pass
-        s = _Streamed(module, [k for k in keys_on["disk"] if k.split(".")[0] in head], main, target)
+        names = [n for h in head for n in _weights(module.get_submodule(h), f"{h}.")]
+        s = _Streamed(module, names, main, target)
         module.register_forward_pre_hook(s.before, with_kwargs=True)
         module.register_forward_hook(s.after)
     for part, dev in placement.items():
         sub = module.get_submodule(part)
         if dev == "disk" and part in block_devs:
-            s = _Streamed(module, [f"{part}.{n}" for n, _ in sub.named_parameters()], main, target)
+            s = _Streamed(module, list(_weights(sub, f"{part}.")), main, target)
             sub.register_forward_pre_hook(s.before, with_kwargs=True)
             sub.register_forward_hook(s.after)
         else:
@@ -282,6 +346,10 @@ def load_with_device_map(
     model = get_task(family.task)(module, native, family, directory)
     model.device_map = placement
     return model
+
+
+def _part_of(path: str, placement: dict[str, str]) -> str:
+    return next(p for p in placement if path == p or path.startswith(p + "."))
 
 
 class _ReturnToCaller:

@@ -127,6 +127,17 @@ def expected_shapes(module: nn.Module, native: NativeConfig) -> dict[str, tuple[
     return shapes
 
 
+def expected_dtypes(module: nn.Module, native: NativeConfig) -> dict[str, torch.dtype]:
+    """What kind of tensor (floating or integer) each checkpoint key of expected_shapes must be: a weight packed
+    while loading is read as a float weight."""
+    shapes = expected_shapes(module, native)
+    dtypes = {k: v.dtype for k, v in module.state_dict().items() if k in shapes}
+    if not native.quantization:
+        dtypes.update({float_key(path, sub): torch.float32 for path, sub in module.named_modules()
+                       if isinstance(sub, PACKED)})
+    return {k: dtypes.get(k, torch.float32) for k in shapes}
+
+
 def materialize(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None, device: str | torch.device,
                 what: str, keys: list[str] | None = None, native: NativeConfig | None = None) -> None:
     """Assign checkpoint tensors to a module built on the meta device (no init, no second copy).
@@ -141,9 +152,7 @@ def materialize(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None, 
     packing = {} if native.quantization else {  # float weight key -> (path, packed module)
         float_key(path, sub): (path, sub) for path, sub in module.named_modules() if isinstance(sub, PACKED)}
     if keys is None:
-        dtypes = {k: v.dtype for k, v in module.state_dict().items() if k in shapes}
-        dtypes.update({k: torch.float32 for k in packing})  # packed here from a float weight
-        check_keys(shapes, ckpt, what, {k: dtypes.get(k, torch.float32) for k in shapes})
+        check_keys(shapes, ckpt, what, expected_dtypes(module, native))
     wanted = list(shapes) if keys is None else keys
 
     def cast(t: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from zoo.loading import (
     DistributedConfigError,
     build_model,
     check_keys,
+    expected_dtypes,
     expected_shapes,
     materialize,
     open_checkpoint,
@@ -150,6 +151,7 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     revision: str | None = None,
     verify: bool = True,
+    quantize: str | None = None,
 ):
     """Load this rank's pipeline stage of a model split over `pp` stages (see the module docstring), each stage
     split over `tp` tensor-parallel ranks (zoo.tensor_parallel): world size tp x pp, ranks [s*tp, (s+1)*tp)
@@ -166,7 +168,7 @@ def load_pipeline(
     local = Path(str(name_or_path)).expanduser()
     if local.is_dir():  # a pp (or tp) the model cannot take is refused before any process is asked
         native = read_config(local)
-        family, meta = build_model(native, where=str(local / "config.json"))
+        family, meta = build_model(native, quantize, where=str(local / "config.json"))
         check_pipeline(_blocks(meta, str(local)), pp, str(local))
         if tp > 1:
             if not family.tp_plan:
@@ -176,7 +178,7 @@ def load_pipeline(
     rank = _torchrun_world(pp, tp)
     directory = _resolve_in_turn(name_or_path, revision)
     native = read_config(directory)
-    family, module = build_model(native, where=str(directory / "config.json"))
+    family, module = build_model(native, quantize, where=str(directory / "config.json"))
     blocks = _blocks(module, str(directory))
     check_pipeline(blocks, pp, str(directory))
     if tp > 1:
@@ -186,8 +188,7 @@ def load_pipeline(
     ckpt = open_checkpoint(directory, verify=False)
     if verify:  # the ranks share the hashing: file i is checked by rank i % world, and all hear of any failure
         _verify_shared(ckpt, rank, pp * tp)
-    state = module.state_dict()
-    check_keys(expected_shapes(module, native), ckpt, str(directory), {k: v.dtype for k, v in state.items()})
+    check_keys(expected_shapes(module, native), ckpt, str(directory), expected_dtypes(module, native))
     index, tp_rank = divmod(rank, tp)
     group, mesh = None, None
     if tp > 1:

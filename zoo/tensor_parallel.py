@@ -7,6 +7,18 @@ Inside `torchrun --nproc-per-node N`:  zoo.load(name, tp=N)
     q/k/v and gate/up are split by output columns (whole heads), o_proj and down_proj by input rows, so
     each block needs one all-reduce after attention and one after the MLP. gloo on CPU, nccl on GPU.
 
+Packed weights (a checkpoint stored by `zoo convert --quantize`, or zoo.load(..., tp=N, quantize=...)) are not
+nn.Linear, so DTensor's styles do not apply to them: each planned packed module is replaced by its rank's own
+packed module (quant.split_packed says which slice of every stored tensor, scales included, is the rank's), with
+the communication the style implies done by hand, as the styles do it: colwise keeps its output columns local,
+rowwise all-reduces partial sums (then adds the bias once), vocab masks the ids it does not own and all-reduces,
+colwise_rep (and a packed tied head) all-gathers the logit slices. Quantising while loading gives the codes and
+scales of the whole model, so TP=N computes what TP=1 computes: a rank packs its own rows (column-parallel), or
+its own columns where the scheme's scales are per group of columns (int4-group*, GLM's per-rank "-gN"); a
+row-parallel layer with one scale per whole row (int8) needs the whole row's absmax, so there the rank reads every
+row, a block at a time, packs it and keeps its columns. A tp that would cut a scale group or a nibble pair is
+refused, naming the layer, before any weight is read (check_packed_split).
+
 torch.distributed.tensor costs about half a second to import: it is imported here, when tp is asked for.
 """
 
@@ -21,8 +33,26 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from zoo.architectures.quant import (
+    PACKED,
+    PackedEmbedding,
+    PackedLinear,
+    PackedStack,
+    Slice,
+    float_key,
+    split_packed,
+)
 from zoo.family import get_family, init_derived_buffers
-from zoo.loading import DistributedConfigError, build_model, check_keys, open_checkpoint, resolve, set_param
+from zoo.loading import (
+    DistributedConfigError,
+    build_model,
+    check_keys,
+    expected_dtypes,
+    expected_shapes,
+    open_checkpoint,
+    resolve,
+    set_param,
+)
 from zoo.tasks import get_task
 from zoo.weights.format import CheckpointError, parse_dtype, read_config
 
@@ -72,12 +102,34 @@ def resolve_plan(module: nn.Module, plan: dict[str, str]) -> dict[str, str]:
 
 def _sharded_size(sub: nn.Module, style: str, path: str) -> int:
     if style == "vocab":
-        if not isinstance(sub, nn.Embedding):
+        if not isinstance(sub, nn.Embedding | PackedEmbedding):
             raise DistributedConfigError(f"tp plan: {path} is {type(sub).__name__}; 'vocab' applies to nn.Embedding")
         return sub.num_embeddings
-    if not isinstance(sub, nn.Linear):
+    if not isinstance(sub, nn.Linear | PackedLinear):
         raise DistributedConfigError(f"tp plan: {path} is {type(sub).__name__}; {style!r} applies to nn.Linear")
     return sub.in_features if style == "rowwise" else sub.out_features
+
+
+def _split_by(style: str) -> str:
+    return "columns" if style == "rowwise" else "rows"
+
+
+def check_packed_split(module: nn.Module, plan: dict[str, str], tp: int) -> None:
+    """Refuse a tp that would cut a packed weight's stored elements (a nibble pair, a scale group: GLM-130B's
+    published per-rank scales split only into whole ranks), naming the layer, before any weight is read."""
+    planned = resolve_plan(module, plan)
+    for path, sub in module.named_modules():
+        if isinstance(sub, PackedStack) and path in planned:
+            raise DistributedConfigError(f"tp plan: {path} is a stacked weight (PackedStack); tensor parallelism "
+                                         "splits linear layers and embeddings, so a plan must leave stacks whole")
+        if path not in planned or not isinstance(sub, PackedLinear | PackedEmbedding):
+            continue
+        out_f, in_f = sub.weight_shape
+        try:
+            split_packed(sub.scheme, out_f, in_f, _split_by(planned[path]), tp, 0)
+        except ValueError as e:
+            raise DistributedConfigError(f"tp={tp} cannot split the packed weight of {path} "
+                                         f"({planned[path]}): {e}") from None
 
 
 def check_tensor_parallel(module: nn.Module, plan: dict[str, str], tp: int) -> None:
@@ -111,6 +163,7 @@ def check_tensor_parallel(module: nn.Module, plan: dict[str, str], tp: int) -> N
             what = f"dimension {size} of {path}"
         raise DistributedConfigError(f"tp={tp} does not divide the {what}; each rank needs an equal whole share. "
                                      f"Degrees that work for this model: {ok}")
+    check_packed_split(module, plan, tp)
 
 
 def _torchrun_world(tp: int) -> tuple[int, int]:
@@ -207,11 +260,13 @@ def load_tensor_parallel(
     revision: str | None = None,
     verify: bool = True,
     plan: dict[str, str] | None = None,
+    quantize: str | None = None,
 ):
     """Load this rank's shard of a model split over `tp` torchrun processes (see the module docstring).
 
     Every rank reads only its slices: peak memory per rank is about model size / tp plus the replicated
-    norms. `plan` overrides the family's tp_plan (benchmarks compare plans with it).
+    norms. `plan` overrides the family's tp_plan (benchmarks compare plans with it). `quantize` packs the
+    weights while loading (each rank its own slices); a checkpoint stored packed loads packed by itself.
     """
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -224,16 +279,11 @@ def load_tensor_parallel(
     rank, _ = _torchrun_world(tp)
     directory = _resolve_in_turn(name_or_path, revision)
     native = read_config(directory)
-    if native.quantization:
-        raise DistributedConfigError(f"{directory} is stored quantized ({native.quantization.get('scheme')}); "
-                                     "tensor parallelism splits float weights: convert it without --quantize")
-    family, module = build_model(native, where=str(directory / "config.json"))
+    family, module = build_model(native, quantize, where=str(directory / "config.json"))
     plan = family.tp_plan if plan is None else plan
     check_tensor_parallel(module, plan, tp)
     ckpt = open_checkpoint(directory, verify=False)  # the ranks share the hashing below
-    state = module.state_dict()
-    check_keys({k: tuple(v.shape) for k, v in state.items()}, ckpt, str(directory),
-               {k: v.dtype for k, v in state.items()})
+    check_keys(expected_shapes(module, native), ckpt, str(directory), expected_dtypes(module, native))
 
     device = _init_process_group()
     if verify:  # the ranks share the hashing: file i is checked by rank i % tp, and all hear of any failure
@@ -252,14 +302,23 @@ def load_tensor_parallel(
 def shard_and_load(module: nn.Module, plan: dict[str, str], mesh, ckpt, rank: int, device: torch.device,
                    target: torch.dtype | None) -> None:
     """Apply `plan` on the meta-device `module` over the 1-D `mesh` and read this tp `rank`'s slice of every
-    parameter it holds (whole tensors for the replicated ones and for persistent buffers)."""
+    parameter it holds (whole tensors for the replicated ones and for persistent buffers). Packed modules are
+    replaced by this rank's packed slice (see the module docstring)."""
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.parallel import parallelize_module
 
+    planned = resolve_plan(module, plan)
+    packed = {path: sub for path, sub in module.named_modules() if isinstance(sub, PACKED)}
     # On meta, src_data_rank=None makes each rank cut its own (empty) shard: no communication, no data.
-    styles = {path: _style(style) for path, style in resolve_plan(module, plan).items()}
-    parallelize_module(module, mesh, styles, src_data_rank=None)
+    styles = {path: _style(style) for path, style in planned.items() if path not in packed}
+    if styles:
+        parallelize_module(module, mesh, styles, src_data_rank=None)
+    for path, sub in packed.items():
+        _load_packed(module, path, sub, planned.get(path), ckpt, rank, mesh, device, target)
+    inside = tuple(f"{path}." for path in packed)
     for name, p in list(module.named_parameters()):
+        if name.startswith(inside):
+            continue
         placement = p.placements[0] if isinstance(p, DTensor) else None
         if isinstance(placement, Shard):
             local = p.to_local().shape
@@ -272,10 +331,159 @@ def shard_and_load(module: nn.Module, plan: dict[str, str], mesh, ckpt, rank: in
         set_param(module, name, t)
     params = dict(module.named_parameters())
     for name in module.state_dict():
-        if name not in params:  # persistent buffers (if a family has any) are small: every rank holds them whole
-            owner, _, attr = name.rpartition(".")
+        if name not in params and not name.startswith(inside):  # persistent buffers (if a family has any) are
+            owner, _, attr = name.rpartition(".")                  # small: every rank holds them whole
             (module.get_submodule(owner) if owner else module).register_buffer(attr, ckpt.get(name).to(device,
                                                                                                         copy=True))
+
+
+# -- packed modules under a plan ----------------------------------------------------------------------------------
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the ranks by functional collectives (traceable by torch.compile, like DTensor's own)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    y = funcol.all_reduce(t, "sum", group)
+    return y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else y
+
+
+def _all_gather_last(t: torch.Tensor, group) -> torch.Tensor:
+    """The ranks' slices side by side along the last axis (rank order)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # (renamed in torch 2.10)
+    y = gather(t.contiguous(), t.dim() - 1, group)
+    return y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else y
+
+
+class RowwisePackedLinear(PackedLinear):
+    """A row-parallel layer's slice of input columns: partial sums, all-reduced, then the bias (held whole) once
+    (RowwiseParallel's arithmetic: input local, output replicated)."""
+
+    group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None and not torch.compiler.is_compiling():
+            self.prepare()
+        y = self.scheme.linear(x, {name: getattr(self, name) for name in self.kernel or self.stored}, None)
+        y = _all_reduce(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class GatheredPackedLinear(PackedLinear):
+    """An output head's slice of the vocabulary; the logit slices are all-gathered (colwise_rep)."""
+
+    group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _all_gather_last(super().forward(x), self.group)
+
+
+class VocabPackedEmbedding(PackedEmbedding):
+    """A packed table's slice of the vocabulary (rows [start, start + num_embeddings)): a lookup embeds the ids
+    this rank owns, zeros the others and all-reduces (vocab); as the tied head, the logit slices are gathered."""
+
+    group, start = None, 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        rows = super().forward(local.masked_fill(outside, 0)).masked_fill(outside[..., None], 0)
+        return _all_reduce(rows, self.group)
+
+    def as_head(self, h: torch.Tensor) -> torch.Tensor:
+        return _all_gather_last(super().as_head(h), self.group)
+
+
+_PACKED_STYLES = {None: None, "colwise": PackedLinear, "rowwise": RowwisePackedLinear,
+                  "colwise_rep": GatheredPackedLinear, "vocab": VocabPackedEmbedding}
+
+
+def _load_packed(module: nn.Module, path: str, sub: nn.Module, style: str | None, ckpt, rank: int, mesh,
+                 device: torch.device, target: torch.dtype | None) -> None:
+    """Replace the packed module at `path` by this rank's: its slice of every stored tensor (style None: the
+    whole, replicated), read from the packed checkpoint, or packed here from the float weight's rows."""
+    parts = mesh.size() if style is not None else 1
+    share = rank if style is not None else 0
+    stack = sub.n if isinstance(sub, PackedStack) else None  # replicated only (check_packed_split)
+    out_f, in_f = sub.weight_shape[-2:]
+    scheme, slices = split_packed(sub.scheme, out_f, in_f, _split_by(style or "colwise"), parts, share)
+    if all(f"{path}.{name}" in ckpt for name in sub.stored):  # stored packed: read the slices
+        tensors = {}
+        for name, sl in slices.items():
+            if stack is not None:
+                tensors[name] = read_slice(ckpt, f"{path}.{name}", None, 0, 0, device, target)
+            else:
+                t = read_slice(ckpt, f"{path}.{name}", sl.axis, sl.start, sl.stop, device, target)
+                tensors[name] = t.reshape(sl.shape)
+    else:
+        columns = (share * in_f // parts, (share + 1) * in_f // parts) if style == "rowwise" else None
+        tensors = _pack_rows_sliced(ckpt, float_key(path, sub), sub.scheme, scheme, slices, stack, columns, device,
+                                    target)
+    kind = type(sub) if style is None else _PACKED_STYLES[style]
+    local_out, local_in = _local_dims(out_f, in_f, style, parts)
+    with torch.device("meta"):
+        if isinstance(sub, PackedStack):
+            new = PackedStack(stack, local_out, local_in, scheme)
+        elif isinstance(sub, PackedEmbedding):
+            new = kind(local_out, local_in, scheme, sub.dtype)
+        else:
+            new = kind(local_in, local_out, sub.bias is not None, scheme)
+    for name, t in tensors.items():
+        new.register_buffer(name, t)
+    if isinstance(new, PackedLinear) and sub.bias is not None:
+        rows = style in ("colwise", "colwise_rep")
+        bias = read_slice(ckpt, f"{path}.bias", 0 if rows else None, share * local_out, (share + 1) * local_out,
+                          device, target)
+        new.bias = nn.Parameter(bias, requires_grad=False)
+    if isinstance(new, PackedEmbedding):
+        new.dtype = tensors["weight_scale"].dtype
+    if style is not None and kind is not PackedLinear:  # the styles that communicate
+        new.group = mesh.get_group()
+    if isinstance(new, VocabPackedEmbedding):
+        new.start = share * local_out  # the first vocabulary row this rank owns
+    owner, _, attr = path.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, attr, new)
+
+
+def _local_dims(out_f: int, in_f: int, style: str | None, parts: int) -> tuple[int, int]:
+    if style is None:
+        return out_f, in_f
+    return (out_f, in_f // parts) if style == "rowwise" else (out_f // parts, in_f)
+
+
+def _pack_rows_sliced(ckpt, key: str, scheme, local_scheme, slices: dict[str, Slice], stack: int | None,
+                      columns: tuple[int, int] | None, device: torch.device, target: torch.dtype | None,
+                      chunk_bytes: int = 32 * 2**20) -> dict[str, torch.Tensor]:
+    """This rank's slices of the weight `key` packed as the whole model packs it.
+
+    Under a column split (`columns`: this rank's input columns) where every stored tensor lies along the columns
+    (scale groups: int4-group*, GLM's per-rank "-gN"), groups are packed independently: only this rank's columns
+    are read, and packed by the slice's scheme. Otherwise the float rows are read a block at a time (this rank's
+    rows under a row split; every row under a column split with one scale per whole row, which needs the whole
+    row's absmax), each block packed whole, and only this rank's columns of it kept."""
+    if stack is not None or not scheme.rows_independent:  # a stack (replicated) or one scale per matrix: whole
+        packed = scheme.pack_rows(read_slice(ckpt, key, None, 0, 0, device, target))
+        return {name: packed[name] if stack is not None else _narrow(packed[name], sl).reshape(sl.shape)
+                for name, sl in slices.items()}
+    if columns is not None and scheme.columns_independent and all(sl.axis not in (None, 0) for sl in slices.values()):
+        packed = local_scheme.pack_rows(read_slice(ckpt, key, 1, *columns, device, target))
+        return {name: packed[name].reshape(sl.shape).contiguous() for name, sl in slices.items()}
+    rows = next((sl for sl in slices.values() if sl.axis == 0), None)
+    first, last = (rows.start, rows.stop) if rows else (0, ckpt.shape(key)[0])
+    step = max(1, chunk_bytes // max(1, ckpt.shape(key)[1] * 4))
+    blocks: dict[str, list[torch.Tensor]] = {name: [] for name in slices}
+    for a in range(first, last, step):
+        packed = scheme.pack_rows(read_slice(ckpt, key, 0, a, min(a + step, last), device, target))
+        for name, sl in slices.items():
+            t = packed[name]
+            blocks[name].append(t if sl.axis in (None, 0) else t.narrow(sl.axis, sl.start, sl.stop - sl.start))
+    return {name: torch.cat(blocks[name]).reshape(sl.shape).contiguous() for name, sl in slices.items()}
+
+
+def _narrow(t: torch.Tensor, sl: Slice) -> torch.Tensor:
+    return t if sl.axis is None else t.narrow(sl.axis, sl.start, sl.stop - sl.start)
 
 
 def _share_random_stream() -> None:
