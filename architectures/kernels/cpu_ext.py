@@ -34,14 +34,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -177,6 +174,9 @@ def _compiler() -> str:
 def _build(isa: str, path: Path) -> None:
     """Compile every csrc/*.cpp for `isa` and link them into `path`: under a lock, into a temporary directory
     renamed into place, so a concurrent process either waits or finds the finished library."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
     from zoo.weights.locks import ProcessLock
 
     target = path.parent
@@ -239,6 +239,8 @@ def _cpp_extension():
 
 
 def _run(cmd: list[str]) -> None:
+    import subprocess
+
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:1] + cmd[-3:])} failed:\n{result.stderr[-4000:]}")
