@@ -17,7 +17,7 @@ ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine), and the library is compiled for
 
 Each .cpp registers its ops with TORCH_LIBRARY_FRAGMENT(zoo_cpu, m), so several files share the namespace; a Python
 module that uses an op declares its fake (meta) implementation with `@fake("zoo_cpu::op")` so the op also works
-inside torch.compile graphs; fakes are registered when the library loads.
+inside torch.compile graphs; fakes are registered when the library loads (FAKE_MODULES lists those modules).
 
 Cache: $ZOO_KERNELS_CACHE, else $ZOO_HOME/kernels (zoo.settings.zoo_home()), one directory per
 <torch version>-<python tag>-<ISA>-<hash of sources and flags>. A cached library loads by
@@ -56,6 +56,9 @@ ISA_FLAGS = {
 }
 COMMON_FLAGS = ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-DNDEBUG", "-w"]
 
+# The modules that declare fake impls (@fake) of the library's ops: imported when it loads, so an op traces inside
+# torch.compile whoever calls it first.
+FAKE_MODULES = ("zoo.architectures.kernels.linear",)
 _FAKES: dict[str, Callable] = {}
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # ISA -> torch.ops.zoo_cpu, or None when unavailable
@@ -152,6 +155,10 @@ def _load(isa: str):
         _warn(f"zoo: CPU kernels unavailable ({type(err).__name__}: {str(err).strip()[-2000:]}); "
               "using PyTorch's own paths (set ZOO_CPU_KERNELS=0 to silence this)")
         return None
+    import importlib
+
+    for module in FAKE_MODULES:
+        importlib.import_module(module)
     for qualname, fn in _FAKES.items():
         _register_fake(qualname, fn)
     return getattr(torch.ops, NAMESPACE)
