@@ -17,6 +17,7 @@
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -33,37 +34,47 @@ inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-// out[r * M + m] = dot(w row r, x row m) for R rows of W starting at w (row stride K).
+// Two fp32 vectors of W at p (2 * Vec::size() elements), widened from bf16/fp16 in registers.
+template <typename W>
+inline void load2(const W* p, Vec& w0, Vec& w1) {
+  if constexpr (std::is_same_v<W, float>) {
+    w0 = Vec::loadu(p);
+    w1 = Vec::loadu(p + Vec::size());
+  } else {
+    std::tie(w0, w1) = at::vec::convert_to_float<W>(at::vec::Vectorized<W>::loadu(p));
+  }
+}
+
+// out[r * M + m] = dot(w row r, x row m) for R rows of W starting at w (row stride K). Where registers allow
+// (R * M <= 4), the two halves of each step go to separate accumulators: two FMA dependency chains, not one.
 template <int M, int R, typename W>
 inline void rows_dot(const float* x, const W* w, int64_t K, float* out) {
   constexpr int64_t V = Vec::size();
-  Vec acc[R][M];
+  constexpr bool kSplit = R * M <= 4;
+  Vec acc[R][M], acc2[kSplit ? R : 1][kSplit ? M : 1];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = Vec(0.f);
+  if constexpr (kSplit)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc2[r][m] = Vec(0.f);
   int64_t k = 0;
-  if constexpr (std::is_same_v<W, float>) {
-    for (; k + V <= K; k += V) {
-      Vec xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = Vec::loadu(x + m * K + k);
-      for (int r = 0; r < R; ++r) {
-        Vec wv = Vec::loadu(w + r * K + k);
-        for (int m = 0; m < M; ++m) acc[r][m] = at::vec::fmadd(wv, xv[m], acc[r][m]);
-      }
-    }
-  } else {
-    using WVec = at::vec::Vectorized<W>;  // 2V elements: widened into two fp32 vectors
-    for (; k + 2 * V <= K; k += 2 * V) {
-      for (int r = 0; r < R; ++r) {
-        auto [w0, w1] = at::vec::convert_to_float<W>(WVec::loadu(w + r * K + k));
-        for (int m = 0; m < M; ++m) {
-          acc[r][m] = at::vec::fmadd(w0, Vec::loadu(x + m * K + k), acc[r][m]);
+  for (; k + 2 * V <= K; k += 2 * V) {
+    for (int r = 0; r < R; ++r) {
+      Vec w0, w1;
+      __builtin_prefetch(w + r * K + k + R * K);  // the next block's rows: short rows defeat the hardware prefetcher
+      load2(w + r * K + k, w0, w1);
+      for (int m = 0; m < M; ++m) {
+        acc[r][m] = at::vec::fmadd(w0, Vec::loadu(x + m * K + k), acc[r][m]);
+        if constexpr (kSplit)
+          acc2[r][m] = at::vec::fmadd(w1, Vec::loadu(x + m * K + k + V), acc2[r][m]);
+        else
           acc[r][m] = at::vec::fmadd(w1, Vec::loadu(x + m * K + k + V), acc[r][m]);
-        }
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
+      if constexpr (kSplit) acc[r][m] = acc[r][m] + acc2[r][m];
       float s = hsum(acc[r][m]);
       for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[r * K + kk]) * x[m * K + kk];
       out[r * M + m] = s;
@@ -130,6 +141,7 @@ ZOO_BF16_TARGET inline void rows_dot_bf16(const uint16_t* x, const uint16_t* w, 
     __m512i xv[M];
     for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(x + m * K + k);
     for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(w + r * K + k + R * K);
       __m512i wv = _mm512_loadu_si512(w + r * K + k);
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv, (__m512bh)xv[m]);
     }
