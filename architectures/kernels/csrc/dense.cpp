@@ -34,6 +34,14 @@ inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
+// How far ahead (elements of W) to prefetch: whole blocks of R rows (so every line of a block is prefetched once,
+// by the same position of an earlier block), at least 4 KiB.
+template <int R>
+inline int64_t prefetch_ahead(int64_t K, int64_t elem_size) {
+  int64_t block = R * K;
+  return block * ((4096 / elem_size + block - 1) / block);
+}
+
 // Two fp32 vectors of W at p (2 * Vec::size() elements), widened from bf16/fp16 in registers.
 template <typename W>
 inline void load2(const W* p, Vec& w0, Vec& w1) {
@@ -51,6 +59,7 @@ template <int M, int R, typename W>
 inline void rows_dot(const float* x, const W* w, int64_t K, float* out) {
   constexpr int64_t V = Vec::size();
   constexpr bool kSplit = R * M <= 4;
+  const int64_t ahead = prefetch_ahead<R>(K, sizeof(W));
   Vec acc[R][M], acc2[kSplit ? R : 1][kSplit ? M : 1];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = Vec(0.f);
@@ -61,7 +70,7 @@ inline void rows_dot(const float* x, const W* w, int64_t K, float* out) {
   for (; k + 2 * V <= K; k += 2 * V) {
     for (int r = 0; r < R; ++r) {
       Vec w0, w1;
-      __builtin_prefetch(w + r * K + k + R * K);  // the next block's rows: short rows defeat the hardware prefetcher
+      __builtin_prefetch(w + r * K + k + ahead);  // rows ahead: short rows defeat the hardware prefetcher
       load2(w + r * K + k, w0, w1);
       for (int m = 0; m < M; ++m) {
         acc[r][m] = at::vec::fmadd(w0, Vec::loadu(x + m * K + k), acc[r][m]);
@@ -133,6 +142,7 @@ void rows_any(const float* x, const W* w, const float* bias, Out* y, int64_t M, 
 
 template <int M, int R>
 ZOO_BF16_TARGET inline void rows_dot_bf16(const uint16_t* x, const uint16_t* w, int64_t K, float* out) {
+  const int64_t ahead = prefetch_ahead<R>(K, 2);
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -141,7 +151,7 @@ ZOO_BF16_TARGET inline void rows_dot_bf16(const uint16_t* x, const uint16_t* w, 
     __m512i xv[M];
     for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(x + m * K + k);
     for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(w + r * K + k + R * K);
+      __builtin_prefetch(w + r * K + k + ahead);
       __m512i wv = _mm512_loadu_si512(w + r * K + k);
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv, (__m512bh)xv[m]);
     }
