@@ -62,6 +62,7 @@ FAKE_MODULES = ("zoo.architectures.kernels.linear",)
 _FAKES: dict[str, Callable] = {}
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # ISA -> torch.ops.zoo_cpu, or None when unavailable
+_paths: dict[str, Path] = {}  # ISA -> the file loaded
 _warned = False
 
 
@@ -141,8 +142,7 @@ def library():
 
 def loaded_path() -> Path | None:
     """The file of the library this process loaded, None if it loaded none."""
-    lib = _loaded.get(build_isa())
-    return None if lib is None else library_path()
+    return _paths.get(build_isa()) if _loaded.get(build_isa()) is not None else None
 
 
 def _load(isa: str):
@@ -151,6 +151,7 @@ def _load(isa: str):
         if not path.exists():
             _build(isa, path)
         torch.ops.load_library(str(path))
+        _paths[isa] = path
     except Exception as err:  # no compiler, a compile error, an unloadable file: PyTorch paths instead
         _warn(f"zoo: CPU kernels unavailable ({type(err).__name__}: {str(err).strip()[-2000:]}); "
               "using PyTorch's own paths (set ZOO_CPU_KERNELS=0 to silence this)")

@@ -117,7 +117,7 @@ def _plain(layer: nn.Module) -> bool:
     own or global ones (tensor parallelism redistributes through hooks), plain tensors (no DTensor)."""
     return (type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
             and not _module._global_forward_hooks and not _module._global_forward_pre_hooks
-            and type(layer.weight) is nn.Parameter)
+            and type(layer.weight) in (nn.Parameter, torch.Tensor))
 
 
 def dense(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
