@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo.architectures.kernels.linear import dense, dense_weight
 from zoo.architectures.layers import Attention, RMSNorm, Rotary
 from zoo.architectures.quant import PackedEmbedding
 from zoo.architectures.state import KVCache, State
@@ -80,7 +81,7 @@ class DecoderLM(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else tied_head(h, self.embed)
+        return dense(self.lm_head, h) if self.lm_head is not None else tied_head(h, self.embed)
 
 
 def tied_head(h: torch.Tensor, embed: nn.Module) -> torch.Tensor:
@@ -97,7 +98,7 @@ def tied_head(h: torch.Tensor, embed: nn.Module) -> torch.Tensor:
 
         h = DTensor.from_local(h, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim, run_check=False)
         return F.linear(h, weight).full_tensor()
-    return F.linear(h, weight)
+    return dense_weight(h, weight)
 
 
 # Megatron-style tensor-parallel plan of this skeleton: column-parallel in, row-parallel out (one all-reduce

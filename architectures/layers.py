@@ -2,7 +2,8 @@
 
 RMSNorm, the rotary embedding and the gated MLP's activation run through the kernels of architectures/kernels/
 (rmsnorm.py, rotary.py, swiglu.py): their Triton kernels where the dispatch picks Triton (CUDA at inference), their
-PyTorch references, this module's former arithmetic exactly, everywhere else."""
+PyTorch references, this module's former arithmetic exactly, everywhere else. The decoders' projections go through
+kernels/linear.py's `dense` (zoo's C++ CPU kernels where the dispatch picks them, else the layer itself)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.kernels.dispatch import COMPILED, backend
+from zoo.architectures.kernels.linear import dense
 from zoo.architectures.kernels.matvec import one_query_attention
 from zoo.architectures.kernels.rmsnorm import rms_norm
 from zoo.architectures.kernels.rotary import apply_rotary, rotate_half  # noqa: F401  (rotate_half: glm, dinov3)
@@ -75,9 +77,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = dense(self.q_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = dense(self.k_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = dense(self.v_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -87,7 +89,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=k.shape[1] != q.shape[1]
             )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return dense(self.o_proj, y.transpose(1, 2).reshape(B, T, -1))
 
 
 class Mlp(nn.Module):
@@ -112,4 +114,4 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return dense(self.down_proj, silu_mul(dense(self.gate_proj, x), dense(self.up_proj, x)))

@@ -18,6 +18,14 @@ Triton's interpreter (TRITON_INTERPRET=1, tests/conftest.py sets it on a machine
 kernels on CPU tensors when a test calls them directly; it never sends the product's CPU calls into Triton (that
 would emulate every kernel in numpy). What the kernels themselves must do differently under it (`interpreted`)
 is read here too, not in the kernels.
+
+Dense linear layers on CPU (`dense_kernel`, `choose_dense`): at inference, eager, a float weight of the input's
+dtype takes zoo's C++ kernels (kernels/cpu_ext.py, built once per instruction set): `DENSE_ROWS` for a few rows
+(decoding: one pass over the weight for all rows, near a plain read of it), `DENSE_WIDENED` for many rows of a
+bf16/fp16 weight on a CPU without native bf16 arithmetic (the weight widened to fp32 in cached blocks, fp32
+GEMM); None keeps torch's F.linear: on GPUs, under autograd, inside torch.compile (Inductor's own single-row
+rewrite, matvec.py, then applies), for many rows of fp32, and for many rows of bf16 where oneDNN has AVX-512 BF16
+or AMX (faster than widening, measured).
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ import os
 import torch
 
 TRITON, COMPILED, EAGER = "triton", "compiled", "eager"
+DENSE_ROWS, DENSE_WIDENED = "dense_rows", "dense_widened"  # ops of zoo_cpu (csrc/dense.cpp)
+DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DENSE_MAX_ROWS = 8  # rows up to which one pass over the weight beats a GEMM (measured up to 8, AVX-512 BF16 and AVX2)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # without importing it: `import zoo` stays fast
@@ -64,3 +75,40 @@ def interpreted() -> bool:
     """Whether Triton kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1), which multiplies bf16/fp16
     dot operands wrongly (numpy has no bf16): kernels then take tl.dot in fp32."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def native_bf16(isa: str | None = None) -> bool:
+    """Whether torch's own bf16 matmul runs on native bf16 instructions (AVX-512 BF16 or AMX, through oneDNN) at the
+    instruction set ATen runs at; a forced ATEN_CPU_CAPABILITY=avx2 counts as an AVX2 machine (no)."""
+    if (isa or CPU_ISA) not in ("AVX512", "AVX512_BF16", "AVX512_VNNI", "AVX512_AMX", "AVX512_FP16"):
+        return False
+    return _cpu_has_bf16()
+
+
+def _cpu_has_bf16() -> bool:
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in checks if check is not None)
+
+
+def choose_dense(device: str, x_dtype: torch.dtype, w_dtype: torch.dtype, rows: int, needs_grad: bool,
+                 compiling: bool, native: bool) -> str | None:
+    """DENSE_ROWS, DENSE_WIDENED or None (torch's F.linear) for a linear layer's call: `rows` of x (all leading
+    dims), `native`: native_bf16()."""
+    if device != "cpu" or needs_grad or compiling or x_dtype != w_dtype or w_dtype not in DENSE_DTYPES:
+        return None
+    if rows <= DENSE_MAX_ROWS:
+        return DENSE_ROWS
+    if w_dtype != torch.float32 and not native:
+        return DENSE_WIDENED
+    return None
+
+
+def dense_kernel(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """The dense kernel for F.linear(x, weight) at this call (choose_dense from the tensors), None: F.linear."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    return choose_dense(x.device.type, x.dtype, weight.dtype, rows, needs_grad, torch.compiler.is_compiling(),
+                        _NATIVE_BF16)
+
+
+_NATIVE_BF16 = native_bf16()

@@ -1,4 +1,16 @@
-"""Linear layers at inference on CPU through oneDNN, the activation fused.
+"""Linear layers at inference on CPU: the decoders' projections through zoo's C++ kernels (`dense`), the vision
+models' through oneDNN with the activation fused (`linear`).
+
+    y = x W^T + b               dense(layer, x), dense_weight(x, weight, bias)
+
+`dense` is what the decoder-only language models call for every projection and output head instead of
+nn.Linear.__call__: where the dispatch picks one (dispatch.dense_kernel: CPU, inference, eager, float weight of
+x's dtype) it runs zoo_cpu.dense_rows (few rows: decoding) or zoo_cpu.dense_widened (prefill of bf16 without
+native bf16 instructions) from kernels/cpu_ext.py, else F.linear. A layer that is not a plain nn.Linear (a packed
+quantised one), carries hooks (tensor parallelism's) or holds a tensor subclass is called as a module. Without
+the library (ZOO_CPU_KERNELS=0, no compiler) everything is F.linear.
+
+The vision models' oneDNN path:
 
     y = act(x W^T + b)          act: None or "gelu" (exact, erf)
 
@@ -19,7 +31,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from zoo.architectures.kernels.dispatch import EAGER, backend
+from torch.nn.modules import module as _module
+from zoo.architectures.kernels import cpu_ext
+from zoo.architectures.kernels.dispatch import DENSE_ROWS, EAGER, backend, dense_kernel
 
 from zoo.settings import ONEDNN_MODES, SETTINGS
 
@@ -96,3 +110,41 @@ def linear(layer: nn.Linear, x: torch.Tensor, activation: str | None = None,
 def gelu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """fc2(gelu(fc1(x))), the ViT feed-forward (zoo.architectures.layers.Mlp), through `linear`."""
     return linear(mlp.fc2, linear(mlp.fc1, x, "gelu"))
+
+
+def _plain(layer: nn.Module) -> bool:
+    """Whether calling `layer` is exactly F.linear(x, layer.weight, layer.bias): a plain nn.Linear, no hooks of its
+    own or global ones (tensor parallelism redistributes through hooks), plain tensors (no DTensor)."""
+    return (type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+            and not _module._global_forward_hooks and not _module._global_forward_pre_hooks
+            and type(layer.weight) in (nn.Parameter, torch.Tensor))
+
+
+def dense(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for a linear projection, through zoo's CPU kernels where the dispatch picks them."""
+    if _plain(layer):
+        return dense_weight(x, layer.weight, layer.bias)
+    return layer(x)
+
+
+def dense_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through zoo's CPU kernels where the dispatch picks them."""
+    kernel = dense_kernel(x, weight) if weight.dim() == 2 and weight.is_contiguous() else None
+    lib = cpu_ext.library() if kernel is not None else None
+    if lib is None:
+        return F.linear(x, weight, bias)
+    n, k = weight.shape
+    rows = x.reshape(-1, k)
+    y = lib.dense_rows(rows, weight, bias) if kernel == DENSE_ROWS else lib.dense_widened(rows, weight, bias)
+    return y.view(*x.shape[:-1], n)
+
+
+@cpu_ext.fake("zoo_cpu::dense_rows")
+def _dense_rows_fake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@cpu_ext.fake("zoo_cpu::dense_widened")
+def _dense_widened_fake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                        block_rows: int = 0) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])

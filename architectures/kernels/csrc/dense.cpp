@@ -1,0 +1,318 @@
+// Dense linear layers for CPU inference: y = x W^T (+ b), W [N, K] row-major in bf16, fp16 or fp32.
+//
+//   zoo_cpu::dense_rows(x, w, bias)   few rows of x (decoding: one token per sequence, beams, small batches).
+//       Memory-bound: one pass over W, each W row widened to fp32 in registers and multiplied into every row of
+//       x (so W streams once for all M rows), fp32 accumulators, threads over blocks of output rows. On an
+//       AVX-512 build on a CPU with AVX-512 BF16, bf16 x and bf16 W take vdpbf16ps (pairs of bf16 products
+//       summed in fp32) instead of widening: fewer instructions per byte of W.
+//   zoo_cpu::dense_widened(x, w, bias)  many rows (prefill) on CPUs without native bf16 arithmetic: W widened
+//       to fp32 a block of rows at a time (a block that stays in cache), each block through fp32 GEMM (at::mm).
+//
+// Both take x [M, K] of any float dtype and return y [M, N] in x's dtype (fp32 accumulation throughout).
+#include "common.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <c10/core/InferenceMode.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace zoo_cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kMaxRows = 8;  // rows of x per pass over W (larger M: several passes)
+
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// How far ahead (elements of W) to prefetch: whole blocks of R rows (so every line of a block is prefetched once,
+// by the same position of an earlier block), at least 4 KiB.
+template <int R>
+inline int64_t prefetch_ahead(int64_t K, int64_t elem_size) {
+  int64_t block = R * K;
+  return block * ((4096 / elem_size + block - 1) / block);
+}
+
+// Two fp32 vectors of W at p (2 * Vec::size() elements), widened from bf16/fp16 in registers.
+template <typename W>
+inline void load2(const W* p, Vec& w0, Vec& w1) {
+  if constexpr (std::is_same_v<W, float>) {
+    w0 = Vec::loadu(p);
+    w1 = Vec::loadu(p + Vec::size());
+  } else {
+    std::tie(w0, w1) = at::vec::convert_to_float<W>(at::vec::Vectorized<W>::loadu(p));
+  }
+}
+
+// out[r * M + m] = dot(w row r, x row m) for R rows of W starting at w (row stride K). Where registers allow
+// (R * M <= 4), the two halves of each step go to separate accumulators: two FMA dependency chains, not one.
+template <int M, int R, typename W>
+inline void rows_dot(const float* x, const W* w, int64_t K, float* out) {
+  constexpr int64_t V = Vec::size();
+  constexpr bool kSplit = R * M <= 4;
+  const int64_t ahead = prefetch_ahead<R>(K, sizeof(W));
+  Vec acc[R][M], acc2[kSplit ? R : 1][kSplit ? M : 1];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = Vec(0.f);
+  if constexpr (kSplit)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc2[r][m] = Vec(0.f);
+  int64_t k = 0;
+  for (; k + 2 * V <= K; k += 2 * V) {
+    for (int r = 0; r < R; ++r) {
+      Vec w0, w1;
+      __builtin_prefetch(w + r * K + k + ahead);  // rows ahead: short rows defeat the hardware prefetcher
+      load2(w + r * K + k, w0, w1);
+      for (int m = 0; m < M; ++m) {
+        acc[r][m] = at::vec::fmadd(w0, Vec::loadu(x + m * K + k), acc[r][m]);
+        if constexpr (kSplit)
+          acc2[r][m] = at::vec::fmadd(w1, Vec::loadu(x + m * K + k + V), acc2[r][m]);
+        else
+          acc[r][m] = at::vec::fmadd(w1, Vec::loadu(x + m * K + k + V), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      if constexpr (kSplit) acc[r][m] = acc[r][m] + acc2[r][m];
+      float s = hsum(acc[r][m]);
+      for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[r * K + kk]) * x[m * K + kk];
+      out[r * M + m] = s;
+    }
+}
+
+// Rows of W handled together for M rows of x: enough independent accumulators, within the vector registers.
+template <int M>
+constexpr int rows_per_step() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
+
+template <typename Out>
+inline void store(Out* y, int64_t N, int64_t n, int M, const float* dots, int R, const float* bias) {
+  for (int r = 0; r < R; ++r) {
+    float b = bias ? bias[n + r] : 0.f;
+    for (int m = 0; m < M; ++m) y[m * N + n + r] = static_cast<Out>(dots[r * M + m] + b);
+  }
+}
+
+template <int M, typename W, typename Out>
+void rows_pass(const float* x, const W* w, const float* bias, Out* y, int64_t N, int64_t K) {
+  constexpr int R = rows_per_step<M>();
+  // Grain: a thread's share is a run of whole rows; small layers stay on one thread (no wake-up cost).
+  int64_t grain = std::max<int64_t>(R, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    float dots[R * M];
+    int64_t n = begin;
+    for (; n + R <= end; n += R) {
+      rows_dot<M, R, W>(x, w + n * K, K, dots);
+      store(y, N, n, M, dots, R, bias);
+    }
+    for (; n < end; ++n) {
+      rows_dot<M, 1, W>(x, w + n * K, K, dots);
+      store(y, N, n, M, dots, 1, bias);
+    }
+  });
+}
+
+template <typename W, typename Out>
+void rows_any(const float* x, const W* w, const float* bias, Out* y, int64_t M, int64_t N, int64_t K) {
+  switch (M) {
+    case 1: return rows_pass<1>(x, w, bias, y, N, K);
+    case 2: return rows_pass<2>(x, w, bias, y, N, K);
+    case 3: return rows_pass<3>(x, w, bias, y, N, K);
+    case 4: return rows_pass<4>(x, w, bias, y, N, K);
+    case 5: return rows_pass<5>(x, w, bias, y, N, K);
+    case 6: return rows_pass<6>(x, w, bias, y, N, K);
+    case 7: return rows_pass<7>(x, w, bias, y, N, K);
+    default: return rows_pass<8>(x, w, bias, y, N, K);
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// bf16 x bf16 with vdpbf16ps: 32 products per instruction, pairs summed into 16 fp32 lanes. The K tail is a
+// masked load (zeros contribute nothing).
+#define ZOO_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+template <int M, int R>
+ZOO_BF16_TARGET inline void rows_dot_bf16(const uint16_t* x, const uint16_t* w, int64_t K, float* out) {
+  const int64_t ahead = prefetch_ahead<R>(K, 2);
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512i xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(w + r * K + k + ahead);
+      __m512i wv = _mm512_loadu_si512(w + r * K + k);
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv, (__m512bh)xv[m]);
+    }
+  }
+  if (k < K) {
+    __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+    for (int r = 0; r < R; ++r) {
+      __m512i wv = _mm512_maskz_loadu_epi16(mask, w + r * K + k);
+      for (int m = 0; m < M; ++m) {
+        __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * K + k);
+        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv, (__m512bh)xv);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) out[r * M + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int M, typename Out>
+ZOO_BF16_TARGET void rows_pass_bf16(const uint16_t* x, const uint16_t* w, const float* bias, Out* y, int64_t N,
+                                    int64_t K) {
+  constexpr int R = rows_per_step<M>();
+  int64_t grain = std::max<int64_t>(R, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    float dots[R * M];
+    int64_t n = begin;
+    for (; n + R <= end; n += R) {
+      rows_dot_bf16<M, R>(x, w + n * K, K, dots);
+      store(y, N, n, M, dots, R, bias);
+    }
+    for (; n < end; ++n) {
+      rows_dot_bf16<M, 1>(x, w + n * K, K, dots);
+      store(y, N, n, M, dots, 1, bias);
+    }
+  });
+}
+
+template <typename Out>
+void rows_any_bf16(const uint16_t* x, const uint16_t* w, const float* bias, Out* y, int64_t M, int64_t N,
+                   int64_t K) {
+  switch (M) {
+    case 1: return rows_pass_bf16<1>(x, w, bias, y, N, K);
+    case 2: return rows_pass_bf16<2>(x, w, bias, y, N, K);
+    case 3: return rows_pass_bf16<3>(x, w, bias, y, N, K);
+    case 4: return rows_pass_bf16<4>(x, w, bias, y, N, K);
+    case 5: return rows_pass_bf16<5>(x, w, bias, y, N, K);
+    case 6: return rows_pass_bf16<6>(x, w, bias, y, N, K);
+    case 7: return rows_pass_bf16<7>(x, w, bias, y, N, K);
+    default: return rows_pass_bf16<8>(x, w, bias, y, N, K);
+  }
+}
+#endif
+
+void check(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(w.dim() == 2, op, ": weight must be 2-D [N, K], got ", w.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), op, ": x must be [M, K] with K = ", w.size(1), ", got ",
+              x.sizes());
+  auto wt = w.scalar_type();
+  TORCH_CHECK(wt == at::kBFloat16 || wt == at::kHalf || wt == at::kFloat, op, ": weight dtype ", wt,
+              " not supported (bf16, fp16, fp32)");
+  auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kBFloat16 || xt == at::kHalf || xt == at::kFloat, op, ": x dtype ", xt,
+              " not supported (bf16, fp16, fp32)");
+  if (bias.has_value()) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), op, ": bias must be [N]");
+}
+
+template <typename Fn>
+void with_out_type(at::ScalarType t, Fn&& fn) {
+  if (t == at::kBFloat16) fn(static_cast<c10::BFloat16*>(nullptr));
+  else if (t == at::kHalf) fn(static_cast<c10::Half*>(nullptr));
+  else fn(static_cast<float*>(nullptr));
+}
+
+}  // namespace
+
+at::Tensor dense_rows(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in) {
+  check(x_in, w_in, bias_in, "zoo_cpu::dense_rows");
+  const int64_t M = x_in.size(0), N = w_in.size(0), K = w_in.size(1);
+  at::Tensor w = w_in.contiguous();
+  at::Tensor bias = bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
+  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return y;
+#if defined(CPU_CAPABILITY_AVX512)
+  if (w.scalar_type() == at::kBFloat16 && x_in.scalar_type() == at::kBFloat16 && has_avx512_bf16()) {
+    at::Tensor x = x_in.contiguous();
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+    auto* yp = y.data_ptr<c10::BFloat16>();
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      int64_t mb = std::min(kMaxRows, M - m0);
+      rows_any_bf16(xp + m0 * K, wp, b, yp + m0 * N, mb, N, K);
+    }
+    return y;
+  }
+#endif
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const float* xp = x.data_ptr<float>();
+  with_out_type(y.scalar_type(), [&](auto* out_tag) {
+    using Out = std::remove_pointer_t<decltype(out_tag)>;
+    Out* yp = y.data_ptr<Out>();
+    auto run = [&](auto* w_tag) {
+      using W = std::remove_pointer_t<decltype(w_tag)>;
+      const W* wp = w.data_ptr<W>();
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        int64_t mb = std::min(kMaxRows, M - m0);
+        rows_any<W, Out>(xp + m0 * K, wp, b, yp + m0 * N, mb, N, K);
+      }
+    };
+    if (w.scalar_type() == at::kBFloat16) run(static_cast<c10::BFloat16*>(nullptr));
+    else if (w.scalar_type() == at::kHalf) run(static_cast<c10::Half*>(nullptr));
+    else run(static_cast<float*>(nullptr));
+  });
+  return y;
+}
+
+at::Tensor dense_widened(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in,
+                         int64_t block_rows) {
+  check(x_in, w_in, bias_in, "zoo_cpu::dense_widened");
+  const int64_t M = x_in.size(0), N = w_in.size(0), K = w_in.size(1);
+  at::Tensor w = w_in.contiguous();
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor yt = at::empty({N, M}, x.options());  // y^T: each block of W rows writes a contiguous block of it
+  if (block_rows <= 0) block_rows = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+  const int64_t blocks = (N + block_rows - 1) / block_rows;
+  at::Tensor xt = x.t();
+  const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard(inference);
+    // Each thread widens its own blocks into its own buffer, then one single-threaded fp32 GEMM per block.
+    at::Tensor buf = at::empty({block_rows, K}, x.options());
+    for (int64_t blk = begin; blk < end; ++blk) {
+      int64_t n0 = blk * block_rows, nb = std::min(block_rows, N - n0);
+      at::Tensor wb = buf.narrow(0, 0, nb);
+      float* dst = wb.data_ptr<float>();
+      const int64_t count = nb * K;
+      if (w.scalar_type() == at::kFloat) {
+        wb = w.narrow(0, n0, nb);
+      } else if (w.scalar_type() == at::kBFloat16) {
+        at::vec::convert(w.data_ptr<c10::BFloat16>() + n0 * K, dst, count);
+      } else {
+        at::vec::convert(w.data_ptr<c10::Half>() + n0 * K, dst, count);
+      }
+      at::Tensor out = yt.narrow(0, n0, nb);
+      at::mm_out(out, wb, xt);
+    }
+  });
+  at::Tensor y = yt.t();
+  if (bias_in.has_value()) y = y.add(bias_in->to(at::kFloat));
+  return y.to(x_in.scalar_type()).contiguous();
+}
+
+}  // namespace zoo_cpu
+
+TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
+  m.def("dense_rows(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("dense_widened(Tensor x, Tensor w, Tensor? bias=None, int block_rows=0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
+  m.impl("dense_rows", &zoo_cpu::dense_rows);
+  m.impl("dense_widened", &zoo_cpu::dense_widened);
+}

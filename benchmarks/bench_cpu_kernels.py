@@ -1,0 +1,106 @@
+"""GB/s of weights read by the dense CPU kernels (architectures/kernels/cpu_ext.py, csrc/dense.cpp) against torch's
+F.linear and a plain read, per Qwen2-0.5B shape, at the instruction set ATen runs at (ATEN_CPU_CAPABILITY=avx2
+forces the AVX2 build on an AVX-512 machine), and prefill of 64 tokens through every layer shape.
+
+    python -m benchmarks.bench_cpu_kernels [--threads 2] [--rows 1] [--dtype bf16] [--seconds 0.5] [--prefill]
+
+Each shape is timed over enough distinct copies of its weight to exceed the caches (a decoder's layers are
+distinct weights streamed from memory), so GB/s is DRAM bandwidth, as in decoding. "plain read" is torch.sum over the
+same bytes (as fp32) with the same threads: the ceiling a matrix-vector product can approach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import machine
+
+SHAPES = {  # Qwen2-0.5B: name -> (N, K)
+    "q/o 896x896": (896, 896),
+    "k/v 128x896": (128, 896),
+    "gate/up 4864x896": (4864, 896),
+    "down 896x4864": (896, 4864),
+    "head 151936x896": (151936, 896),
+}
+LAYER = [(896, 896), (128, 896), (128, 896), (896, 896), (4864, 896), (4864, 896), (896, 4864)]  # q k v o gate up down
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def timed(fns: list, seconds: float) -> list[float]:
+    """Seconds per call of each function: the best of interleaved repetitions (noise from other processes on a
+    shared machine only ever adds time), repeated for about `seconds` in all."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or best[0] == float("inf"):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def copies(n: int, k: int, dtype: torch.dtype, total: int = 256 << 20) -> list[torch.Tensor]:
+    """Distinct weights of one shape totalling `total` bytes: more than the caches hold."""
+    return [torch.randn(n, k).to(dtype) for _ in range(max(1, total // (n * k * dtype.itemsize)))]
+
+
+def decode_rows(lib, dtype: torch.dtype, rows: int, seconds: float) -> None:
+    print(f"{'shape':<18} {'plain read':>10} {'F.linear':>9} {'zoo_cpu':>8}   (GB/s of weights)")
+    for name, (n, k) in SHAPES.items():
+        ws = copies(n, k, dtype)
+        x = torch.randn(rows, k).to(dtype)
+        flat = torch.ones(len(ws) * n * k * dtype.itemsize // 4)  # the same bytes as fp32, summed
+
+        fns = [flat.sum, lambda: [F.linear(x, w) for w in ws]]  # noqa: B023 (called within this iteration)
+        if lib is not None:
+            fns.append(lambda: [lib.dense_rows(x, w) for w in ws])  # noqa: B023
+        gb = flat.numel() * 4 / 1e9
+        speeds = [gb / t for t in timed(fns, seconds)] + ([] if lib is not None else [float("nan")])
+        print(f"{name:<18} {speeds[0]:10.1f} {speeds[1]:9.1f} {speeds[2]:8.1f}")
+
+
+def prefill(lib, dtype: torch.dtype, tokens: int, seconds: float) -> None:
+    """One layer's seven projections for `tokens` rows, torch's F.linear against zoo_cpu.dense_widened."""
+    ws = [torch.randn(n, k).to(dtype) for n, k in LAYER]
+    xs = {k: torch.randn(tokens, k).to(dtype) for _, k in LAYER}
+
+    def run(op):
+        return lambda: [op(xs[w.shape[1]], w) for w in ws]
+
+    names = ["F.linear"] + (["zoo_cpu.dense_widened", "zoo_cpu.dense_rows"] if lib is not None else [])
+    fns = [run(F.linear)] + ([run(lib.dense_widened), run(lib.dense_rows)] if lib is not None else [])
+    times = timed(fns, seconds)
+    print(f"prefill {tokens} tokens through one layer's projections: "
+          + ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in zip(names, times)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=1, help="rows of x (decode: 1 per sequence)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--seconds", type=float, default=0.5, help="time per measurement")
+    parser.add_argument("--prefill", type=int, default=64, help="tokens of the prefill measurement (0: skip)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from zoo.architectures.kernels import cpu_ext
+
+    lib = cpu_ext.library()
+    features = lib.features() if lib is not None else "unavailable"
+    print(machine())
+    print(f"zoo_cpu build: {lib.build_isa() if lib is not None else 'none'} ({features or 'no extra features'}), "
+          f"{args.dtype}, {args.rows} row(s), {args.threads} threads")
+    with torch.inference_mode():
+        decode_rows(lib, DTYPES[args.dtype], args.rows, args.seconds)
+        if args.prefill:
+            prefill(lib, DTYPES[args.dtype], args.prefill, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
