@@ -17,6 +17,15 @@ def _zoo_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ZOO_HOME", str(tmp_path_factory.mktemp("zoo_home")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_cache(tmp_path_factory):
+    """One build of the C++ CPU kernels per instruction set per test run (architectures/kernels/cpu_ext.py), shared
+    by every test and the subprocesses they start, unless ZOO_KERNELS_CACHE already names a cache to reuse."""
+    if not os.environ.get("ZOO_KERNELS_CACHE"):
+        os.environ["ZOO_KERNELS_CACHE"] = str(tmp_path_factory.mktemp("zoo_kernels"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def olah(tmp_path_factory):
     """A real Hub-compatible HTTP server (olah, offline) serving git repos; see zoo/testing/olah_server.py."""
