@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.kernels import bitlinear as bitlinear_kernels
-from zoo.architectures.kernels.dequant_matmul import fast_dequant_matmul, int4pack_mm_cpu
+from zoo.architectures.kernels.dequant_matmul import cpu_kernels_available, fast_dequant_matmul, int4pack_mm_cpu
 
 
 class Stored(NamedTuple):
@@ -212,12 +212,16 @@ def from_int4pack_cpu(packed: torch.Tensor, scales_zeros: torch.Tensor, in_featu
 
 
 class Int4Kernel:
-    """prepare/restore of the int4 schemes: aten's CPU int4 kernel (tinygemm) on its own packing of the codes,
-    for bf16/fp16 computation (in fp32 that kernel is slower than dequantising: `bench_decode.py --kernels`)."""
+    """prepare/restore of the int4 schemes. zoo's C++ CPU kernel (kernels/dequant_matmul.cpu_quant_linear) reads
+    the stored nibbles as they are: nothing to prepare. Only where that library is unavailable, aten's CPU int4
+    kernel (tinygemm) on its own packing of the codes, for bf16/fp16 computation (in fp32 that kernel is slower
+    than dequantising: `bench_decode.py --kernels`)."""
 
     def prepare(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         scale = t["weight_scale"]
-        if scale.dtype not in (torch.bfloat16, torch.float16):
+        if scale.dtype not in (torch.bfloat16, torch.float16) or t["weight"].device.type != "cpu":
+            return None
+        if cpu_kernels_available():
             return None
         made = to_int4pack_cpu(t["weight"], scale, t.get("weight_zero"), scale.dtype)
         return None if made is None else {"int4pack": made[0], "int4pack_scales_zeros": made[1]}
