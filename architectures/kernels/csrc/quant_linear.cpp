@@ -215,7 +215,9 @@ void rows_all(const Call& c, const S* scale, const S* zero, int64_t M) {
   });
 }
 
-// Rows [n0, n1) of the weight, dequantised (fp32 arithmetic, rounded once to T) into buf [n1 - n0, K].
+// Rows [n0, n1) of the weight, dequantised (fp32 arithmetic, rounded once to T) into buf [n1 - n0, K]. int4 rows
+// come out with their columns permuted (the even ones, then the odd ones: two contiguous stores the compiler
+// vectorises), which the caller matches by permuting x's columns alike.
 template <bool INT4, typename S, typename T>
 void dequant_rows(const int8_t* q, const S* scale, const S* zero, int64_t Kb, int64_t G, int64_t n0, int64_t n1,
                   T* buf) {
@@ -229,10 +231,9 @@ void dequant_rows(const int8_t* q, const S* scale, const S* zero, int64_t Kb, in
         const float z = zero != nullptr ? static_cast<float>(zero[n * G + g]) : 0.f;
         const int64_t k0 = g * gs, k1 = k0 + gs;
         if constexpr (INT4) {
-          for (int64_t k = k0; k < k1; k += 2) {
-            const int8_t b8 = qn[k / 2];
-            out[k] = static_cast<T>(hi_nibble(b8) * s + z);
-            out[k + 1] = static_cast<T>(lo_nibble(b8) * s + z);
+          for (int64_t j = k0 / 2; j < k1 / 2; ++j) {
+            out[j] = static_cast<T>(hi_nibble(qn[j]) * s + z);
+            out[Kb + j] = static_cast<T>(lo_nibble(qn[j]) * s + z);
           }
         } else {
           for (int64_t k = k0; k < k1; ++k) out[k] = static_cast<T>(qn[k] * s + z);
@@ -326,7 +327,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
     // reference computes); otherwise fp32 (bf16 GEMMs without native instructions are several times slower)
     const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && zoo_cpu::has_avx512_bf16();
     const auto wdtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
-    const auto xw = x.reshape({M, K}).to(wdtype).contiguous();
+    auto xw = x.reshape({M, K}).to(wdtype);
+    xw = (int4 ? at::cat({xw.slice(1, 0, K, 2), xw.slice(1, 1, K, 2)}, 1) : xw).contiguous();  // dequant_rows' order
     const int64_t block = std::max<int64_t>(64, (int64_t{2} << 20) / (K * (bf16_gemm ? 2 : 4)));
     const int64_t nb_max = std::min(block, N);
     auto buf = at::empty({nb_max, K}, x.options().dtype(wdtype));
