@@ -47,7 +47,8 @@ def run(args) -> str:
     print("\n".join(lines), flush=True)
     unit = "GB/s" if args.rows <= 8 else "ms"
 
-    for n, k in SHAPES:
+    def measure(n: int, k: int) -> list[float | None]:
+        """One shape's cells (a function: the timed closures bind its locals)."""
         copies = max(1, args.mib * 2**20 // (n * k))
         w = (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
         x = torch.randn(args.rows, k, generator=gen).to(dtype)
@@ -82,6 +83,10 @@ def run(args) -> str:
                                     for t in i4s], nbytes(i4)))
         cells.append(timed(lambda: [F.linear(x, get_scheme("int4-group128").unpack(t, dtype)) for t in i4s],
                            nbytes(i4)))
+        return cells
+
+    for n, k in SHAPES:
+        cells = measure(n, k)
         row = f"| {n}x{k} | " + " | ".join("-" if c is None else f"{c:.1f} {unit}" if unit == "GB/s" else
                                             f"{c:.2f} ms" for c in cells) + " |"
         lines.append(row)
