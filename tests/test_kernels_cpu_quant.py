@@ -71,10 +71,12 @@ def test_quant_linear_equals_the_schemes_reference_fp32_for_one_to_nine_rows_and
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name,out_f,in_f", [CASES[0], CASES[3], CASES[5]])
+@pytest.mark.parametrize("name,out_f,in_f", [CASES[0], CASES[3], CASES[5], ("int4-group64", 37, 192)])
 def test_quant_linear_in_16_bits_is_the_exact_product_rounded_once(name, out_f, in_f, dtype):
-    """16-bit activations and scales: the kernel multiplies the exact values in fp32 and rounds the output once;
-    the reference rounds the dequantised weight to 16 bits first, so the two differ by that rounding at most."""
+    """16-bit activations and scales: the kernel multiplies the exact values in fp32 (bf16 int4 with groups of
+    64 or more on AVX-512 BF16 CPUs: bf16 dot products, each product exact too; 37 outputs leave a remainder of the
+    four rows it takes at once) and rounds the output once; the reference rounds the dequantised weight to 16 bits
+    first, so the two differ by that rounding at most."""
     scheme, t = packed(name, out_f, in_f, dtype)
     for rows in (1, 3, 9, 17):
         x = rand(2, rows, in_f, seed=rows, dtype=dtype)
