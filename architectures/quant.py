@@ -15,8 +15,9 @@ What a model can pack (`packable_paths`): every nn.Linear, every stacked weight 
 `packable_stacks`, and the embedding it names as `tied_embedding`. The native config records
 {"scheme": name, "modules": [paths]} (NativeConfig.quantization), so loading rebuilds the packed modules without
 guessing. Each scheme's `linear` runs the fastest kernel for the call where one applies (`Scheme.kernel`:
-kernels/dequant_matmul.py, whose dispatch picks Triton on GPUs; on CPU fused matrix-vector code inside a compiled
-decoding step, aten's int8 / int4 kernels eagerly), its `reference` (dequantise, then multiply) elsewhere.
+kernels/dequant_matmul.py, whose dispatch picks Triton on GPUs and zoo's own C++ kernel on CPU (csrc/quant_linear.cpp,
+eager and inside a compiled step alike; aten's int8 / int4 kernels where that library could not be built), its
+`reference` (dequantise, then multiply) elsewhere.
 A kernel that reads its own arrangement of the codes (aten's int4 one) gets it from the scheme's `prepare`, once,
 at the layer's first call: the stored tensors are replaced by it, not kept beside it, and the layer's state_dict
 still gives the stored form.
@@ -39,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.kernels import bitlinear as bitlinear_kernels
-from zoo.architectures.kernels.dequant_matmul import fast_dequant_matmul, int4pack_mm_cpu
+from zoo.architectures.kernels.dequant_matmul import cpu_kernels_available, fast_dequant_matmul, int4pack_mm_cpu
 
 
 class Stored(NamedTuple):
@@ -220,12 +221,16 @@ def from_int4pack_cpu(packed: torch.Tensor, scales_zeros: torch.Tensor, in_featu
 
 
 class Int4Kernel:
-    """prepare/restore of the int4 schemes: aten's CPU int4 kernel (tinygemm) on its own packing of the codes,
-    for bf16/fp16 computation (in fp32 that kernel is slower than dequantising: `bench_decode.py --kernels`)."""
+    """prepare/restore of the int4 schemes. zoo's C++ CPU kernel (kernels/dequant_matmul.cpu_quant_linear) reads
+    the stored nibbles as they are: nothing to prepare. Only where that library is unavailable, aten's CPU int4
+    kernel (tinygemm) on its own packing of the codes, for bf16/fp16 computation (in fp32 that kernel is slower
+    than dequantising: `bench_decode.py --kernels`)."""
 
     def prepare(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         scale = t["weight_scale"]
-        if scale.dtype not in (torch.bfloat16, torch.float16):
+        if scale.dtype not in (torch.bfloat16, torch.float16) or t["weight"].device.type != "cpu":
+            return None
+        if cpu_kernels_available():
             return None
         made = to_int4pack_cpu(t["weight"], scale, t.get("weight_zero"), scale.dtype)
         return None if made is None else {"int4pack": made[0], "int4pack_scales_zeros": made[1]}

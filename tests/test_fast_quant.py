@@ -44,7 +44,8 @@ def test_int4_groups_quantise_with_torchaos_arithmetic(dtype, group):
     assert (error <= scale.float()[..., None] * steps + 1e-7).all()
 
 
-def test_int4_layer_runs_atens_kernel_on_its_own_packing_and_keeps_one_copy():
+def test_int4_layer_runs_atens_kernel_on_its_own_packing_and_keeps_one_copy(monkeypatch):
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")  # aten's kernel: the fallback where zoo's C++ kernels are unavailable
     torch.manual_seed(0)
     w, b, x = torch.randn(64, 256) * 0.05, torch.randn(64), torch.randn(3, 256)
     layer = PackedLinear(256, 64, True, "int4-group32", torch.bfloat16)

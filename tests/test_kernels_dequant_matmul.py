@@ -95,7 +95,9 @@ def test_triton_kernel_bf16_within_weight_rounding(rows):
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (8, 32), (4, None), (4, 32)])
-def test_cpu_matrix_vector_form_matches_the_reference(bits, group):
+def test_cpu_matrix_vector_form_matches_the_reference(bits, group, monkeypatch):
+    """Without zoo's C++ kernels (ZOO_CPU_KERNELS=0; tests/test_kernels_cpu_quant.py covers them)."""
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
     scheme, t = packed(bits, 33, 128, group)
     q, scale = t["weight"], t["weight_scale"]
     x, b = rand(1, 1, 128, seed=2), rand(33, seed=3)
@@ -107,7 +109,8 @@ def test_cpu_matrix_vector_form_matches_the_reference(bits, group):
     assert torch.equal(scheme.linear(x3, t, None), scheme.reference(x3, t, None))
 
 
-def test_one_bf16_row_on_cpu_runs_atens_int8_kernel_equal_to_the_reference():
+def test_one_bf16_row_on_cpu_runs_atens_int8_kernel_equal_to_the_reference(monkeypatch):
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")  # aten's kernel is the fallback of zoo's own
     scheme, t = packed(8, 48, 64)
     t = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}
     x = rand(1, 64, seed=2, dtype=torch.bfloat16)

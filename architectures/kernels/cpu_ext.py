@@ -58,7 +58,7 @@ COMMON_FLAGS = ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-DNDEBUG", "-w"]
 
 # The modules that declare fake impls (@fake) of the library's ops: imported when it loads, so an op traces inside
 # torch.compile whoever calls it first.
-FAKE_MODULES = ("zoo.architectures.kernels.linear",)
+FAKE_MODULES = ("zoo.architectures.kernels.linear", "zoo.architectures.kernels.dequant_matmul")
 _FAKES: dict[str, Callable] = {}
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # ISA -> torch.ops.zoo_cpu, or None when unavailable

@@ -9,17 +9,50 @@ the formats, their quantisers and the plain reference, Scheme.reference: dequant
 This module only multiplies. `fast_dequant_matmul` is the fastest kernel for a call, or None where the reference
 is the best there is: the Triton kernel (dequant_matmul_triton.py: the codes are unpacked and scaled in
 registers, the full-precision weight never exists in memory) where the dispatch (dispatch.py) picks Triton; on
-CPU, for one token inside a compiled graph, the matrix-vector form below, which Inductor turns into one fused read
-of the codes, eagerly aten's int8 matrix-vector kernel (bf16/fp16) (`benchmarks/bench_decode.py --kernels`
-measures the formulations). For int4 on CPU the fast kernel is aten's tinygemm one (`int4pack_mm_cpu`), on its
-own packing of the codes (quant.to_int4pack_cpu), which the quantised model makes once.
+CPU zoo's C++ kernel `zoo_cpu::quant_linear` (csrc/quant_linear.cpp, built once per machine and instruction set
+by cpu_ext.py) on the stored codes, eagerly and inside compiled graphs alike (an opaque op there, so a compiled
+step runs the same kernel and is never slower than the eager one): few rows widen the codes to fp32 and multiply
+the exact activations (the reference's arithmetic, summed in another order), many rows dequantise blocks of rows
+and multiply them with at::mm (`benchmarks/bench_cpu_quant.py` measures it against aten's kernels and a plain
+read). Where the library is off or could not be built (cpu_ext.library() is None): inside a compiled graph the
+matrix-vector form below (one fused read of int8 codes), eagerly aten's int8 matrix-vector kernel (bf16/fp16),
+and for int4 aten's tinygemm kernel (`int4pack_mm_cpu`) on its own packing of the codes (quant.to_int4pack_cpu),
+which the quantised model then makes once.
 """
 
 from __future__ import annotations
 
 import torch
+from zoo.architectures.kernels import cpu_ext
 from zoo.architectures.kernels.dispatch import COMPILED, TRITON, backend
 from zoo.architectures.kernels.matvec import computed_once
+
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations zoo_cpu::quant_linear takes
+
+
+@cpu_ext.fake("zoo_cpu::quant_linear")
+def _quant_linear_fake(x, q, scale, zero, bias, bits):
+    return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
+def cpu_kernels_available() -> bool:
+    """Whether zoo's C++ quantised linear runs on this machine (the library is on and built): what the int4
+    schemes ask before rearranging their codes for aten's kernel, which they then do not need."""
+    return cpu_ext.library() is not None
+
+
+def cpu_quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
+                     bias: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [..., in] @ w^T (+ bias) by zoo_cpu::quant_linear on the stored codes, in x's dtype, or None where it
+    does not apply (not CPU tensors, another dtype, a gradient wanted, the library unavailable)."""
+    if x.device.type != "cpu" or x.dtype not in CPU_DTYPES or scale.dtype not in CPU_DTYPES:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None  # the op has no backward
+    ops = cpu_ext.library()
+    if ops is None:
+        return None
+    return ops.quant_linear(x, q, scale, zero, bias, bits)
 
 
 def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
@@ -53,17 +86,21 @@ def fast_dequant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b
                         bias: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor | None:
     """Weight-only quantised linear by the fastest kernel for this call, or None where the plain reference (the
     scheme's dequantise-then-multiply) is the best there is: the Triton kernel where the dispatch picks Triton; on
-    CPU, for one token, the fused matrix-vector form inside a compiled graph (int8) or aten's int8 kernel eagerly
-    (bf16/fp16, one scale per row).
+    CPU zoo's C++ kernel (cpu_quant_linear) for any number of rows, eager or compiled; without it, for one token,
+    the fused matrix-vector form inside a compiled graph (int8) or aten's int8 kernel eagerly (bf16/fp16, one
+    scale per row).
 
-    int4 single tokens take the reference on CPU too: Inductor vectorises the nibble unpacking poorly (about
-    2 GB/s against 20 for int8 codes, `bench_decode.py --kernels`), so there the fast path is aten's own int4
-    kernel on its own packing (quant.to_int4pack_cpu), which the quantised model prepares once."""
+    Without the C++ kernel int4 single tokens take the reference on CPU too: Inductor vectorises the nibble
+    unpacking poorly (about 2 GB/s against 20 for int8 codes, `bench_decode.py --kernels`), so there the fast path
+    is aten's own int4 kernel on its own packing (quant.to_int4pack_cpu), which the quantised model prepares once."""
     where = backend(x, scale)
     if where == TRITON:
         from zoo.architectures.kernels.dequant_matmul_triton import dequant_matmul_triton
 
         return dequant_matmul_triton(x, q, scale, bits, bias, zero)
+    y = cpu_quant_linear(x, q, scale, bits, bias, zero)
+    if y is not None:
+        return y
     one_row = x.numel() == x.shape[-1]
     if bits == 8 and one_row and zero is None and x.device.type == "cpu":
         if where == COMPILED:

@@ -1,0 +1,458 @@
+// Weight-only int8 / int4 linear on CPU, on the layouts architectures/quant.py stores (never rearranged):
+//
+//   int8: codes int8 [N, K];                 w[n, k] = code[n, k] * scale[n, k / gs]
+//   int4: nibbles int8 [N, K / 2], byte j = (code[2j] << 4) | (code[2j + 1] & 0xF), both signed;
+//         w[n, k] = code[n, k] * scale[n, k / gs] (+ zero[n, k / gs] for the affine schemes)
+//   scale / zero: [N, G] (or [N]: G = 1), gs = K / G, in fp32, bf16 or fp16.
+//
+// y[m, n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] x[m, k]) + zero[n, g] * (sum_{k in g} x[m, k]) + bias[n]
+//
+// Few rows (decode, M <= kRowsMax): each weight row is read once for all rows of x; codes are widened to fp32
+// and multiplied with the exact fp32 activations (no activation quantisation: the scheme's reference arithmetic,
+// rounded differently only by the order of the sums). int4 needs no rearranged copy: x is split into its even
+// and odd columns once per call, and the high / low nibbles of each byte multiply those. bf16 activations on
+// CPUs with AVX-512 BF16 (runtime check) take bf16 dot products for int4 instead (rows_kernel_bf16).
+// Many rows (prefill): blocks of weight rows dequantised into a small buffer (fp32, or bf16 for bf16 activations on
+// CPUs with native bf16 dot products), each multiplied by at::mm.
+//
+// One source for every instruction set: CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2 (set by cpu_ext's build)
+// pick the vector width, otherwise plain C++ the compiler vectorises as it can.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kRowsMax = 8;  // rows of x the matrix-vector kernel takes; more: dequantise + at::mm
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t VL = 16;  // fp32 lanes = code bytes per step
+using vf = __m512;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vset1(float s) { return _mm512_set1_ps(s); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+inline __m512i bytes_i32(const int8_t* p) {
+  return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline vf codes8(const int8_t* p) { return _mm512_cvtepi32_ps(bytes_i32(p)); }
+// a nibble's value by table lookup: vpermps reads only the low 4 bits of each lane's index
+inline void codes4(const int8_t* p, vf& hi, vf& lo) {
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  __m512i b = bytes_i32(p);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+  lo = _mm512_permutexvar_ps(b, table);
+}
+constexpr float kHiMul = 1.f, kLoMul = 1.f;  // codes4 gives the codes themselves
+inline float hi_raw(int8_t b) { return static_cast<float>(b >> 4); }
+inline float lo_raw(int8_t b) { return static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(b) << 4) >> 4); }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t VL = 8;
+using vf = __m256;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vset1(float s) { return _mm256_set1_ps(s); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256i bytes_i32(const int8_t* p) {
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline vf codes8(const int8_t* p) { return _mm256_cvtepi32_ps(bytes_i32(p)); }
+// the codes times powers of two, one shift or mask each (the activations are pre-multiplied by the inverse,
+// exactly): b & ~15 = 16 * high nibble of a sign-extended byte, b << 28 = 2^28 * low nibble
+inline void codes4(const int8_t* p, vf& hi, vf& lo) {
+  __m256i b = bytes_i32(p);
+  hi = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(-16)));
+  lo = _mm256_cvtepi32_ps(_mm256_slli_epi32(b, 28));
+}
+constexpr float kHiMul = 1.f / 16, kLoMul = 1.f / 268435456;  // 2^-4, 2^-28
+inline float hi_raw(int8_t b) { return static_cast<float>(static_cast<int32_t>(b) & -16); }
+inline float lo_raw(int8_t b) { return static_cast<float>(static_cast<int32_t>(static_cast<uint32_t>(b) << 28)); }
+#else
+constexpr int64_t VL = 1;
+using vf = float;
+inline vf vzero() { return 0.f; }
+inline vf vload(const float* p) { return *p; }
+inline vf vset1(float s) { return s; }
+inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+inline float vsum(vf a) { return a; }
+inline vf codes8(const int8_t* p) { return static_cast<float>(*p); }
+inline float hi_raw(int8_t b) { return static_cast<float>(b >> 4); }
+inline float lo_raw(int8_t b) { return static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(b) << 4) >> 4); }
+inline void codes4(const int8_t* p, vf& hi, vf& lo) { hi = hi_raw(*p); lo = lo_raw(*p); }
+constexpr float kHiMul = 1.f, kLoMul = 1.f;
+#endif
+
+inline int hi_nibble(int8_t b) { return b >> 4; }
+inline int lo_nibble(int8_t b) { return static_cast<int8_t>(static_cast<uint8_t>(b) << 4) >> 4; }
+
+// The rows kernel's view of one call. xs: per row of x, Kb floats the code bytes multiply (int8: x itself;
+// int4: x's even columns then its odd columns, Kb each). xsum: per row, per group, sum of x (affine zero points).
+struct Call {
+  const int8_t* q;
+  int64_t N, Kb, G, gb;  // output rows, code bytes per row, groups per row, code bytes per group
+  const float* xs;
+  int64_t xs_stride;
+  const float* xsum;
+  void* y;  // [M, N] in x's dtype
+  at::ScalarType ydtype;
+  const float* bias;  // [N] or null
+  const uint16_t* xb;  // int4 with bf16 dot products: per row, x's even then odd columns as bf16 bits; else null
+};
+
+inline void store(const Call& c, int64_t i, int64_t n, float v) {
+  if (c.bias != nullptr) v += c.bias[n];
+  switch (c.ydtype) {
+    case at::kBFloat16: static_cast<at::BFloat16*>(c.y)[i] = v; break;
+    case at::kHalf: static_cast<at::Half*>(c.y)[i] = v; break;
+    default: static_cast<float*>(c.y)[i] = v;
+  }
+}
+
+inline float fp32(const void* p, at::ScalarType t, int64_t i) {
+  switch (t) {
+    case at::kBFloat16: return static_cast<float>(static_cast<const at::BFloat16*>(p)[i]);
+    case at::kHalf: return static_cast<float>(static_cast<const at::Half*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// y[m0 .. m0 + MR, n] for n in [n0, n1). U vectors of codes per step, each with its own accumulators, so that
+// at least four independent FMA chains hide the FMA latency.
+template <int MR, bool INT4, typename S>
+void rows_kernel(const Call& c, const S* scale, const S* zero, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int U = MR >= 4 ? 1 : (MR == 1 ? 4 : 2);
+  const float* xr[MR];
+  for (int r = 0; r < MR; ++r) xr[r] = c.xs + (m0 + r) * c.xs_stride;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* qn = c.q + n * c.Kb;
+    vf tot[MR];
+    float tail[MR];
+    for (int r = 0; r < MR; ++r) { tot[r] = vzero(); tail[r] = 0.f; }
+    for (int64_t g = 0; g < c.G; ++g) {
+      const int64_t j0 = g * c.gb, j1 = j0 + c.gb;
+      vf acc[U][MR];
+      float sacc[MR];
+      for (int r = 0; r < MR; ++r) {
+        for (int u = 0; u < U; ++u) acc[u][r] = vzero();
+        sacc[r] = 0.f;
+      }
+      auto step = [&](int u, int64_t j) {
+        if constexpr (INT4) {
+          vf hi, lo;
+          codes4(qn + j, hi, lo);
+          for (int r = 0; r < MR; ++r) {
+            acc[u][r] = vfma(hi, vload(xr[r] + j), acc[u][r]);
+            acc[u][r] = vfma(lo, vload(xr[r] + c.Kb + j), acc[u][r]);
+          }
+        } else {
+          const vf w = codes8(qn + j);
+          for (int r = 0; r < MR; ++r) acc[u][r] = vfma(w, vload(xr[r] + j), acc[u][r]);
+        }
+      };
+      int64_t j = j0;
+      for (; j + U * VL <= j1; j += U * VL) {
+        for (int u = 0; u < U; ++u) step(u, j + u * VL);
+      }
+      for (; j + VL <= j1; j += VL) step(0, j);
+      for (; j < j1; ++j) {  // a group that is not a whole number of vectors
+        for (int r = 0; r < MR; ++r) {
+          if constexpr (INT4) {
+            sacc[r] += hi_raw(qn[j]) * xr[r][j] + lo_raw(qn[j]) * xr[r][c.Kb + j];
+          } else {
+            sacc[r] += qn[j] * xr[r][j];
+          }
+        }
+      }
+      const float s = static_cast<float>(scale[n * c.G + g]);
+      const vf sv = vset1(s);
+      for (int r = 0; r < MR; ++r) {
+        vf a = acc[0][r];
+        for (int u = 1; u < U; ++u) a = a + acc[u][r];
+        tot[r] = vfma(a, sv, tot[r]);
+        tail[r] += s * sacc[r];
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      float v = vsum(tot[r]) + tail[r];
+      if (zero != nullptr) {
+        const float* xsr = c.xsum + (m0 + r) * c.G;
+        for (int64_t g = 0; g < c.G; ++g) v += static_cast<float>(zero[n * c.G + g]) * xsr[g];
+      }
+      store(c, (m0 + r) * c.N + n, n, v);
+    }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// int4 x bf16 activations on CPUs with AVX-512 BF16 dot products (vdpbf16ps: 32 bf16 products a step, each exact
+// in fp32): twice the codes per instruction of the fp32 kernel. The nibbles become bf16 by a table lookup
+// (vpermw reads 5 bits of each index: the 16 values twice, so a whole byte indexes its low nibble); x is the bf16
+// input itself, so the products are the reference's and only the order of the sums differs.
+// Groups a whole number of 32-byte steps (int4-group64 and wider, most int4-row layers).
+template <int MR, int NR, typename S>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_kernel_bf16(const Call& c, const S* scale,
+                                                                              const S* zero, int64_t m0, int64_t n0,
+                                                                              int64_t n1) {
+  // NR output rows at once: a group is only two steps, so one row's chains (dot, dot, scale) are latency-bound
+  alignas(64) static const uint16_t kTable[32] = {
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
+  const __m512i table = _mm512_load_si512(kTable);
+  const uint16_t* xr[MR];
+  for (int r = 0; r < MR; ++r) xr[r] = c.xb + (m0 + r) * 2 * c.Kb;
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int nr = static_cast<int>(std::min<int64_t>(NR, n1 - n));
+    if (NR > 1 && nr < NR) {  // the last odd row of a task
+      rows_kernel_bf16<MR, 1>(c, scale, zero, m0, n, n1);
+      return;
+    }
+    __m512 tot[NR][MR];
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < MR; ++r) tot[i][r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < c.G; ++g) {
+      __m512 acc_hi[NR][MR], acc_lo[NR][MR];
+      for (int i = 0; i < NR; ++i)
+        for (int r = 0; r < MR; ++r) { acc_hi[i][r] = _mm512_setzero_ps(); acc_lo[i][r] = _mm512_setzero_ps(); }
+      for (int64_t j = g * c.gb; j < (g + 1) * c.gb; j += 32) {
+        for (int i = 0; i < NR; ++i) {
+          const int8_t* qn = c.q + (n + i) * c.Kb;
+          const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn + j)));
+          const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
+          const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(b, table);
+          for (int r = 0; r < MR; ++r) {
+            acc_hi[i][r] = _mm512_dpbf16_ps(acc_hi[i][r], hi, (__m512bh)_mm512_loadu_si512(xr[r] + j));
+            acc_lo[i][r] = _mm512_dpbf16_ps(acc_lo[i][r], lo, (__m512bh)_mm512_loadu_si512(xr[r] + c.Kb + j));
+          }
+        }
+      }
+      for (int i = 0; i < NR; ++i) {
+        const __m512 sv = _mm512_set1_ps(static_cast<float>(scale[(n + i) * c.G + g]));
+        for (int r = 0; r < MR; ++r)
+          tot[i][r] = _mm512_fmadd_ps(_mm512_add_ps(acc_hi[i][r], acc_lo[i][r]), sv, tot[i][r]);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      for (int r = 0; r < MR; ++r) {
+        float v = _mm512_reduce_add_ps(tot[i][r]);
+        if (zero != nullptr) {
+          const float* xsr = c.xsum + (m0 + r) * c.G;
+          for (int64_t g = 0; g < c.G; ++g) v += static_cast<float>(zero[(n + i) * c.G + g]) * xsr[g];
+        }
+        store(c, (m0 + r) * c.N + n + i, n + i, v);
+      }
+    }
+  }
+}
+#endif
+
+template <bool INT4, typename S>
+void rows_all(const Call& c, const S* scale, const S* zero, int64_t M) {
+  // at least ~64 KiB of codes per task: the small projections (128 x 896) run on one or two threads
+  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(c.Kb, 1));
+  at::parallel_for(0, c.N, grain, [&](int64_t n0, int64_t n1) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (INT4 && c.xb != nullptr) {
+      for (int64_t m = 0; m < M;) {
+        switch (std::min<int64_t>(M - m, 4)) {
+          case 4: rows_kernel_bf16<4, 1>(c, scale, zero, m, n0, n1); m += 4; break;
+          case 3: rows_kernel_bf16<3, 1>(c, scale, zero, m, n0, n1); m += 3; break;
+          case 2: rows_kernel_bf16<2, 2>(c, scale, zero, m, n0, n1); m += 2; break;
+          default: rows_kernel_bf16<1, 4>(c, scale, zero, m, n0, n1); m += 1; break;
+        }
+      }
+      return;
+    }
+#endif
+    for (int64_t m = 0; m < M;) {
+      switch (std::min<int64_t>(M - m, 4)) {
+        case 4: rows_kernel<4, INT4>(c, scale, zero, m, n0, n1); m += 4; break;
+        case 3: rows_kernel<3, INT4>(c, scale, zero, m, n0, n1); m += 3; break;
+        case 2: rows_kernel<2, INT4>(c, scale, zero, m, n0, n1); m += 2; break;
+        default: rows_kernel<1, INT4>(c, scale, zero, m, n0, n1); m += 1; break;
+      }
+    }
+  });
+}
+
+// Rows [n0, n1) of the weight, dequantised (fp32 arithmetic, rounded once to T) into buf [n1 - n0, K]. int4 rows
+// come out with their columns permuted (the even ones, then the odd ones: two contiguous stores the compiler
+// vectorises), which the caller matches by permuting x's columns alike.
+template <bool INT4, typename S, typename T>
+void dequant_rows(const int8_t* q, const S* scale, const S* zero, int64_t Kb, int64_t G, int64_t n0, int64_t n1,
+                  T* buf) {
+  const int64_t K = INT4 ? 2 * Kb : Kb, gs = K / G;
+  at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      const int8_t* qn = q + n * Kb;
+      T* out = buf + (n - n0) * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = static_cast<float>(scale[n * G + g]);
+        const float z = zero != nullptr ? static_cast<float>(zero[n * G + g]) : 0.f;
+        const int64_t k0 = g * gs, k1 = k0 + gs;
+        if constexpr (INT4) {
+          for (int64_t j = k0 / 2; j < k1 / 2; ++j) {
+            out[j] = static_cast<T>(hi_nibble(qn[j]) * s + z);
+            out[Kb + j] = static_cast<T>(lo_nibble(qn[j]) * s + z);
+          }
+        } else {
+          for (int64_t k = k0; k < k1; ++k) out[k] = static_cast<T>(qn[k] * s + z);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
+                        int64_t bits) {
+  TORCH_CHECK(bits == 8 || bits == 4, "zoo_cpu::quant_linear: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2, "zoo_cpu::quant_linear: codes must be int8 [out, in",
+              bits == 4 ? "/2" : "", "], got ", q.scalar_type(), " ", q.sizes());
+  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu(), "zoo_cpu::quant_linear: CPU tensors only");
+  const bool int4 = bits == 4;
+  const int64_t N = q.size(0), Kb = q.size(1), K = int4 ? 2 * Kb : Kb;
+  TORCH_CHECK(x.size(-1) == K, "zoo_cpu::quant_linear: x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(scale.numel() % N == 0 && scale.numel() > 0, "zoo_cpu::quant_linear: scale of shape ", scale.sizes(),
+              " for ", N, " rows");
+  const int64_t G = scale.numel() / N;
+  TORCH_CHECK(K % G == 0 && (!int4 || (K / G) % 2 == 0), "zoo_cpu::quant_linear: ", G, " groups do not tile ", K,
+              " columns");
+  const auto qc = q.contiguous();
+  const auto sc = scale.contiguous().reshape({N, G});
+  at::Tensor zc;
+  if (zero.has_value()) {
+    TORCH_CHECK(zero->numel() == N * G, "zoo_cpu::quant_linear: zero of shape ", zero->sizes(), ", scale ",
+                scale.sizes());
+    zc = zero->contiguous().to(sc.scalar_type()).reshape({N, G});
+  }
+  const int64_t M = x.numel() / K;
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "zoo_cpu::quant_linear: x must be fp32, bf16 or fp16, got ", x.scalar_type());
+  at::Tensor y;
+
+  if (M <= kRowsMax) {
+    // a few plain loops instead of ATen ops: at one token a layer's whole product takes tens of microseconds
+    const auto xc = x.contiguous();
+    const void* xp = xc.data_ptr();
+    const auto xt = xc.scalar_type();
+    const int64_t gs = K / G;
+    thread_local std::vector<float> work;
+    work.resize(M * (K + G) + N);
+    float* xs = work.data();  // int8: x; int4: x's even columns, then its odd ones (what the two nibbles multiply),
+    float* xsum = xs + M * K;  // times the powers of two codes4's representation of the nibbles asks for (exact)
+    float* bf = xsum + M * G;
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = xs + m * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = fp32(xp, xt, m * K + k);
+        if (int4) {
+          row[(k & 1) * Kb + k / 2] = v * ((k & 1) ? kLoMul : kHiMul);
+        } else {
+          row[k] = v;
+        }
+      }
+      if (zc.defined()) {
+        for (int64_t g = 0; g < G; ++g) {
+          float acc = 0.f;
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += fp32(xp, xt, m * K + k);
+          xsum[m * G + g] = acc;
+        }
+      }
+    }
+    const float* biasp = nullptr;
+    at::Tensor bc;
+    if (bias.has_value()) {
+      bc = bias->contiguous();
+      TORCH_CHECK(bc.numel() == N, "zoo_cpu::quant_linear: bias of ", bc.numel(), " for ", N, " outputs");
+      for (int64_t n = 0; n < N; ++n) bf[n] = fp32(bc.data_ptr(), bc.scalar_type(), n);
+      biasp = bf;
+    }
+    // bf16 int4 on CPUs with bf16 dot products: x's own bf16 bits, even columns then odd ones
+    const uint16_t* xb = nullptr;
+    thread_local std::vector<uint16_t> xbits;
+    if (int4 && xt == at::kBFloat16 && zoo_cpu::has_avx512_bf16() && (Kb / G) % 32 == 0) {
+      xbits.resize(M * K);
+      const auto* src = static_cast<const uint16_t*>(xp);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t k = 0; k < K; ++k) xbits[m * K + (k & 1) * Kb + k / 2] = src[m * K + k];
+      }
+      xb = xbits.data();
+    }
+    y = at::empty({M, N}, x.options());
+    Call c{qc.data_ptr<int8_t>(), N, Kb, G, Kb / G, xs, K, xsum, y.data_ptr(), x.scalar_type(), biasp, xb};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "zoo_cpu::quant_linear", [&] {
+      const scalar_t* zp = zc.defined() ? zc.data_ptr<scalar_t>() : nullptr;
+      if (int4) {
+        rows_all<true>(c, sc.data_ptr<scalar_t>(), zp, M);
+      } else {
+        rows_all<false>(c, sc.data_ptr<scalar_t>(), zp, M);
+      }
+    });
+    return y.view(out_sizes);
+  } else {
+    // blocks of ~2 MiB of dequantised rows: the buffer stays in cache between the dequantising and the product
+    // bf16 activations on a CPU with bf16 dot products: a bf16 buffer and oneDNN's bf16 product (as the
+    // reference computes); otherwise fp32 (bf16 GEMMs without native instructions are several times slower)
+    const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && zoo_cpu::has_avx512_bf16();
+    const auto wdtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
+    auto xw = x.reshape({M, K}).to(wdtype);
+    xw = (int4 ? at::cat({xw.slice(1, 0, K, 2), xw.slice(1, 1, K, 2)}, 1) : xw).contiguous();  // dequant_rows' order
+    const int64_t block = std::max<int64_t>(64, (int64_t{2} << 20) / (K * (bf16_gemm ? 2 : 4)));
+    const int64_t nb_max = std::min(block, N);
+    auto buf = at::empty({nb_max, K}, x.options().dtype(wdtype));
+    y = at::empty({M, N}, x.options().dtype(wdtype));
+    for (int64_t n0 = 0; n0 < N; n0 += nb_max) {
+      const int64_t n1 = std::min(N, n0 + nb_max);
+      auto w = buf.narrow(0, 0, n1 - n0);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "zoo_cpu::quant_linear", [&] {
+        const scalar_t* zp = zc.defined() ? zc.data_ptr<scalar_t>() : nullptr;
+        const int8_t* qp = qc.data_ptr<int8_t>();
+        const scalar_t* sp = sc.data_ptr<scalar_t>();
+        if (bf16_gemm) {
+          auto* bp = w.data_ptr<at::BFloat16>();
+          int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
+        } else {
+          auto* bp = w.data_ptr<float>();
+          int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
+        }
+      });
+      y.narrow(1, n0, n1 - n0).copy_(at::mm(xw, w.t()));
+    }
+  }
+  if (bias.has_value()) y.add_(*bias);
+  return y.to(x.scalar_type()).view(out_sizes);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
+  m.def("quant_linear(Tensor x, Tensor q, Tensor scale, Tensor? zero, Tensor? bias, int bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) { m.impl("quant_linear", &quant_linear); }

@@ -1,0 +1,185 @@
+"""zoo's C++ weight-only int8 / int4 CPU kernel (csrc/quant_linear.cpp, `zoo_cpu::quant_linear`) on the stored
+codes of every int8 / int4 scheme: equal to the scheme's reference (dequantise, then multiply) for odd shapes, one
+to nine rows (the matrix-vector kernel) and more (the dequantise-and-multiply blocks), grouped, per-row and affine
+scales, with and without bias, fp32 / bf16 / fp16 activations; the same in a process forced to the AVX2 and the
+scalar builds; an int4 layer keeps its stored form (no rearranged copy); the op is opaque in a compiled graph; a
+tiny quantised Qwen2 gives the reference path's logits and greedy tokens, eagerly and compiled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from zoo.architectures.kernels import cpu_ext
+from zoo.architectures.kernels.dequant_matmul import cpu_quant_linear, fast_dequant_matmul
+from zoo.architectures.quant import PackedLinear, get_scheme
+
+import zoo
+from tests.helpers import converted_tiny_qwen2, max_abs_diff
+from zoo.generation import Sampling, decode
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# scheme, out, in: per-row and grouped int8, GLM's signed-nibble int4 (per row, 2 groups), affine int4 groups;
+# sizes that are not multiples of the vector width (tails inside each group) and outputs not multiples of anything
+CASES = [
+    ("int8-row", 37, 96),
+    ("int8-row-g4", 19, 200),
+    ("int4-row", 37, 96),
+    ("int4-row-g2", 21, 68),
+    ("int4-group32", 33, 160),
+    ("int4-group128", 40, 256),
+]
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def library():
+    lib = cpu_ext.library()
+    assert lib is not None, "the CPU kernels did not build here (is a C++ compiler installed?)"
+    return lib
+
+
+def packed(name, out_f, in_f, dtype=torch.float32):
+    scheme = get_scheme(name)
+    return scheme, scheme.pack(rand(out_f, in_f, seed=1, dtype=dtype) * 0.05)
+
+
+def op(x, t, bits, bias=None):
+    return library().quant_linear(x, t["weight"], t["weight_scale"], t.get("weight_zero"), bias, bits)
+
+
+def bits_of(name):
+    return 8 if name.startswith("int8") else 4
+
+
+@pytest.mark.parametrize("name,out_f,in_f", CASES)
+def test_quant_linear_equals_the_schemes_reference_fp32_for_one_to_nine_rows_and_prefill(name, out_f, in_f):
+    scheme, t = packed(name, out_f, in_f)
+    b = rand(out_f, seed=3)
+    for rows in [*range(1, 10), 23]:  # 1..8: the matrix-vector kernel; 9 and 23: dequantised blocks + at::mm
+        for bias in (None, b):
+            x = rand(rows, in_f, seed=rows)
+            y = op(x, t, bits_of(name), bias)
+            assert y.shape == (rows, out_f) and y.dtype == torch.float32
+            assert max_abs_diff(y, scheme.reference(x, t, bias)) < 1e-5, (rows, bias is None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,out_f,in_f", [CASES[0], CASES[3], CASES[5], ("int4-group64", 37, 192)])
+def test_quant_linear_in_16_bits_is_the_exact_product_rounded_once(name, out_f, in_f, dtype):
+    """16-bit activations and scales: the kernel multiplies the exact values in fp32 (bf16 int4 with groups of
+    64 or more on AVX-512 BF16 CPUs: bf16 dot products, each product exact too; 37 outputs leave a remainder of the
+    four rows it takes at once) and rounds the output once; the reference rounds the dequantised weight to 16 bits
+    first, so the two differ by that rounding at most."""
+    scheme, t = packed(name, out_f, in_f, dtype)
+    for rows in (1, 3, 9, 17):
+        x = rand(2, rows, in_f, seed=rows, dtype=dtype)
+        y = op(x, t, bits_of(name))
+        assert y.shape == (2, rows, out_f) and y.dtype == dtype
+        exact = x.float() @ scheme.unpack(t, torch.float32).T
+        step = 2**-7 if dtype == torch.bfloat16 else 2**-10
+        bound = step * (x.float().abs() @ scheme.unpack(t, torch.float32).abs().T) + step * exact.abs() + 1e-6
+        assert ((y.float() - exact).abs() <= bound).all(), rows
+        assert max_abs_diff(y, scheme.reference(x, t, None)) < 0.05
+
+
+def test_cpu_dispatch_takes_the_kernel_for_any_rows_and_falls_back_without_it(monkeypatch):
+    scheme, t = packed("int4-group32", 33, 160)
+    x = rand(3, 160, seed=2)
+    y = fast_dequant_matmul(x, t["weight"], t["weight_scale"], 4, None, t["weight_zero"])
+    assert y is not None and torch.equal(y, op(x, t, 4))
+    assert cpu_quant_linear(x.requires_grad_(), t["weight"], t["weight_scale"], 4) is None  # no backward: PyTorch
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+    assert cpu_quant_linear(x, t["weight"], t["weight_scale"], 4) is None
+    assert torch.equal(scheme.linear(x.detach(), t, None), scheme.reference(x.detach(), t, None))
+
+
+def test_an_int4_layer_keeps_its_stored_form_with_the_kernel():
+    w, b, x = rand(64, 256, seed=1) * 0.05, rand(64, seed=2), rand(3, 256, seed=3)
+    layer = PackedLinear(256, 64, True, "int4-group32", torch.bfloat16)
+    for name, t in layer.scheme.pack(w.bfloat16()).items():
+        setattr(layer, name, t)
+    layer.bias = torch.nn.Parameter(b.bfloat16())
+    stored = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(x.bfloat16())
+    assert layer.kernel == ()  # nothing rearranged: the kernel reads the stored nibbles
+    assert all(torch.equal(stored[k], v) for k, v in layer.state_dict().items())
+    assert max_abs_diff(y, layer.scheme.reference(x.bfloat16(), layer.packed(), layer.bias)) < 0.05
+
+
+def test_the_op_is_one_opaque_node_of_a_compiled_graph():
+    scheme, t = packed("int8-row", 48, 64)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    f = torch.compile(lambda x: scheme.linear(x, t, None) * 2, backend=backend, fullgraph=True)
+    x = rand(1, 64, seed=2)
+    assert max_abs_diff(f(x), scheme.reference(x, t, None) * 2) < 1e-5
+    assert torch.ops.zoo_cpu.quant_linear in seen  # the op itself, not a decomposition of it
+
+
+FORCED = """
+import torch
+from zoo.architectures.kernels import cpu_ext
+from zoo.architectures.quant import get_scheme
+lib = cpu_ext.library()
+worst = 0.0
+for name, out_f, in_f in {cases}:
+    scheme = get_scheme(name)
+    t = scheme.pack(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)) * 0.05)
+    b = torch.randn(out_f)
+    for rows in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(rows, in_f)
+        y = lib.quant_linear(x, t["weight"], t["weight_scale"], t.get("weight_zero"), b, 8 if "int8" in name else 4)
+        worst = max(worst, (y - scheme.reference(x, t, b)).abs().max().item())
+print(lib.build_isa(), torch.backends.cpu.get_cpu_capability(), worst)
+"""
+
+
+@pytest.mark.parametrize("capability,isa", [("avx2", "AVX2"), ("default", "DEFAULT")])
+def test_the_forced_avx2_and_scalar_builds_equal_the_reference(capability, isa):
+    library()  # the session's cache (tests/conftest.py) holds the native build; the forced one is built once
+    result = subprocess.run([sys.executable, "-c", FORCED.format(cases=CASES)], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, "ATEN_CPU_CAPABILITY": capability}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    built, aten, worst = result.stdout.split()
+    assert built == isa and aten.upper() == isa
+    assert float(worst) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return converted_tiny_qwen2(tmp_path_factory.mktemp("qwen2"), tie=True)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantised_tiny_qwen2_gives_the_reference_paths_logits_and_tokens(qwen2, scheme, monkeypatch):
+    """fp32: without the library every layer (and the int8 tied head) takes the scheme's reference."""
+    library()
+    model = zoo.load(qwen2 / "native", dtype=torch.float32, quantize=scheme)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    rows = [[5, 17, 42, 7]]
+    logits = model(ids)
+    tokens = [int(t) for t in decode(model.module, rows, 12, Sampling(), set(), compile=False)]
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+    assert max_abs_diff(logits, model(ids)) < 1e-4
+    assert tokens == [int(t) for t in decode(model.module, rows, 12, Sampling(), set(), compile=False)]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_compiled_quantised_decoding_gives_the_eager_tokens(qwen2, scheme):
+    library()
+    model = zoo.load(qwen2 / "native", dtype=torch.bfloat16, quantize=scheme)
+    rows = [[5, 17, 42, 7]]
+    eager = [int(t) for t in decode(model.module, rows, 10, Sampling(), set(), compile=False)]
+    compiled = [int(t) for t in decode(model.module, rows, 10, Sampling(), set(), compile=True)]
+    assert compiled == eager
