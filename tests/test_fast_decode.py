@@ -150,15 +150,16 @@ def facts(**kw) -> generation.CompileFacts:
 
 def test_compile_default_never_picks_a_step_measured_slower_than_eager():
     """Every corner of the table walked: a ratio <= 1 stays eager however long the generation and even when a
-    step is compiled already; a corner with no measurement (an ARM CPU, a GPU, AVX-512 int8) stays eager too."""
+    step is compiled already; a corner with no measurement (an ARM CPU, a GPU, ternary weights) stays eager too."""
     long = dict(weight_bytes=10**10, new_tokens=10**6)
     for (device, isa, weights), speedup in generation.COMPILED_SPEEDUP.items():
         for already in (False, True):
             got = generation.compile_pays(facts(device=device, isa=isa, weights=weights, compiled_already=already,
                                                 **long))
             assert got == (speedup > 1), (device, isa, weights, already)
-    for device, isa, weights in (("cpu", "AVX2", "int8"), ("cpu", "AVX2", "int4"), ("cpu", "DEFAULT", "bfloat16"),
-                                 ("cpu", "AVX512", "int8"), ("cuda", "*", "bfloat16"), ("cpu", "AVX2", "ternary")):
+    assert generation.COMPILED_SPEEDUP[("cpu", "AVX2", "int8")] <= 1  # the slow corner of issue 20 stays eager
+    for device, isa, weights in (("cpu", "DEFAULT", "bfloat16"), ("cpu", "ASIMD", "bfloat16"),
+                                 ("cuda", "*", "bfloat16"), ("cpu", "AVX2", "ternary")):
         assert not generation.compile_pays(facts(device=device, isa=isa, weights=weights, **long))
 
 

@@ -349,17 +349,22 @@ def beam_search(
 # BENCHMARKS.md keeps the runs). Weights: the float dtype ("float32", "bfloat16") or the quantisation ("int8", "int4").
 # A missing entry, or a ratio <= 1, keeps that corner eager by default; compile=True still compiles.
 COMPILED_SPEEDUP: dict[tuple[str, str, str], float] = {
-    ("cpu", "AVX512", "float32"): 2.54,  # 16.0 / 6.3 tok/s (BENCHMARKS.md "decode", AVX-512 BF16/VNNI EPYC)
-    ("cpu", "AVX512", "bfloat16"): 1.91,  # 24.4 / 12.8 (same run)
-    ("cpu", "AVX2", "bfloat16"): 1.34,  # 14.3 / 10.7 (BENCHMARKS.md "structure-avx2")
-    ("cpu", "AVX2", "int8"): 0.16,  # 2.6 / 16.3 (issue 20, AVX2-only EPYC)
-    ("cpu", "AVX2", "int4"): 0.49,  # 7.0 / 14.4 (issue 20)
+    # BENCHMARKS.md "matrix-avx512" / "matrix-avx2" (Intel Xeon, AVX-512 BF16/AMX; AVX2 forced), eager on zoo's C++
+    # kernels; where the fp32 and bf16 activations differ, the lower of the two
+    ("cpu", "AVX512", "float32"): 1.04,  # 9.7 / 9.3 tok/s
+    ("cpu", "AVX512", "bfloat16"): 0.84,  # 14.3 / 17.0
+    ("cpu", "AVX512", "int8"): 1.13,  # 20.8 / 18.4 (bf16); 21.8 / 18.2 (fp32)
+    ("cpu", "AVX512", "int4"): 1.05,  # 19.0 / 18.0 (fp32); 23.6 / 20.7 (bf16)
+    ("cpu", "AVX2", "float32"): 1.00,  # 10.7 / 10.8
+    ("cpu", "AVX2", "bfloat16"): 1.02,  # 14.7 / 14.5
+    ("cpu", "AVX2", "int8"): 0.74,  # 12.2 / 16.4 (fp32); 16.6 / 15.1 (bf16)
+    ("cpu", "AVX2", "int4"): 1.10,  # 17.6 / 15.9 (bf16); 18.2 / 16.1 (fp32)
 }
 # Compiling costs seconds with a warm Inductor cache (under $ZOO_HOME: `inductor_cache`) to a minute the first time
 # on a machine, for a 0.5B model. A token's time is about its weights' bytes over the memory bandwidth, and the
 # compiled step saves (1 - 1/speed-up) of it, so compiling pays from this many weight bytes saved over a generation
-# (weights x new tokens x (1 - 1/speed-up); ~5 s of a 30 GB/s read): Qwen2-0.5B in bf16 (1 GB) at 1.9x from ~330 new
-# tokens, a 7B model from ~25; the 24 MB embedded model practically never.
+# (weights x new tokens x (1 - 1/speed-up); ~5 s of a 30 GB/s read): Qwen2-0.5B int8 (0.5 GB) at 1.13x from ~2600 new
+# tokens, a 7B model int8 from ~190; the 24 MB embedded model practically never.
 COMPILE_PAYS = 150 * 10**9
 
 
