@@ -121,3 +121,11 @@ def tiny_glm(path: Path, seed: int = 0):
         "max_sequence_length": 512, "mask_token_id": 250, "gmask_token_id": 251, "smask_token_id": 252,
         "sop_token_id": 254})
     return shards
+
+
+def torchrun_env(monkeypatch, world: int) -> None:
+    """The environment torchrun gives rank 0 of a `world`-process job, set in this process (refusals that come
+    before any process group is made are tested this way)."""
+    for var, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29999").items():
+        monkeypatch.setenv(var, value)

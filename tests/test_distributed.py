@@ -213,12 +213,6 @@ def weightless(tmp_path):
     return native
 
 
-def _torchrun_env(monkeypatch, world: int) -> None:
-    for var, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT="29999").items():
-        monkeypatch.setenv(var, value)
-
-
 def test_tp_outside_torchrun_says_how_to_launch(weightless, monkeypatch):
     for var in TORCHRUN_ENV:
         monkeypatch.delenv(var, raising=False)
@@ -227,13 +221,13 @@ def test_tp_outside_torchrun_says_how_to_launch(weightless, monkeypatch):
 
 
 def test_tp_different_from_world_size_is_refused(weightless, monkeypatch):
-    _torchrun_env(monkeypatch, world=1)
+    helpers.torchrun_env(monkeypatch, world=1)
     with pytest.raises(DistributedConfigError, match=r"tp=2 but this job has 1 processes"):
         zoo.load(weightless, tp=2)
 
 
 def test_tp_not_dividing_key_value_heads_is_refused_naming_the_degrees_that_work(weightless, monkeypatch):
-    _torchrun_env(monkeypatch, world=4)
+    helpers.torchrun_env(monkeypatch, world=4)
     with pytest.raises(DistributedConfigError, match=r"2 key/value heads of layers.0.attn.k_proj.*not supported.*"
                                                       r"\[1, 2\]"):
         zoo.load(weightless, tp=4)
@@ -241,7 +235,7 @@ def test_tp_not_dividing_key_value_heads_is_refused_naming_the_degrees_that_work
 
 
 def test_tp_not_dividing_query_heads_is_refused(weightless, monkeypatch):
-    _torchrun_env(monkeypatch, world=3)
+    helpers.torchrun_env(monkeypatch, world=3)
     with pytest.raises(DistributedConfigError, match=r"tp=3 does not divide the 4 heads of layers.0.attn.q_proj"):
         zoo.load(weightless, tp=3)
 

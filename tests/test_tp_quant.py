@@ -184,16 +184,10 @@ def _weightless(directory: Path) -> Path:
     return directory
 
 
-def _torchrun_env(monkeypatch, world: int) -> None:
-    for var, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT="29999").items():
-        monkeypatch.setenv(var, value)
-
-
 def test_int4_groups_cut_by_tp_are_refused_naming_the_layer(tmp_path, monkeypatch):
     helpers.tiny_qwen2(tmp_path / "hf")
     native = _weightless(zoo.convert(tmp_path / "hf", tmp_path / "native", progress=False))
-    _torchrun_env(monkeypatch, world=2)
+    helpers.torchrun_env(monkeypatch, world=2)
     # o_proj has 64 inputs: one group of 64 (int4-group128's largest that fits), which two ranks would cut
     with pytest.raises(DistributedConfigError, match=r"tp=2 cannot split the packed weight of layers.0.attn.o_proj "
                                                      r"\(rowwise\).*would cut tensor 'weight_scale'"):
@@ -207,7 +201,7 @@ def test_published_scale_groups_not_divided_by_tp_are_refused(tmp_path, monkeypa
     R.write_sat_checkpoint(tmp_path / "sat", shards, model_config=json.loads(
         (tmp_path / "fp" / "model_config.json").read_text()))
     native = _weightless(zoo.convert(tmp_path / "sat", tmp_path / "native", progress=False))
-    _torchrun_env(monkeypatch, world=4)
+    helpers.torchrun_env(monkeypatch, world=4)
     with pytest.raises(DistributedConfigError, match=r"tp=4 cannot split the packed weight of layers.0.attn.o_proj.*"
                                                      r"int4-row-g2: 2 scale groups per row do not split into 4"):
         zoo.load(native, tp=4)
