@@ -129,3 +129,20 @@ def torchrun_env(monkeypatch, world: int) -> None:
     for var, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                            MASTER_PORT="29999").items():
         monkeypatch.setenv(var, value)
+
+
+def assert_ranks_equal_whole(model, logits_path, ranks: tuple[dict, dict], tol: float, distinct: int) -> None:
+    """Two tensor-parallel ranks' results (logits of fixed ids saved at `logits_path`; greedy, batched and unseeded
+    sampled generations) equal the whole model's: logits within `tol`, the same tokens on both ranks and the model.
+    `distinct`: fewest distinct greedy tokens for the continuation to be varied enough that equality means something."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids)
+    assert max_abs_diff(torch.load(logits_path), expected) < tol
+    r0, r1 = ranks
+    prompt = ids[0, :8].tolist()
+    greedy = model.generate(prompt, max_new_tokens=24)
+    assert len(set(greedy)) >= distinct
+    assert r0["greedy"] == r1["greedy"] == greedy
+    assert r0["batch"] == r1["batch"] == model.generate([prompt, prompt[:3]], max_new_tokens=6)
+    assert r0["sampled"] == r1["sampled"]  # unseeded sampling: both ranks drew the same tokens

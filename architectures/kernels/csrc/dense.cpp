@@ -121,18 +121,25 @@ void rows_pass(const float* x, const W* w, const float* bias, Out* y, int64_t N,
   });
 }
 
+// Calls pass(std::integral_constant<int, M>{}) for the run-time row count M (1..8, more: 8): each row count is its
+// own instantiation, so the rows' accumulators stay in registers.
+template <typename Pass>
+void with_rows(int64_t M, Pass&& pass) {
+  switch (M) {
+    case 1: return pass(std::integral_constant<int, 1>{});
+    case 2: return pass(std::integral_constant<int, 2>{});
+    case 3: return pass(std::integral_constant<int, 3>{});
+    case 4: return pass(std::integral_constant<int, 4>{});
+    case 5: return pass(std::integral_constant<int, 5>{});
+    case 6: return pass(std::integral_constant<int, 6>{});
+    case 7: return pass(std::integral_constant<int, 7>{});
+    default: return pass(std::integral_constant<int, 8>{});
+  }
+}
+
 template <typename W, typename Out>
 void rows_any(const float* x, const W* w, const float* bias, Out* y, int64_t M, int64_t N, int64_t K) {
-  switch (M) {
-    case 1: return rows_pass<1>(x, w, bias, y, N, K);
-    case 2: return rows_pass<2>(x, w, bias, y, N, K);
-    case 3: return rows_pass<3>(x, w, bias, y, N, K);
-    case 4: return rows_pass<4>(x, w, bias, y, N, K);
-    case 5: return rows_pass<5>(x, w, bias, y, N, K);
-    case 6: return rows_pass<6>(x, w, bias, y, N, K);
-    case 7: return rows_pass<7>(x, w, bias, y, N, K);
-    default: return rows_pass<8>(x, w, bias, y, N, K);
-  }
+  with_rows(M, [&](auto rows) { rows_pass<decltype(rows)::value>(x, w, bias, y, N, K); });
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -192,16 +199,7 @@ ZOO_BF16_TARGET void rows_pass_bf16(const uint16_t* x, const uint16_t* w, const 
 template <typename Out>
 void rows_any_bf16(const uint16_t* x, const uint16_t* w, const float* bias, Out* y, int64_t M, int64_t N,
                    int64_t K) {
-  switch (M) {
-    case 1: return rows_pass_bf16<1>(x, w, bias, y, N, K);
-    case 2: return rows_pass_bf16<2>(x, w, bias, y, N, K);
-    case 3: return rows_pass_bf16<3>(x, w, bias, y, N, K);
-    case 4: return rows_pass_bf16<4>(x, w, bias, y, N, K);
-    case 5: return rows_pass_bf16<5>(x, w, bias, y, N, K);
-    case 6: return rows_pass_bf16<6>(x, w, bias, y, N, K);
-    case 7: return rows_pass_bf16<7>(x, w, bias, y, N, K);
-    default: return rows_pass_bf16<8>(x, w, bias, y, N, K);
-  }
+  with_rows(M, [&](auto rows) { rows_pass_bf16<decltype(rows)::value>(x, w, bias, y, N, K); });
 }
 #endif
 
