@@ -546,8 +546,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None and not torch.compiler.is_compiling():
             self.prepare()
-        names = self.kernel or self.stored
-        return self.scheme.linear(x, {name: getattr(self, name) for name in names}, self.bias)
+        buffers = self._buffers  # (every stored or prepared tensor is a buffer: no Module.__getattr__ per call)
+        return self.scheme.linear(x, {name: buffers[name] for name in self.kernel or self.stored}, self.bias)
 
     def bitlinear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
         """The MatMul-free LM's BitLinear with this weight (Scheme.bitlinear: the fused kernel for ternary codes)."""
