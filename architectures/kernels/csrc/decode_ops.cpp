@@ -382,9 +382,10 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   }
   at::Tensor out = at::empty({B, H, 1, d}, q.options());
   if (out.numel() == 0) return out;
-  // heads in parallel once each thread gets a few tens of thousands of multiply-adds: below that the threads'
-  // start-up costs more than the work
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, 2 * L * d));
+  // heads in parallel only where each thread gets a quarter million multiply-adds or more (long caches): one
+  // token of a small model's layer (14 heads x 100 positions x 64) is ~20 us on one core, less than waking the
+  // other threads costs, and on a loaded machine a parallel region can wait milliseconds for a descheduled thread
+  const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, 2 * L * d));
   const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
   with_dtype(q.scalar_type(), "decode_attention", [&](auto t) {
     using T = decltype(t);
