@@ -20,22 +20,33 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
-
-// The references round every product and sum separately: a fused multiply-add would not (fp32 rotary).
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
 
 namespace zoo_cpu {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+
+// v, as a value the compiler must have computed: the multiply that produced it cannot be fused into the add that
+// follows (GCC contracts a * b + c into one FMA in C++ by default, -ffp-contract=fast), so each fp32 product rounds
+// as the reference's separate aten op rounds it. (A file-wide `#pragma GCC optimize("fp-contract=off")` would stop
+// GCC inlining at::vec's functions into this file's: measured 2x slower.)
+inline float rounded(float v) {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+x"(v));
+#elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
+  asm("" : "+w"(v));
+#else
+  volatile float kept = v;
+  v = kept;
+#endif
+  return v;
+}
 
 bool float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
@@ -65,7 +76,7 @@ float sum_of_squares(const X* x, int64_t D) {
   auto add_vec = [x](float* acc, int64_t vec) {
     for (int64_t l = 0; l < W; ++l) {
       const float v = static_cast<float>(x[vec * W + l]);
-      acc[l] += v * v;
+      acc[l] += rounded(v * v);  // pow(2), then the sum
     }
   };
   const int64_t nvec = D / W, rows = nvec / kIlp;
@@ -95,7 +106,7 @@ float sum_of_squares(const X* x, int64_t D) {
   float total = 0.0f;
   for (int64_t e = nvec * W; e < D; ++e) {
     const float v = static_cast<float>(x[e]);
-    total += v * v;
+    total += rounded(v * v);
   }
   for (int64_t l = 0; l < W; ++l) total += acc[0][0][l];
   return total;
@@ -155,7 +166,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 // and y = x on the dims past d. x [B, H, T, hd] (any strides, last 1), cos and sin [B, T, d] (last stride 1).
 
 template <typename T>
-inline T rnd(float v) { return static_cast<T>(v); }
+inline T rnd(float v) {
+  if constexpr (std::is_same_v<T, float>) return rounded(v);
+  else return static_cast<T>(v);
+}
 
 template <typename T>
 void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& y) {
@@ -269,87 +283,110 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
 // Per head: scores in fp32 (q widened and scaled once), a max-subtracted softmax, the weighted sum of v rows in fp32,
 // the result rounded once to q's dtype. A head whose keys are all masked gets zeros.
 
+// dst[0:d] = src[0:d] widened to fp32
 template <typename T>
-inline float dot(const float* q, const T* k, int64_t d) {
+inline void widen(const T* src, float* dst, int64_t d) {
   int64_t j = 0;
-  Vec acc0(0.0f), acc1(0.0f);
-  if constexpr (std::is_same_v<T, float>) {
-    for (; j + 2 * Vec::size() <= d; j += 2 * Vec::size()) {
-      acc0 = at::vec::fmadd(Vec::loadu(q + j), Vec::loadu(k + j), acc0);
-      acc1 = at::vec::fmadd(Vec::loadu(q + j + Vec::size()), Vec::loadu(k + j + Vec::size()), acc1);
-    }
-  } else {
+  if constexpr (!std::is_same_v<T, float>) {
     using VT = at::vec::Vectorized<T>;
     for (; j + VT::size() <= d; j += VT::size()) {
-      auto [k0, k1] = at::vec::convert_to_float<T>(VT::loadu(k + j));
-      acc0 = at::vec::fmadd(Vec::loadu(q + j), k0, acc0);
-      acc1 = at::vec::fmadd(Vec::loadu(q + j + Vec::size()), k1, acc1);
+      auto [lo, hi] = at::vec::convert_to_float<T>(VT::loadu(src + j));
+      lo.store(dst + j);
+      hi.store(dst + j + Vec::size());
     }
   }
-  float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1);
-  for (; j < d; ++j) s += q[j] * static_cast<float>(k[j]);
+  for (; j < d; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  int64_t j = 0;
+  Vec acc0(0.0f), acc1(0.0f);
+  for (; j + 2 * Vec::size() <= d; j += 2 * Vec::size()) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + j + Vec::size()), Vec::loadu(b + j + Vec::size()), acc1);
+  }
+  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc0 + acc1);
+  for (; j < d; ++j) s += a[j] * b[j];
   return s;
 }
 
-// acc += p * v (d values)
-template <typename T>
-inline void axpy(float p, const T* v, float* acc, int64_t d) {
+// acc[0:d] += p * v[0:d]
+inline void axpy(float p, const float* v, float* acc, int64_t d) {
   int64_t j = 0;
   const Vec pv(p);
-  if constexpr (std::is_same_v<T, float>) {
-    for (; j + Vec::size() <= d; j += Vec::size()) {
-      at::vec::fmadd(pv, Vec::loadu(v + j), Vec::loadu(acc + j)).store(acc + j);
-    }
-  } else {
-    using VT = at::vec::Vectorized<T>;
-    for (; j + VT::size() <= d; j += VT::size()) {
-      auto [v0, v1] = at::vec::convert_to_float<T>(VT::loadu(v + j));
-      at::vec::fmadd(pv, v0, Vec::loadu(acc + j)).store(acc + j);
-      at::vec::fmadd(pv, v1, Vec::loadu(acc + j + Vec::size())).store(acc + j + Vec::size());
-    }
+  for (; j + Vec::size() <= d; j += Vec::size()) {
+    at::vec::fmadd(pv, Vec::loadu(v + j), Vec::loadu(acc + j)).store(acc + j);
   }
-  for (; j < d; ++j) acc[j] += p * static_cast<float>(v[j]);
+  for (; j < d; ++j) acc[j] += p * v[j];
 }
 
+// p[0:n] = exp(p[0:n] - top), returning their sum (exp(-inf) = 0: masked positions)
+inline float exp_shifted(float* p, int64_t n, float top) {
+  int64_t j = 0;
+  const Vec shift(top);
+  Vec sum(0.0f);
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec e = (Vec::loadu(p + j) - shift).exp();
+    e.store(p + j);
+    sum = sum + e;
+  }
+  float total = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
+  for (; j < n; ++j) {
+    p[j] = std::exp(p[j] - top);
+    total += p[j];
+  }
+  return total;
+}
+
+// The G = H / Hkv query heads that share key-value head `kvh` of batch row b: each key and value row is widened
+// once for all G of them (the cache is read once per token, not once per query head).
 template <typename T>
-void attend_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask, int64_t mask_b,
-                  int64_t mask_l, at::Tensor& out, int64_t h0, int64_t h1) {
-  const int64_t H = q.size(1), L = k.size(2), d = q.size(3), group = H / k.size(1);
+void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask, int64_t mask_b,
+                  int64_t mask_l, at::Tensor& out, int64_t b, int64_t kvh, std::vector<float>& buf) {
+  const int64_t L = k.size(2), d = q.size(3), G = q.size(1) / k.size(1);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  std::vector<float> qs(d), acc(d), scores(L);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  for (int64_t bh = h0; bh < h1; ++bh) {
-    const int64_t b = bh / H, h = bh % H, kvh = h / group;
-    const T* qr = qp + b * q.stride(0) + h * q.stride(1);
-    for (int64_t j = 0; j < d; ++j) qs[j] = static_cast<float>(qr[j]) * scale;
-    const T* kb = kp + b * k.stride(0) + kvh * k.stride(1);
-    const T* vb = vp + b * v.stride(0) + kvh * v.stride(1);
-    const bool* m = mask ? mask + b * mask_b : nullptr;
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t l = 0; l < L; ++l) {
-      if (m && !m[l * mask_l]) {
-        scores[l] = -std::numeric_limits<float>::infinity();
-        continue;
-      }
-      scores[l] = dot<T>(qs.data(), kb + l * k.stride(2), d);
-      top = std::max(top, scores[l]);
+  buf.resize(G * d * 2 + G * L + d);
+  float* qs = buf.data();      // [G, d] the queries in fp32, scaled
+  float* acc = qs + G * d;     // [G, d] the weighted sums of values
+  float* p = acc + G * d;      // [G, L] scores, then softmax numerators
+  float* row = p + G * L;      // [d] one key or value row in fp32
+  for (int64_t g = 0; g < G; ++g) {
+    const T* qr = q.data_ptr<T>() + b * q.stride(0) + (kvh * G + g) * q.stride(1);
+    for (int64_t j = 0; j < d; ++j) qs[g * d + j] = static_cast<float>(qr[j]) * scale;
+  }
+  const T* kb = k.data_ptr<T>() + b * k.stride(0) + kvh * k.stride(1);
+  const T* vb = v.data_ptr<T>() + b * v.stride(0) + kvh * v.stride(1);
+  const bool* m = mask ? mask + b * mask_b : nullptr;
+  std::vector<float> top(G, kNegInf);
+  for (int64_t l = 0; l < L; ++l) {
+    if (m && !m[l * mask_l]) {
+      for (int64_t g = 0; g < G; ++g) p[g * L + l] = kNegInf;
+      continue;
     }
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    float total = 0.0f;
-    if (top != -std::numeric_limits<float>::infinity()) {
-      for (int64_t l = 0; l < L; ++l) {
-        if (scores[l] == -std::numeric_limits<float>::infinity()) continue;
-        const float p = std::exp(scores[l] - top);
-        total += p;
-        axpy<T>(p, vb + l * v.stride(2), acc.data(), d);
-      }
+    widen<T>(kb + l * k.stride(2), row, d);
+    for (int64_t g = 0; g < G; ++g) {
+      const float score = dot(qs + g * d, row, d);
+      p[g * L + l] = score;
+      top[g] = std::max(top[g], score);
     }
-    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-    T* orow = op + bh * d;
-    for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<T>(acc[j] * inv);
+  }
+  std::vector<float> inv(G, 0.0f);
+  for (int64_t g = 0; g < G; ++g) {
+    if (top[g] == kNegInf) continue;  // every key masked: zeros
+    inv[g] = 1.0f / exp_shifted(p + g * L, L, top[g]);
+  }
+  std::fill(acc, acc + G * d, 0.0f);
+  for (int64_t l = 0; l < L; ++l) {
+    if (m && !m[l * mask_l]) continue;
+    widen<T>(vb + l * v.stride(2), row, d);
+    for (int64_t g = 0; g < G; ++g) {
+      if (inv[g] != 0.0f) axpy(p[g * L + l], row, acc + g * d, d);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    T* orow = out.data_ptr<T>() + (b * q.size(1) + kvh * G + g) * d;
+    for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<T>(acc[g * d + j] * inv[g]);
   }
 }
 
@@ -382,16 +419,19 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   }
   at::Tensor out = at::empty({B, H, 1, d}, q.options());
   if (out.numel() == 0) return out;
-  // heads in parallel only where each thread gets a quarter million multiply-adds or more (long caches): one
-  // token of a small model's layer (14 heads x 100 positions x 64) is ~20 us on one core, less than waking the
-  // other threads costs, and on a loaded machine a parallel region can wait milliseconds for a descheduled thread
-  const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, 2 * L * d));
+  // key-value heads in parallel only where each thread gets a quarter million multiply-adds or more (long
+  // caches): one token of a small model's layer (14 heads x 100 positions x 64) is tens of microseconds on one
+  // core, about what waking the other threads costs, and on a loaded machine a parallel region can wait
+  // milliseconds for a descheduled thread
+  const int64_t kv = k.size(1), group_work = std::max<int64_t>(1, 2 * (H / kv) * L * d);
+  const int64_t grain = std::max<int64_t>(1, 262144 / group_work);
   const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
   with_dtype(q.scalar_type(), "decode_attention", [&](auto t) {
     using T = decltype(t);
-    at::parallel_for(0, B * H, grain, [&](int64_t h0, int64_t h1) {
+    at::parallel_for(0, B * kv, grain, [&](int64_t i0, int64_t i1) {
       c10::InferenceMode guard(inference);
-      attend_heads<T>(q, k, v, mp, mask_b, mask_l, out, h0, h1);
+      std::vector<float> buf;
+      for (int64_t i = i0; i < i1; ++i) attend_group<T>(q, k, v, mp, mask_b, mask_l, out, i / kv, i % kv, buf);
     });
   });
   return out;
