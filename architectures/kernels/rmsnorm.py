@@ -32,12 +32,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm: the fused Triton kernel for CUDA tensors at inference, zoo's C++ op on CPU at eager inference, else
     the reference."""
-    lib = cpu_decode_ops(x, weight)
-    if (lib is not None and x.dtype in DECODE_DTYPES and weight.dtype in DECODE_DTYPES and weight.dim() == 1
-            and x.dim() and x.shape[-1] == weight.shape[0] and x.shape[-1] <= SUM_ONE_RANGE and x.is_contiguous()):
-        return lib.rms_norm(x, weight, eps)
     if use_triton(x, weight):
         from zoo.architectures.kernels.rmsnorm_triton import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)
+    lib = cpu_decode_ops(x, weight)
+    if (lib is not None and x.dtype in DECODE_DTYPES and weight.dtype in DECODE_DTYPES and weight.dim() == 1
+            and x.dim() and x.shape[-1] == weight.shape[0] and x.shape[-1] <= SUM_ONE_RANGE and x.is_contiguous()):
+        return lib.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
