@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.kernels.dispatch import COMPILED, backend
 from zoo.architectures.kernels.linear import dense
-from zoo.architectures.kernels.matvec import one_query_attention
+from zoo.architectures.kernels.matvec import cpu_one_query_attention, one_query_attention
 from zoo.architectures.kernels.rmsnorm import rms_norm
-from zoo.architectures.kernels.rotary import apply_rotary, rotate_half  # noqa: F401  (rotate_half: glm, dinov3)
+from zoo.architectures.kernels.rotary import apply_rotary, apply_rotary_pair, rotate_half  # noqa: F401  (glm, dinov3, tests)
 from zoo.architectures.kernels.swiglu import silu_mul
 from zoo.architectures.state import KVCache
 
@@ -80,12 +80,15 @@ class Attention(nn.Module):
         q = dense(self.q_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = dense(self.k_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = dense(self.v_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_pair(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
+        y = None
         if T == 1 and mask is not None and backend(q, has_kernel=False) == COMPILED:  # a compiled decoding step
             y = one_query_attention(q, k, v, mask)
-        else:
+        elif T == 1:  # an eager decoding step: zoo's C++ op on CPU (None elsewhere)
+            y = cpu_one_query_attention(q, k, v, mask)
+        if y is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=k.shape[1] != q.shape[1]
             )

@@ -3,10 +3,15 @@ F.linear and a plain read, per Qwen2-0.5B shape, at the instruction set ATen run
 forces the AVX2 build on an AVX-512 machine), and prefill of 64 tokens through every layer shape.
 
     python -m benchmarks.bench_cpu_kernels [--threads 2] [--rows 1] [--dtype bf16] [--seconds 0.5] [--prefill]
+                                           [--between-ops]
 
 Each shape is timed over enough distinct copies of its weight to exceed the caches (a decoder's layers are
 distinct weights streamed from memory), so GB/s is DRAM bandwidth, as in decoding. "plain read" is torch.sum over the
 same bytes (as fp32) with the same threads: the ceiling a matrix-vector product can approach.
+
+--between-ops: microseconds per call of each projection of a layer, called back to back and with a few small aten
+ops between the calls, as in a decoder (an RMSNorm's worth): a kernel slower in the model than alone shows here
+(threads woken per call, caches refilled).
 """
 
 from __future__ import annotations
@@ -80,6 +85,39 @@ def prefill(lib, dtype: torch.dtype, tokens: int, seconds: float) -> None:
           + ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in zip(names, times)))
 
 
+def between_ops(lib, dtype: torch.dtype, rows: int, seconds: float) -> None:
+    """Per-call time of one layer's projections (distinct weights per layer, 24 layers: streamed from memory)
+    back to back, and with an RMSNorm's worth of small aten ops before each call."""
+    layers = [[torch.randn(n, k).to(dtype) for n, k in LAYER] for _ in range(24)]
+    xs = {k: torch.randn(rows, k).to(dtype) for _, k in LAYER}
+    gain = torch.ones(896, dtype=dtype)
+
+    def small_ops(x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype) * gain
+
+    def run(with_ops: bool) -> list[float]:
+        spent = [0.0] * len(LAYER)
+        for ws in layers:
+            for i, w in enumerate(ws):
+                if with_ops:
+                    small_ops(xs[896])
+                t0 = time.perf_counter()
+                lib.dense_rows(xs[w.shape[1]], w)
+                spent[i] += time.perf_counter() - t0
+        return spent
+
+    best = {False: [float("inf")] * len(LAYER), True: [float("inf")] * len(LAYER)}
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds * 4:
+        for with_ops in (False, True):
+            best[with_ops] = [min(b, t / len(layers)) for b, t in zip(best[with_ops], run(with_ops))]
+    names = ["q", "k", "v", "o", "gate", "up", "down"]
+    for with_ops, label in ((False, "back to back"), (True, "between ops")):
+        print(f"us per call, {label:<12}: "
+              + ", ".join(f"{n} {t * 1e6:.0f}" for n, t in zip(names, best[with_ops])))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -87,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--seconds", type=float, default=0.5, help="time per measurement")
     parser.add_argument("--prefill", type=int, default=64, help="tokens of the prefill measurement (0: skip)")
+    parser.add_argument("--between-ops", action="store_true", help="per-call time with small ops between calls")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from zoo.architectures.kernels import cpu_ext
@@ -100,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         decode_rows(lib, DTYPES[args.dtype], args.rows, args.seconds)
         if args.prefill:
             prefill(lib, DTYPES[args.dtype], args.prefill, args.seconds)
+        if args.between_ops and lib is not None:
+            between_ops(lib, DTYPES[args.dtype], args.rows, args.seconds)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,16 @@ build falls back (None) with one warning; its dense kernels equal F.linear in fp
 shapes, 1-9 rows and more, with and without bias, and trace with fake tensors. (Which build a forced
 ATEN_CPU_CAPABILITY loads, and the routing: tests/test_kernels_dispatch.py.)"""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from zoo.architectures.kernels import cpu_ext, dispatch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def library():
@@ -116,3 +122,37 @@ def test_the_ops_trace_with_fake_tensors_into_compiled_graphs():
     x, w = torch.randn(2, 40), torch.randn(11, 40)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, w), f(x, w))
+
+
+FORCED = """
+import torch
+import torch.nn.functional as F
+from zoo.architectures.kernels import cpu_ext
+lib = cpu_ext.library()
+worst = 0.0
+torch.manual_seed(0)
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for n, k in ((37, 45), (129, 100), (64, 1000), (3, 7), (203, 1000)):
+        w, bias = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype)
+        for m in range(1, 10):
+            x = torch.randn(m, k).to(dtype)
+            ref = F.linear(x.double(), w.double(), bias.double())
+            bound = 1e-6 * (F.linear(x.double().abs(), w.double().abs()) + bias.double().abs())
+            bound += (0.0 if dtype == torch.float32 else torch.finfo(dtype).eps) * ref.abs() + 1e-12
+            worst = max(worst, ((lib.dense_rows(x, w, bias).double() - ref).abs() - bound).max().item())
+print(lib.build_isa(), torch.backends.cpu.get_cpu_capability(), worst)
+"""
+
+
+@pytest.mark.parametrize("capability,isa", [("avx2", "AVX2"), ("default", "DEFAULT")])
+def test_the_forced_avx2_and_scalar_builds_of_dense_rows_equal_the_reference(capability, isa):
+    """Each build has its own row kernel (AVX2: lines of W widened in registers; DEFAULT: at::vec's generic
+    types); 203x1000 bf16 is over the size that runs on the calling thread alone, so threads split it (rows left over
+    after whole steps included)."""
+    library()  # the session's cache (tests/conftest.py) holds the native build; the forced one is built once
+    result = subprocess.run([sys.executable, "-c", FORCED], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "ATEN_CPU_CAPABILITY": capability}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    built, aten, worst = result.stdout.split()
+    assert built == isa and aten.upper() == isa
+    assert float(worst) <= 0, f"off by more than fp32 rounding: {worst}"

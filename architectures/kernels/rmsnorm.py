@@ -5,7 +5,11 @@
 
 `rms_norm_reference` is the plain PyTorch definition (on CPU under torch.compile, Inductor fuses it into one
 pass). `rms_norm` runs what the dispatch (dispatch.py) picks: the Triton kernel (rmsnorm_triton.py: one read of x
-and w, one write of y) for CUDA tensors at inference, the reference otherwise. No triton import here, so
+and w, one write of y) for CUDA tensors at inference, zoo's C++ op (zoo_cpu::rms_norm, csrc/decode_ops.cpp: one
+call instead of ~8 aten ops) for CPU tensors at eager inference, the reference otherwise. The C++ op sums the
+squares in the order of torch's own sum over a contiguous row, so it equals the reference bit for bit; it takes
+only what keeps that order (contiguous x, rows up to SUM_ONE_RANGE long: a longer single row torch splits
+between threads). No triton import here, so
 `import zoo` stays fast. The decoders' RMSNorm (architectures/layers.py) is this function.
 """
 
@@ -13,6 +17,9 @@ from __future__ import annotations
 
 import torch
 from zoo.architectures.kernels.dispatch import use_triton
+from zoo.architectures.kernels.matvec import DECODE_DTYPES, cpu_decode_ops
+
+SUM_ONE_RANGE = 32768  # torch's GRAIN_SIZE: up to it a row's sum runs in one thread, in the order the C++ op copies
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,9 +30,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm: the fused Triton kernel for CUDA tensors at inference, else the reference."""
+    """RMSNorm: the fused Triton kernel for CUDA tensors at inference, zoo's C++ op on CPU at eager inference, else
+    the reference."""
     if use_triton(x, weight):
         from zoo.architectures.kernels.rmsnorm_triton import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)
+    lib = cpu_decode_ops(x, weight)
+    if (lib is not None and x.dtype in DECODE_DTYPES and weight.dtype in DECODE_DTYPES and weight.dim() == 1
+            and x.dim() and x.shape[-1] == weight.shape[0] and x.shape[-1] <= SUM_ONE_RANGE and x.is_contiguous()):
+        return lib.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
