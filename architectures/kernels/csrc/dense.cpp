@@ -35,7 +35,11 @@ inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-// How far ahead (elements of W) to prefetch: whole blocks of R rows (so every line of a block is prefetched once,
+// Software prefetch distance within each of rows_pass's streams of W (the hardware prefetcher does most of the work
+// on streams this long: measured the same within noise from none to 1 KiB ahead).
+constexpr int64_t kAheadBytes = 512;
+
+// How far ahead (elements of W) the AVX-512 BF16 kernel prefetches: whole blocks of R rows (so every line of a block is prefetched once,
 // by the same position of an earlier block), at least 4 KiB.
 template <int R>
 inline int64_t prefetch_ahead(int64_t K, int64_t elem_size) {
@@ -54,13 +58,14 @@ inline void load2(const W* p, Vec& w0, Vec& w1) {
   }
 }
 
-// out[r * M + m] = dot(w row r, x row m) for R rows of W starting at w (row stride K). Where registers allow
+// out[r * M + m] = dot(W row at w + r * stride, x row m) for R rows of W, one from each of R streams (rows_pass).
+// Where registers allow
 // (R * M <= 4), the two halves of each step go to separate accumulators: two FMA dependency chains, not one.
 template <int M, int R, typename W>
-inline void rows_dot(const float* x, const W* w, int64_t K, float* out) {
+inline void rows_dot(const float* x, const W* w, int64_t K, int64_t stride, float* out) {
   constexpr int64_t V = Vec::size();
   constexpr bool kSplit = R * M <= 4;
-  const int64_t ahead = prefetch_ahead<R>(K, sizeof(W));
+  constexpr int64_t ahead = kAheadBytes / sizeof(W);
   Vec acc[R][M], acc2[kSplit ? R : 1][kSplit ? M : 1];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = Vec(0.f);
@@ -71,8 +76,8 @@ inline void rows_dot(const float* x, const W* w, int64_t K, float* out) {
   for (; k + 2 * V <= K; k += 2 * V) {
     for (int r = 0; r < R; ++r) {
       Vec w0, w1;
-      __builtin_prefetch(w + r * K + k + ahead);  // rows ahead: short rows defeat the hardware prefetcher
-      load2(w + r * K + k, w0, w1);
+      __builtin_prefetch(w + r * stride + k + ahead);
+      load2(w + r * stride + k, w0, w1);
       for (int m = 0; m < M; ++m) {
         acc[r][m] = at::vec::fmadd(w0, Vec::loadu(x + m * K + k), acc[r][m]);
         if constexpr (kSplit)
@@ -86,7 +91,7 @@ inline void rows_dot(const float* x, const W* w, int64_t K, float* out) {
     for (int m = 0; m < M; ++m) {
       if constexpr (kSplit) acc[r][m] = acc[r][m] + acc2[r][m];
       float s = hsum(acc[r][m]);
-      for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[r * K + kk]) * x[m * K + kk];
+      for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[r * stride + kk]) * x[m * K + kk];
       out[r * M + m] = s;
     }
 }
@@ -103,18 +108,21 @@ inline void store(Out* y, int64_t N, int64_t n, int M, const float* dots, int R,
   }
 }
 
+// Each thread's rows [begin, end) as R contiguous runs of q rows read side by side (step i: row i of every run),
+// so W streams through R long sequential reads per thread; the leftover rows (fewer than R) one at a time after.
 template <int M, typename W, typename Out>
 void rows_pass(const float* x, const W* w, const float* bias, Out* y, int64_t N, int64_t K) {
   constexpr int R = rows_per_step<M>();
-  parallel_rows(N, K * sizeof(W), R, [&](int64_t begin, int64_t end) {
+  parallel_rows(N, K * sizeof(W), 1, [&](int64_t begin, int64_t end) {
     float dots[R * M];
-    int64_t n = begin;
-    for (; n + R <= end; n += R) {
-      rows_dot<M, R, W>(x, w + n * K, K, dots);
-      store(y, N, n, M, dots, R, bias);
+    const int64_t q = (end - begin) / R;
+    for (int64_t i = 0; i < q; ++i) {
+      const int64_t n = begin + i;
+      rows_dot<M, R, W>(x, w + n * K, K, q * K, dots);
+      for (int r = 0; r < R; ++r) store(y, N, n + r * q, M, dots + r * M, 1, bias);
     }
-    for (; n < end; ++n) {
-      rows_dot<M, 1, W>(x, w + n * K, K, dots);
+    for (int64_t n = begin + R * q; n < end; ++n) {
+      rows_dot<M, 1, W>(x, w + n * K, K, K, dots);
       store(y, N, n, M, dots, 1, bias);
     }
   });
@@ -146,15 +154,6 @@ void rows_any(const float* x, const W* w, const float* bias, Out* y, int64_t M, 
 // vectors in the order the x buffer was laid out in (lay_out), one prefetch per line, 2 accumulators per (row of W,
 // row of x) where registers allow.
 namespace avx2 {
-
-// How far ahead (elements of W) each row's line is prefetched. Short rows (a block of R rows within 16 KiB): the
-// same line of the next block, as prefetch_ahead, since the hardware prefetcher loses such short streams. Long rows:
-// 1 KiB further along the same row; a whole block ahead would be evicted from L1 before its use (measured in L2:
-// 48x4864 bf16 22 GB/s a block ahead, 27 this way or with none).
-template <int R>
-inline int64_t row_ahead(int64_t K, int64_t elem_size) {
-  return R * K * elem_size <= (16 << 10) ? prefetch_ahead<R>(K, elem_size) : 1024 / elem_size;
-}
 
 template <typename W>
 struct Line;
@@ -217,9 +216,10 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// out[r * M + m] = dot(w row r, x row m) for R rows of W at w (row stride K); x laid out by lay_out<W>.
+// out[r * M + m] = dot(W row at w + r * stride, x row m) for R rows of W, one from each of R streams `stride`
+// elements apart; x laid out by lay_out<W>.
 template <int M, int R, typename W>
-inline void rows_dot(const float* x, const W* w, int64_t K, int64_t ahead, float* out) {
+inline void rows_dot(const float* x, const W* w, int64_t K, int64_t stride, float* out) {
   using L = Line<W>;
   constexpr int A = R * M <= 4 ? 2 : 1;  // accumulators per (r, m): independent FMA chains
   __m256 acc[R][M][A];
@@ -231,9 +231,10 @@ inline void rows_dot(const float* x, const W* w, int64_t K, int64_t ahead, float
     // Fully unrolled (GCC's own limit stops short at R * M * kVecs > 16): the accumulators must stay registers.
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + ahead), _MM_HINT_T0);
+      const W* p = w + r * stride + k;
+      _mm_prefetch(reinterpret_cast<const char*>(p) + kAheadBytes, _MM_HINT_T0);
       __m256 v[L::kVecs];
-      L::load(w + r * K + k, v);
+      L::load(p, v);
 #pragma GCC unroll 8
       for (int j = 0; j < L::kVecs; ++j)
 #pragma GCC unroll 8
@@ -246,24 +247,26 @@ inline void rows_dot(const float* x, const W* w, int64_t K, int64_t ahead, float
       __m256 a = acc[r][m][0];
       if constexpr (A == 2) a = _mm256_add_ps(a, acc[r][m][1]);
       float s = hsum(a);
-      for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[r * K + kk]) * x[m * K + kk];
+      for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[r * stride + kk]) * x[m * K + kk];
       out[r * M + m] = s;
     }
 }
 
+// Each thread's rows [begin, end) as R contiguous runs of q rows read side by side (step i: row i of every run),
+// so W is R long sequential streams per thread, the leftover rows (fewer than R) one at a time after them.
 template <int M, typename W, typename Out>
 void rows_pass(const float* x, const W* w, const float* bias, Out* y, int64_t N, int64_t K) {
   constexpr int R = rows_per_step<M>();
-  const int64_t ahead = row_ahead<R>(K, sizeof(W));
-  parallel_rows(N, K * sizeof(W), R, [&](int64_t begin, int64_t end) {
+  parallel_rows(N, K * sizeof(W), 1, [&](int64_t begin, int64_t end) {
     float dots[R * M];
-    int64_t n = begin;
-    for (; n + R <= end; n += R) {
-      rows_dot<M, R, W>(x, w + n * K, K, ahead, dots);
-      store(y, N, n, M, dots, R, bias);
+    const int64_t q = (end - begin) / R;
+    for (int64_t i = 0; i < q; ++i) {
+      const int64_t n = begin + i;
+      rows_dot<M, R, W>(x, w + n * K, K, q * K, dots);
+      for (int r = 0; r < R; ++r) store(y, N, n + r * q, M, dots + r * M, 1, bias);
     }
-    for (; n < end; ++n) {
-      rows_dot<M, 1, W>(x, w + n * K, K, ahead, dots);
+    for (int64_t n = begin + R * q; n < end; ++n) {
+      rows_dot<M, 1, W>(x, w + n * K, K, K, dots);
       store(y, N, n, M, dots, 1, bias);
     }
   });
