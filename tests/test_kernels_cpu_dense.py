@@ -50,7 +50,9 @@ def test_a_failed_build_warns_once_and_gives_none(tmp_path, monkeypatch):
 
 # --- the dense kernels (csrc/dense.cpp) against F.linear in fp64 on the widened weights ---------------------------
 
-SHAPES = [(37, 45), (129, 100), (64, 1000), (3, 7)]  # N odd, K not a multiple of any vector width
+# N odd, K not a multiple of any vector width; 517x300 is over the size split between threads, each thread's rows as
+# long streams side by side with rows left over
+SHAPES = [(37, 45), (129, 100), (64, 1000), (3, 7), (517, 300)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -94,10 +96,16 @@ def test_dense_widened_equals_the_reference_in_blocks_of_any_size(dtype):
             assert_close(lib.dense_widened(x, w, bias.to(dtype), block), x, w, bias.to(dtype))
 
 
-def test_dense_rows_takes_an_fp32_input_against_a_bf16_weight():
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("w_dtype", DTYPES)
+def test_dense_rows_takes_an_input_of_any_float_dtype_against_a_weight_of_any(x_dtype, w_dtype):
+    """x is widened per call into the weight's line order (vectorised for bf16 on bf16 and the natural orders)."""
     lib = library()
-    w, x = torch.randn(33, 70).bfloat16(), torch.randn(3, 70)
-    assert_close(lib.dense_rows(x, w, None), x, w, None)
+    torch.manual_seed(2)
+    w = torch.randn(33, 70).to(w_dtype)
+    for m in (1, 3):
+        x = torch.randn(m, 70).to(x_dtype)
+        assert_close(lib.dense_rows(x, w, None), x, w, None)
 
 
 def test_bad_shapes_and_dtypes_are_refused_by_name():
@@ -132,7 +140,7 @@ lib = cpu_ext.library()
 worst = 0.0
 torch.manual_seed(0)
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
-    for n, k in ((37, 45), (129, 100), (64, 1000), (3, 7), (203, 1000)):
+    for n, k in ((37, 45), (129, 100), (64, 1000), (3, 7), (203, 1000), (517, 300)):
         w, bias = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype)
         for m in range(1, 10):
             x = torch.randn(m, k).to(dtype)
@@ -147,8 +155,8 @@ print(lib.build_isa(), torch.backends.cpu.get_cpu_capability(), worst)
 @pytest.mark.parametrize("capability,isa", [("avx2", "AVX2"), ("default", "DEFAULT")])
 def test_the_forced_avx2_and_scalar_builds_of_dense_rows_equal_the_reference(capability, isa):
     """Each build has its own row kernel (AVX2: lines of W widened in registers; DEFAULT: at::vec's generic
-    types); 203x1000 bf16 is over the size that runs on the calling thread alone, so threads split it (rows left over
-    after whole steps included)."""
+    types); 203x1000 and 517x300 are over the size that runs on the calling thread alone, so threads split them, each
+    thread's rows read as streams side by side (rows left over after whole steps included)."""
     library()  # the session's cache (tests/conftest.py) holds the native build; the forced one is built once
     result = subprocess.run([sys.executable, "-c", FORCED], capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "ATEN_CPU_CAPABILITY": capability}, timeout=600)
