@@ -33,11 +33,15 @@ inline bool has_avx512_bf16() {
 // Weights smaller than this are multiplied on the calling thread alone: waking the other threads costs more than
 // they save. Measured for one row of bf16 against a weight streamed from memory on the 2-core AVX2 machine (per call,
 // median): 224 KiB 33 us on 1 thread, 28 us on 2; 448 KiB 51 vs 38 us. In cache 224 KiB is faster on 1 thread.
+// With dense_rows' streams (best call, kernel alone, threads already spinning): 224 KiB 8.2-8.6 us on 1 thread,
+// 6.3-6.7 on 2, about what opening a parallel region costs, so the threshold stays. A call after small aten ops
+// costs ~3 us more than back to back, on 1 thread as on 2 (the calling thread's caches, not the threads' wake-up);
+// on a machine busy with other processes a parallel region can wait milliseconds for a descheduled worker.
 constexpr int64_t kSerialBytes = int64_t{128} << 10;
 
 // fn(begin, end) over rows [0, n) of a weight of row_bytes bytes per row: on the calling thread when the weight is
-// under kSerialBytes, else one contiguous run of rows per thread (a multiple of `align` rows, the kernel's rows
-// per step, so only the last run has leftover rows), each at least kSerialBytes / 2.
+// under kSerialBytes, else one contiguous run of rows per thread (a multiple of `align` rows, e.g. a kernel's rows
+// per step, so only the last run has leftover rows; dense_rows passes 1), each at least kSerialBytes / 2.
 template <typename Fn>
 inline void parallel_rows(int64_t n, int64_t row_bytes, int64_t align, const Fn& fn) {
   const int64_t bytes = n * row_bytes;
