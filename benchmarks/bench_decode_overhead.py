@@ -23,6 +23,7 @@ import torch
 from zoo.architectures import decoder, layers
 from zoo.architectures.kernels import cpu_ext, linear
 from zoo.architectures.qwen2 import PUBLISHED, Qwen2Config, build
+
 from zoo.generation import Sampling, decode
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
