@@ -8,6 +8,12 @@
 //   zoo_cpu::silu_mul(gate, up)            silu(gate) * up (kernels/swiglu.py)
 //   zoo_cpu::decode_attention(q, k, v, mask)  softmax(q k^T / sqrt(d), masked) v for ONE query per head against
 //                                          the KV cache, grouped-query heads, fp32 accumulation (layers.Attention)
+//   zoo_cpu::add_rms_norm(x, r, w, eps)    (h, rms_norm(h)) for h = x + r: a residual add and the norm after it
+//   zoo_cpu::attention_step(q, k, v, cos, sin, k_cache, v_cache, pos, mask)
+//                                          one decoding token's attention from the projections' outputs: rotary on
+//                                          q and k, k and v written into the cache at `pos`, decode_attention over
+//                                          slots 0..pos; returns [B, 1, H * d] for the output projection
+//   zoo_cpu::argmax_last(x)                torch.argmax(x, -1) (greedy decoding's pick over the vocabulary)
 //
 // Each reproduces its PyTorch reference's rounding: every op the reference runs in the tensor dtype rounds to that
 // dtype here at the same point, so bf16/fp16 results equal the reference's (rms_norm: up to the order of the sum
@@ -157,6 +163,36 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
     });
   });
   return y;
+}
+
+// h = x + r rounded to the dtype (torch's add: both widened to fp32, summed, rounded once), then rms_norm(h).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w,
+                                                double eps) {
+  TORCH_CHECK(x.device().is_cpu() && r.device().is_cpu(), "add_rms_norm: CPU tensors only");
+  TORCH_CHECK(x.sizes() == r.sizes() && x.scalar_type() == r.scalar_type() && float_type(x.scalar_type()),
+              "add_rms_norm: x and r must have one shape and one of fp32, bf16, fp16");
+  const at::Tensor xc = x.contiguous(), rc = r.contiguous();
+  at::Tensor h = at::empty(x.sizes(), x.options());
+  with_dtype(x.scalar_type(), "add_rms_norm", [&](auto t) {
+    using T = decltype(t);
+    const T* a = xc.data_ptr<T>();
+    const T* b = rc.data_ptr<T>();
+    T* o = h.data_ptr<T>();
+    const int64_t n = x.numel();
+    int64_t i = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(a + i) + Vec::loadu(b + i)).store(o + i);
+    } else {
+      using VT = at::vec::Vectorized<T>;
+      for (; i + VT::size() <= n; i += VT::size()) {
+        auto [a0, a1] = at::vec::convert_to_float<T>(VT::loadu(a + i));
+        auto [b0, b1] = at::vec::convert_to_float<T>(VT::loadu(b + i));
+        at::vec::convert_from_float<T>(a0 + b0, a1 + b1).store(o + i);
+      }
+    }
+    for (; i < n; ++i) o[i] = static_cast<T>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+  });
+  return {h, rms_norm(h, w, eps)};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -437,6 +473,109 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   return out;
 }
 
+// One decoding token's attention, from the projections' outputs q [B, 1, H * d], k, v [B, 1, Hkv * d] (last stride
+// 1): q and k rotated as `rotary` rotates them (cos, sin [B, 1, r], r <= d), the rotated k and v written into slot
+// `pos` of the caches [B, Hkv, max_len, d] (what KVCache.update does), then decode_attention of the rotated q over
+// slots 0..pos (mask: None or bool [B or 1, 1, 1, pos + 1]). Returns [B, 1, H * d]: the same numbers as those ops
+// one by one, in one call.
+at::Tensor attention_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                          const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
+                          const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && k_cache.device().is_cpu() &&
+                  v_cache.device().is_cpu(), "attention_step: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(1) == 1 && k.size(1) == 1 &&
+                  q.size(0) == k.size(0), "attention_step: q must be [B, 1, H * d] and k, v [B, 1, Hkv * d]");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(0) == q.size(0) &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "attention_step: the caches must be contiguous [B, Hkv, max_len, d] of q's batch");
+  const int64_t B = q.size(0), kv = k_cache.size(1), L = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK(d > 0 && kv > 0 && k.size(2) == kv * d && q.size(2) % d == 0 && (q.size(2) / d) % kv == 0,
+              "attention_step: q ", q.sizes(), " and k ", k.sizes(), " do not fit the cache ", k_cache.sizes());
+  TORCH_CHECK(pos >= 0 && pos < L, "attention_step: position ", pos, " outside the cache's ", L, " slots");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(float_type(dtype) && k.scalar_type() == dtype && v.scalar_type() == dtype &&
+                  k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
+              "attention_step: q, k, v and the caches must share one of fp32, bf16, fp16");
+  const int64_t H = q.size(2) / d;
+  const at::Tensor qh = (q.stride(-1) == 1 ? q : q.contiguous()).view({B, 1, H, d}).transpose(1, 2);
+  const at::Tensor kh = (k.stride(-1) == 1 ? k : k.contiguous()).view({B, 1, kv, d}).transpose(1, 2);
+  const at::Tensor vc = v.stride(-1) == 1 ? v : v.contiguous();
+  TORCH_CHECK(cos.dim() == 3 && sin.sizes() == cos.sizes() && cos.size(0) == B && cos.size(1) == 1 &&
+                  cos.size(2) <= d && cos.size(2) % 2 == 0 && cos.scalar_type() == dtype &&
+                  sin.scalar_type() == dtype && cos.device().is_cpu() && sin.device().is_cpu(),
+              "attention_step: cos, sin must be [B, 1, r] (r even, at most ", d, ") of q's dtype");
+  const at::Tensor c = cos.stride(-1) == 1 ? cos : cos.contiguous();
+  const at::Tensor s = sin.stride(-1) == 1 ? sin : sin.contiguous();
+  at::Tensor qr = at::empty({B, H, 1, d}, q.options());
+  at::Tensor k_slot = k_cache.narrow(2, pos, 1);
+  with_dtype(dtype, "attention_step", [&](auto t) {
+    using T = decltype(t);
+    rotary_into<T>(qh, c, s, qr);
+    rotary_into<T>(kh, c, s, k_slot);
+    const T* vp = vc.data_ptr<T>();
+    T* vdst = v_cache.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < kv; ++h)
+        std::copy(vp + b * vc.stride(0) + h * d, vp + b * vc.stride(0) + (h + 1) * d,
+                  vdst + ((b * kv + h) * L + pos) * d);
+  });
+  return decode_attention(qr, k_cache.narrow(2, 0, pos + 1), v_cache.narrow(2, 0, pos + 1), mask)
+      .view({B, 1, H * d});
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// argmax over the last dim, as torch.argmax: the first index of the largest value, or of the first NaN if any
+// (torch orders NaN above every number). Two passes over each row: its maximum (vectorised; NaN propagates), then
+// the first index holding it.
+
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  int64_t i = 0;
+  float top = -std::numeric_limits<float>::infinity();
+  if constexpr (std::is_same_v<T, float>) {
+    Vec m(top);
+    for (; i + Vec::size() <= n; i += Vec::size()) m = at::vec::maximum(m, Vec::loadu(x + i));
+    top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+  } else {
+    using VT = at::vec::Vectorized<T>;
+    Vec m0(top), m1(top);
+    for (; i + VT::size() <= n; i += VT::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VT::loadu(x + i));
+      m0 = at::vec::maximum(m0, lo);
+      m1 = at::vec::maximum(m1, hi);
+    }
+    top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
+                                         at::vec::maximum(m0, m1));
+  }
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    if (std::isnan(v) || std::isnan(top)) top = std::numeric_limits<float>::quiet_NaN();
+    else top = std::max(top, v);
+  }
+  if (std::isnan(top)) {
+    for (int64_t j = 0; j < n; ++j)
+      if (std::isnan(static_cast<float>(x[j]))) return j;
+  }
+  for (int64_t j = 0; j < n; ++j)
+    if (static_cast<float>(x[j]) == top) return j;
+  return 0;
+}
+
+at::Tensor argmax_last(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && float_type(x_in.scalar_type()) && x_in.dim() >= 1 && x_in.size(-1) > 0,
+              "argmax_last: a non-empty CPU tensor of fp32, bf16 or fp16");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  at::Tensor out = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  with_dtype(x.scalar_type(), "argmax_last", [&](auto t) {
+    using T = decltype(t);
+    const T* p = x.data_ptr<T>();
+    for (int64_t r = 0; r < rows; ++r) o[r] = argmax_row<T>(p + r * n, n);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace zoo_cpu
 
@@ -446,6 +585,10 @@ TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
   m.def("rotary_pair(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor r, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("attention_step(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, int pos, Tensor? mask=None) -> Tensor");
+  m.def("argmax_last(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
@@ -454,4 +597,7 @@ TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
   m.impl("rotary_pair", &zoo_cpu::rotary_pair);
   m.impl("silu_mul", &zoo_cpu::silu_mul);
   m.impl("decode_attention", &zoo_cpu::decode_attention);
+  m.impl("add_rms_norm", &zoo_cpu::add_rms_norm);
+  m.impl("attention_step", &zoo_cpu::attention_step);
+  m.impl("argmax_last", &zoo_cpu::argmax_last);
 }
