@@ -33,18 +33,31 @@ class Block(nn.Module):
         self.mlp = mlp
 
     def forward(self, h, cos, sin, cache, mask):
-        a = self.attn(self.attn_norm(h), cos, sin, cache, mask)
-        if _plain_norm(self.mlp_norm):  # the residual add and the norm after it in one call (one C++ op on CPU)
-            h, x = add_rms_norm(h, a, self.mlp_norm.weight, self.mlp_norm.eps)
-            return h + self.mlp(x)
-        h = h + a
+        h = h + self.attn(self.attn_norm(h), cos, sin, cache, mask)
         return h + self.mlp(self.mlp_norm(h))
 
+    def fused(self, h: torch.Tensor, x: torch.Tensor, cos, sin, cache, mask,
+              after: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for h with x = attn_norm(h) already computed, each residual add fused with the norm after it
+        (`after`: the next block's attn_norm, or the final norm): (the block's output, after(output)). The same
+        numbers as forward then after; one C++ call per add and norm on CPU (kernels/rmsnorm.py add_rms_norm).
+        Only for plain blocks (`_plain`)."""
+        h, x = add_rms_norm(h, self.attn(x, cos, sin, cache, mask), self.mlp_norm.weight, self.mlp_norm.eps)
+        return add_rms_norm(h, self.mlp(x), after.weight, after.eps)
 
-def _plain_norm(norm: nn.Module) -> bool:
-    """Whether calling `norm` is exactly rms_norm(x, norm.weight, norm.eps): this package's RMSNorm without hooks."""
-    return (type(norm) is RMSNorm and not norm._forward_hooks and not norm._forward_pre_hooks
-            and not _module._global_forward_hooks and not _module._global_forward_pre_hooks)
+
+def _no_hooks(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _plain(blocks: nn.ModuleList, norm: nn.Module) -> bool:
+    """Whether the blocks and the final norm may run `Block.fused`: this module's Block and RMSNorm exactly, with no
+    hook (fused calls neither the blocks nor the norms as modules)."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks or type(norm) is not RMSNorm:
+        return False
+    return _no_hooks(norm) and all(type(b) is Block and _no_hooks(b) and type(b.attn_norm) is RMSNorm
+                                   and type(b.mlp_norm) is RMSNorm and _no_hooks(b.attn_norm)
+                                   and _no_hooks(b.mlp_norm) for b in blocks)
 
 
 class DecoderLM(nn.Module):
@@ -86,13 +99,19 @@ class DecoderLM(nn.Module):
         mask = book.attention_mask(T, input_ids.device)
         h = self.embed(input_ids)
         cos, sin = self.rotary(positions, h.dtype, book.seen(T))
-        for block in self.layers:
-            h = block(h, cos, sin, state, mask)
+        blocks = self.layers
+        if len(blocks) and _plain(blocks, self.norm):  # each residual add fused with the norm after it
+            x = blocks[0].attn_norm(h)
+            for i, block in enumerate(blocks):
+                h, x = block.fused(h, x, cos, sin, state, mask, blocks[i + 1].attn_norm if i + 1 < len(blocks)
+                                   else self.norm)
+            h = x[:, -1:] if last_only else x  # (the norm is per position: the last one's is the same alone)
+        else:
+            for block in blocks:
+                h = block(h, cos, sin, state, mask)
+            h = self.norm(h[:, -1:] if last_only else h)
         if state is not None:
             state.advance(T)
-        if last_only:
-            h = h[:, -1:]
-        h = self.norm(h)
         return dense(self.lm_head, h) if self.lm_head is not None else tied_head(h, self.embed)
 
 

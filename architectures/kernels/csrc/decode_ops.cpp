@@ -207,9 +207,25 @@ inline T rnd(float v) {
   else return static_cast<T>(v);
 }
 
+// one head's row: xr -> yr (hd values, the first d rotated by c, s)
+template <typename T>
+inline void rotary_row(const T* xr, const T* c, const T* s, T* yr, int64_t d, int64_t hd) {
+  const int64_t h = d / 2;
+  for (int64_t j = 0; j < h; ++j) {
+    const float x1 = static_cast<float>(xr[j]), x2 = static_cast<float>(xr[j + h]);
+    const float a = static_cast<float>(rnd<T>(x1 * static_cast<float>(c[j])));
+    const float bneg = static_cast<float>(rnd<T>(-x2 * static_cast<float>(s[j])));
+    const float a2 = static_cast<float>(rnd<T>(x2 * static_cast<float>(c[j + h])));
+    const float b2 = static_cast<float>(rnd<T>(x1 * static_cast<float>(s[j + h])));
+    yr[j] = rnd<T>(a + bneg);
+    yr[j + h] = rnd<T>(a2 + b2);
+  }
+  for (int64_t j = d; j < hd; ++j) yr[j] = xr[j];
+}
+
 template <typename T>
 void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& y) {
-  const int64_t B = x.size(0), H = x.size(1), S = x.size(2), hd = x.size(3), d = cos.size(-1), h = d / 2;
+  const int64_t B = x.size(0), H = x.size(1), S = x.size(2), hd = x.size(3), d = cos.size(-1);
   const T* xp = x.data_ptr<T>();
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
@@ -219,18 +235,8 @@ void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
       const T* c = cp + b * cos.stride(0) + t * cos.stride(1);
       const T* s = sp + b * sin.stride(0) + t * sin.stride(1);
       for (int64_t hh = 0; hh < H; ++hh) {
-        const T* xr = xp + b * x.stride(0) + hh * x.stride(1) + t * x.stride(2);
-        T* yr = yp + b * y.stride(0) + hh * y.stride(1) + t * y.stride(2);
-        for (int64_t j = 0; j < h; ++j) {
-          const float x1 = static_cast<float>(xr[j]), x2 = static_cast<float>(xr[j + h]);
-          const float a = static_cast<float>(rnd<T>(x1 * static_cast<float>(c[j])));
-          const float bneg = static_cast<float>(rnd<T>(-x2 * static_cast<float>(s[j])));
-          const float a2 = static_cast<float>(rnd<T>(x2 * static_cast<float>(c[j + h])));
-          const float b2 = static_cast<float>(rnd<T>(x1 * static_cast<float>(s[j + h])));
-          yr[j] = rnd<T>(a + bneg);
-          yr[j + h] = rnd<T>(a2 + b2);
-        }
-        for (int64_t j = d; j < hd; ++j) yr[j] = xr[j];
+        rotary_row<T>(xp + b * x.stride(0) + hh * x.stride(1) + t * x.stride(2), c, s,
+                      yp + b * y.stride(0) + hh * y.stride(1) + t * y.stride(2), d, hd);
       }
     }
   }
@@ -374,40 +380,55 @@ inline float exp_shifted(float* p, int64_t n, float top) {
   return total;
 }
 
-// The G = H / Hkv query heads that share key-value head `kvh` of batch row b: each key and value row is widened
-// once for all G of them (the cache is read once per token, not once per query head).
+// The data of a [B, heads, L, d] tensor (last stride 1): element (b, h, l, j) at p[b * sb + h * sh + l * sl + j].
 template <typename T>
-void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask, int64_t mask_b,
-                  int64_t mask_l, at::Tensor& out, int64_t b, int64_t kvh, std::vector<float>& buf) {
-  const int64_t L = k.size(2), d = q.size(3), G = q.size(1) / k.size(1);
+struct Heads {
+  const T* p;
+  int64_t sb, sh, sl;
+  const T* row(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
+};
+
+template <typename T>
+Heads<T> heads_of(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The G = H / Hkv query heads that share key-value head `kvh` of batch row b, over L cached positions: each key
+// and value row is widened once for all G of them (the cache is read once per token, not once per query head).
+// The output rows go to out[(b * H + head) * d ...].
+template <typename T>
+void attend_group(Heads<T> q, Heads<T> k, Heads<T> v, int64_t H, int64_t kv, int64_t L, int64_t d,
+                  const bool* mask, int64_t mask_b, int64_t mask_l, T* out, int64_t b, int64_t kvh,
+                  std::vector<float>& buf) {
+  const int64_t G = H / kv;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  buf.resize(G * d * 2 + G * L + d);
+  buf.resize(G * d * 2 + G * L + d + 2 * G);
   float* qs = buf.data();      // [G, d] the queries in fp32, scaled
   float* acc = qs + G * d;     // [G, d] the weighted sums of values
   float* p = acc + G * d;      // [G, L] scores, then softmax numerators
   float* row = p + G * L;      // [d] one key or value row in fp32
+  float* top = row + d;        // [G] each head's largest score
+  float* inv = top + G;        // [G] 1 / each head's softmax denominator (0: every key masked)
   for (int64_t g = 0; g < G; ++g) {
-    const T* qr = q.data_ptr<T>() + b * q.stride(0) + (kvh * G + g) * q.stride(1);
+    const T* qr = q.row(b, kvh * G + g, 0);
     for (int64_t j = 0; j < d; ++j) qs[g * d + j] = static_cast<float>(qr[j]) * scale;
+    top[g] = kNegInf;
+    inv[g] = 0.0f;
   }
-  const T* kb = k.data_ptr<T>() + b * k.stride(0) + kvh * k.stride(1);
-  const T* vb = v.data_ptr<T>() + b * v.stride(0) + kvh * v.stride(1);
   const bool* m = mask ? mask + b * mask_b : nullptr;
-  std::vector<float> top(G, kNegInf);
   for (int64_t l = 0; l < L; ++l) {
     if (m && !m[l * mask_l]) {
       for (int64_t g = 0; g < G; ++g) p[g * L + l] = kNegInf;
       continue;
     }
-    widen<T>(kb + l * k.stride(2), row, d);
+    widen<T>(k.row(b, kvh, l), row, d);
     for (int64_t g = 0; g < G; ++g) {
       const float score = dot(qs + g * d, row, d);
       p[g * L + l] = score;
       top[g] = std::max(top[g], score);
     }
   }
-  std::vector<float> inv(G, 0.0f);
   for (int64_t g = 0; g < G; ++g) {
     if (top[g] == kNegInf) continue;  // every key masked: zeros
     inv[g] = 1.0f / exp_shifted(p + g * L, L, top[g]);
@@ -415,15 +436,32 @@ void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   std::fill(acc, acc + G * d, 0.0f);
   for (int64_t l = 0; l < L; ++l) {
     if (m && !m[l * mask_l]) continue;
-    widen<T>(vb + l * v.stride(2), row, d);
+    widen<T>(v.row(b, kvh, l), row, d);
     for (int64_t g = 0; g < G; ++g) {
       if (inv[g] != 0.0f) axpy(p[g * L + l], row, acc + g * d, d);
     }
   }
   for (int64_t g = 0; g < G; ++g) {
-    T* orow = out.data_ptr<T>() + (b * q.size(1) + kvh * G + g) * d;
+    T* orow = out + (b * H + kvh * G + g) * d;
     for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<T>(acc[g * d + j] * inv[g]);
   }
+}
+
+// Every (batch row, key-value head) group, in parallel only where each thread gets a quarter million multiply-adds
+// or more (long caches): one token of a small model's layer (14 heads x 100 positions x 64) is tens of
+// microseconds on one core, about what waking the other threads costs, and on a loaded machine a parallel region
+// can wait milliseconds for a descheduled thread.
+template <typename T>
+void attend(Heads<T> q, Heads<T> k, Heads<T> v, int64_t B, int64_t H, int64_t kv, int64_t L, int64_t d,
+            const bool* mask, int64_t mask_b, int64_t mask_l, T* out) {
+  const int64_t group_work = std::max<int64_t>(1, 2 * (H / kv) * L * d);
+  const int64_t grain = std::max<int64_t>(1, 262144 / group_work);
+  const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
+  at::parallel_for(0, B * kv, grain, [&](int64_t i0, int64_t i1) {
+    c10::InferenceMode guard(inference);
+    std::vector<float> buf;
+    for (int64_t i = i0; i < i1; ++i) attend_group<T>(q, k, v, H, kv, L, d, mask, mask_b, mask_l, out, i / kv, i % kv, buf);
+  });
 }
 
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -455,20 +493,10 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   }
   at::Tensor out = at::empty({B, H, 1, d}, q.options());
   if (out.numel() == 0) return out;
-  // key-value heads in parallel only where each thread gets a quarter million multiply-adds or more (long
-  // caches): one token of a small model's layer (14 heads x 100 positions x 64) is tens of microseconds on one
-  // core, about what waking the other threads costs, and on a loaded machine a parallel region can wait
-  // milliseconds for a descheduled thread
-  const int64_t kv = k.size(1), group_work = std::max<int64_t>(1, 2 * (H / kv) * L * d);
-  const int64_t grain = std::max<int64_t>(1, 262144 / group_work);
-  const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
   with_dtype(q.scalar_type(), "decode_attention", [&](auto t) {
     using T = decltype(t);
-    at::parallel_for(0, B * kv, grain, [&](int64_t i0, int64_t i1) {
-      c10::InferenceMode guard(inference);
-      std::vector<float> buf;
-      for (int64_t i = i0; i < i1; ++i) attend_group<T>(q, k, v, mp, mask_b, mask_l, out, i / kv, i % kv, buf);
-    });
+    attend<T>(heads_of<T>(q), heads_of<T>(k), heads_of<T>(v), B, H, k.size(1), L, d, mp, mask_b, mask_l,
+              out.data_ptr<T>());
   });
   return out;
 }
@@ -496,31 +524,49 @@ at::Tensor attention_step(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK(float_type(dtype) && k.scalar_type() == dtype && v.scalar_type() == dtype &&
                   k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
               "attention_step: q, k, v and the caches must share one of fp32, bf16, fp16");
-  const int64_t H = q.size(2) / d;
-  const at::Tensor qh = (q.stride(-1) == 1 ? q : q.contiguous()).view({B, 1, H, d}).transpose(1, 2);
-  const at::Tensor kh = (k.stride(-1) == 1 ? k : k.contiguous()).view({B, 1, kv, d}).transpose(1, 2);
+  const int64_t H = q.size(2) / d, r = cos.dim() == 3 ? cos.size(2) : -1;
+  TORCH_CHECK(r >= 0 && sin.sizes() == cos.sizes() && cos.size(0) == B && cos.size(1) == 1 && r <= d &&
+                  r % 2 == 0 && cos.scalar_type() == dtype && sin.scalar_type() == dtype && cos.device().is_cpu() &&
+                  sin.device().is_cpu(), "attention_step: cos, sin must be [B, 1, r] (r even, at most ", d,
+              ") of q's dtype");
+  const at::Tensor qc = q.stride(-1) == 1 ? q : q.contiguous();
+  const at::Tensor kc = k.stride(-1) == 1 ? k : k.contiguous();
   const at::Tensor vc = v.stride(-1) == 1 ? v : v.contiguous();
-  TORCH_CHECK(cos.dim() == 3 && sin.sizes() == cos.sizes() && cos.size(0) == B && cos.size(1) == 1 &&
-                  cos.size(2) <= d && cos.size(2) % 2 == 0 && cos.scalar_type() == dtype &&
-                  sin.scalar_type() == dtype && cos.device().is_cpu() && sin.device().is_cpu(),
-              "attention_step: cos, sin must be [B, 1, r] (r even, at most ", d, ") of q's dtype");
   const at::Tensor c = cos.stride(-1) == 1 ? cos : cos.contiguous();
   const at::Tensor s = sin.stride(-1) == 1 ? sin : sin.contiguous();
-  at::Tensor qr = at::empty({B, H, 1, d}, q.options());
-  at::Tensor k_slot = k_cache.narrow(2, pos, 1);
+  const bool* mp = nullptr;
+  int64_t mask_b = 0, mask_l = 0;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kBool && m.dim() == 4 && m.size(1) == 1 &&
+                    m.size(2) == 1 && m.size(3) == pos + 1 && (m.size(0) == B || m.size(0) == 1),
+                "attention_step: mask must be bool [B or 1, 1, 1, ", pos + 1, "], got ", m.sizes());
+    mp = m.data_ptr<bool>();
+    mask_b = m.size(0) == 1 ? 0 : m.stride(0);
+    mask_l = m.stride(3);
+  }
+  at::Tensor out = at::empty({B, 1, H * d}, q.options());
   with_dtype(dtype, "attention_step", [&](auto t) {
     using T = decltype(t);
-    rotary_into<T>(qh, c, s, qr);
-    rotary_into<T>(kh, c, s, k_slot);
-    const T* vp = vc.data_ptr<T>();
-    T* vdst = v_cache.data_ptr<T>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < kv; ++h)
-        std::copy(vp + b * vc.stride(0) + h * d, vp + b * vc.stride(0) + (h + 1) * d,
-                  vdst + ((b * kv + h) * L + pos) * d);
+    std::vector<T> qr(B * H * d);  // the rotated queries [B, H, d]
+    T* kd = k_cache.data_ptr<T>();
+    T* vd = v_cache.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      const T* cb = c.data_ptr<T>() + b * c.stride(0);
+      const T* sb = s.data_ptr<T>() + b * s.stride(0);
+      for (int64_t h = 0; h < H; ++h)
+        rotary_row<T>(qc.data_ptr<T>() + b * qc.stride(0) + h * d, cb, sb, qr.data() + (b * H + h) * d, r, d);
+      for (int64_t h = 0; h < kv; ++h) {
+        const int64_t slot = ((b * kv + h) * L + pos) * d;
+        rotary_row<T>(kc.data_ptr<T>() + b * kc.stride(0) + h * d, cb, sb, kd + slot, r, d);
+        const T* vr = vc.data_ptr<T>() + b * vc.stride(0) + h * d;
+        std::copy(vr, vr + d, vd + slot);
+      }
+    }
+    const Heads<T> qh{qr.data(), H * d, d, d}, kh{kd, kv * L * d, L * d, d}, vh{vd, kv * L * d, L * d, d};
+    attend<T>(qh, kh, vh, B, H, kv, pos + 1, d, mp, mask_b, mask_l, out.data_ptr<T>());
   });
-  return decode_attention(qr, k_cache.narrow(2, 0, pos + 1), v_cache.narrow(2, 0, pos + 1), mask)
-      .view({B, 1, H * d});
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
