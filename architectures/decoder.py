@@ -55,9 +55,16 @@ def _plain(blocks: nn.ModuleList, norm: nn.Module) -> bool:
     hook (fused calls neither the blocks nor the norms as modules)."""
     if _module._global_forward_hooks or _module._global_forward_pre_hooks or type(norm) is not RMSNorm:
         return False
-    return _no_hooks(norm) and all(type(b) is Block and _no_hooks(b) and type(b.attn_norm) is RMSNorm
-                                   and type(b.mlp_norm) is RMSNorm and _no_hooks(b.attn_norm)
-                                   and _no_hooks(b.mlp_norm) for b in blocks)
+    if not _no_hooks(norm):
+        return False
+    for b in blocks._modules.values():  # (_modules: no Module.__getattr__ per lookup; this runs every token)
+        if type(b) is not Block or not _no_hooks(b):
+            return False
+        sub = b._modules
+        a, m = sub["attn_norm"], sub["mlp_norm"]
+        if type(a) is not RMSNorm or type(m) is not RMSNorm or not _no_hooks(a) or not _no_hooks(m):
+            return False
+    return True
 
 
 class DecoderLM(nn.Module):
@@ -101,10 +108,11 @@ class DecoderLM(nn.Module):
         cos, sin = self.rotary(positions, h.dtype, book.seen(T))
         blocks = self.layers
         if len(blocks) and _plain(blocks, self.norm):  # each residual add fused with the norm after it
-            x = blocks[0].attn_norm(h)
-            for i, block in enumerate(blocks):
-                h, x = block.fused(h, x, cos, sin, state, mask, blocks[i + 1].attn_norm if i + 1 < len(blocks)
-                                   else self.norm)
+            seq = list(blocks._modules.values())
+            afters = [b._modules["attn_norm"] for b in seq[1:]] + [self.norm]
+            x = seq[0]._modules["attn_norm"](h)
+            for block, after in zip(seq, afters):
+                h, x = block.fused(h, x, cos, sin, state, mask, after)
             h = x[:, -1:] if last_only else x  # (the norm is per position: the last one's is the same alone)
         else:
             for block in blocks:
