@@ -16,7 +16,9 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _module
 from zoo.architectures.kernels.linear import dense, dense_weight
+from zoo.architectures.kernels.rmsnorm import add_rms_norm
 from zoo.architectures.layers import Attention, RMSNorm, Rotary
 from zoo.architectures.quant import PackedEmbedding
 from zoo.architectures.state import KVCache, State
@@ -33,6 +35,36 @@ class Block(nn.Module):
     def forward(self, h, cos, sin, cache, mask):
         h = h + self.attn(self.attn_norm(h), cos, sin, cache, mask)
         return h + self.mlp(self.mlp_norm(h))
+
+    def fused(self, h: torch.Tensor, x: torch.Tensor, cos, sin, cache, mask,
+              after: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for h with x = attn_norm(h) already computed, each residual add fused with the norm after it
+        (`after`: the next block's attn_norm, or the final norm): (the block's output, after(output)). The same
+        numbers as forward then after; one C++ call per add and norm on CPU (kernels/rmsnorm.py add_rms_norm).
+        Only for plain blocks (`_plain`)."""
+        h, x = add_rms_norm(h, self.attn(x, cos, sin, cache, mask), self.mlp_norm.weight, self.mlp_norm.eps)
+        return add_rms_norm(h, self.mlp(x), after.weight, after.eps)
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _plain(blocks: nn.ModuleList, norm: nn.Module) -> bool:
+    """Whether the blocks and the final norm may run `Block.fused`: this module's Block and RMSNorm exactly, with no
+    hook (fused calls neither the blocks nor the norms as modules)."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks or type(norm) is not RMSNorm:
+        return False
+    if not _no_hooks(norm):
+        return False
+    for b in blocks._modules.values():  # (_modules: no Module.__getattr__ per lookup; this runs every token)
+        if type(b) is not Block or not _no_hooks(b):
+            return False
+        sub = b._modules
+        a, m = sub["attn_norm"], sub["mlp_norm"]
+        if type(a) is not RMSNorm or type(m) is not RMSNorm or not _no_hooks(a) or not _no_hooks(m):
+            return False
+    return True
 
 
 class DecoderLM(nn.Module):
@@ -74,13 +106,20 @@ class DecoderLM(nn.Module):
         mask = book.attention_mask(T, input_ids.device)
         h = self.embed(input_ids)
         cos, sin = self.rotary(positions, h.dtype, book.seen(T))
-        for block in self.layers:
-            h = block(h, cos, sin, state, mask)
+        blocks = self.layers
+        if len(blocks) and _plain(blocks, self.norm):  # each residual add fused with the norm after it
+            seq = list(blocks._modules.values())
+            afters = [b._modules["attn_norm"] for b in seq[1:]] + [self.norm]
+            x = seq[0]._modules["attn_norm"](h)
+            for block, after in zip(seq, afters):
+                h, x = block.fused(h, x, cos, sin, state, mask, after)
+            h = x[:, -1:] if last_only else x  # (the norm is per position: the last one's is the same alone)
+        else:
+            for block in blocks:
+                h = block(h, cos, sin, state, mask)
+            h = self.norm(h[:, -1:] if last_only else h)
         if state is not None:
             state.advance(T)
-        if last_only:
-            h = h[:, -1:]
-        h = self.norm(h)
         return dense(self.lm_head, h) if self.lm_head is not None else tied_head(h, self.embed)
 
 

@@ -188,14 +188,26 @@ class KVCache(State):
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
 
+    def buffers(self, layer: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value buffers [batch, heads, max_len, head_dim], allocated (zeros) on first use."""
+        if layer not in self.k:
+            shape = (batch, heads, self.max_len, head_dim)
+            self.k[layer] = torch.zeros(shape, dtype=dtype, device=device)
+            self.v[layer] = torch.zeros(shape, dtype=dtype, device=device)
+        return self.k[layer], self.v[layer]
+
+    def writes_one_step_at_length(self) -> bool:
+        """Whether a one-token step may write its keys and values itself at slot `length` of `buffers` (a fused
+        decode op: layers.Attention) instead of calling `update`: the dynamic form of this class's own `update`
+        (a subclass that stores differently overrides `update`, and is then always called)."""
+        return not self.static and type(self).update is KVCache.update
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, kv_heads, T, hd] at the current position; return everything cached so far."""
         steps = k.shape[2]
         self.check_room(steps)
-        if layer not in self.k:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        self.buffers(layer, k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
         if self.static:  # written at the device-side position; attention reads every slot (masked)
             at = self.steps_ahead(steps, k.device)
             self.k[layer].index_copy_(2, at, k)

@@ -3,8 +3,9 @@ bit for bit (fp32, bf16, fp16; odd sizes, batches, transposed q/k views, partial
 one-query attention against the KV cache equals F.scaled_dot_product_attention (fp32 within 1e-5, bf16/fp16 within
 one rounding of the output) with grouped-query heads, masks and the cache's slice views; the kernel modules route
 CPU eager inference to them and everything else (autograd, torch.compile, unfitting shapes) to the references;
-a decoder attention layer decodes the same with and without them, dynamic and static cache forms; the same
-exactness in processes forced to the AVX2 and the scalar builds."""
+a decoding token's attention step (rotary, cache write, attention in one call), the residual add with its norm and
+the greedy argmax equal the ops they replace bit for bit; a decoder attention layer decodes the same with and without
+them, dynamic and static cache forms; the same exactness in processes forced to the AVX2 and the scalar builds."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from zoo.architectures.kernels import cpu_ext, matvec
-from zoo.architectures.kernels.rmsnorm import rms_norm, rms_norm_reference
+from zoo.architectures.kernels.argmax import argmax_last
+from zoo.architectures.kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
 from zoo.architectures.kernels.rotary import apply_rotary, apply_rotary_pair, apply_rotary_reference
 from zoo.architectures.kernels.swiglu import silu_mul, silu_mul_reference
 from zoo.architectures.layers import Attention
@@ -150,6 +152,64 @@ def test_one_query_attention_takes_one_mask_row_for_the_whole_batch():
                                rtol=0)
 
 
+# --- a decoding token's attention in one call, the residual add with its norm, the greedy pick --------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,kv,d,r,pos,masked", [(1, 14, 2, 64, 64, 0, False), (1, 14, 2, 64, 64, 37, False),
+                                                   (3, 6, 2, 20, 12, 9, True), (2, 4, 4, 16, 16, 5, True)])
+def test_attention_step_equals_rotary_cache_write_and_attention(dtype, B, H, kv, d, r, pos, masked):
+    q, k, v = (rand(B, 1, n * d, dtype=dtype, seed=s) for n, s in ((H, 0), (kv, 1), (kv, 2)))
+    cos, sin = rand(B, 1, r, dtype=dtype, seed=3), rand(B, 1, r, dtype=dtype, seed=4)
+    k_cache, v_cache = rand(B, kv, pos + 3, d, dtype=dtype, seed=5), rand(B, kv, pos + 3, d, dtype=dtype, seed=6)
+    mask = None
+    if masked:
+        mask = torch.rand(B, 1, 1, pos + 1, generator=torch.Generator().manual_seed(7)) > 0.4
+        mask[..., -1] = True
+    # the steps one by one, as layers.Attention takes them without the fused op
+    qh = apply_rotary_reference(q.view(B, 1, H, d).transpose(1, 2), cos, sin)
+    kh = apply_rotary_reference(k.view(B, 1, kv, d).transpose(1, 2), cos, sin)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[:, :, pos:pos + 1], v_ref[:, :, pos:pos + 1] = kh, v.view(B, 1, kv, d).transpose(1, 2)
+    ref = library().decode_attention(qh, k_ref[:, :, :pos + 1], v_ref[:, :, :pos + 1], mask)
+    y = library().attention_step(q, k, v, cos, sin, k_cache, v_cache, pos, mask)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert y.shape == (B, 1, H * d) and torch.equal(y, ref.transpose(1, 2).reshape(B, 1, H * d))
+
+
+def test_attention_step_refuses_what_does_not_fit():
+    q, k = rand(1, 1, 64), rand(1, 1, 32)
+    cos = rand(1, 1, 16)
+    cache = torch.zeros(1, 2, 4, 16)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        library().attention_step(q, k, k, cos, cos, cache, cache.clone(), 4, None)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        library().attention_step(rand(1, 1, 60), k, k, cos, cos, cache, cache.clone(), 0, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 896), (3, 2, 896), (5, 64), (7,), (2, 1, 1000)])
+def test_add_rms_norm_equals_the_add_and_the_reference_bit_for_bit(dtype, shape):
+    x, r = rand(*shape, dtype=dtype, scale=3.0), rand(*shape, dtype=dtype, seed=2, scale=3.0)
+    w = rand(shape[-1], dtype=dtype, seed=1)
+    h, y = library().add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(h, x + r) and torch.equal(y, rms_norm_reference(x + r, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 151936), (3, 1000), (2, 1, 37), (5,), (1, 1)])
+def test_argmax_last_equals_torch_argmax(dtype, shape):
+    x = rand(*shape, dtype=dtype, scale=4.0)
+    assert torch.equal(library().argmax_last(x), x.argmax(-1))
+    ties = torch.zeros(shape, dtype=dtype)
+    ties[..., shape[-1] // 2:] = 1.0  # the first of equal maxima
+    assert torch.equal(library().argmax_last(ties), ties.argmax(-1))
+    assert torch.equal(library().argmax_last(torch.full(shape, float("-inf"), dtype=dtype)),
+                       torch.full(shape, float("-inf"), dtype=dtype).argmax(-1))
+    if shape[-1] > 2:  # torch orders NaN above every number: the first NaN
+        x[..., 1], x[..., -1] = float("nan"), float("nan")
+        assert torch.equal(library().argmax_last(x), x.argmax(-1))
+
+
 # --- routing ----------------------------------------------------------------------------------------------------
 
 def test_cpu_inference_calls_take_the_cpp_ops(spy):
@@ -161,7 +221,10 @@ def test_cpu_inference_calls_take_the_cpp_ops(spy):
     qr, kr = apply_rotary_pair(q, k, cos, sin)
     assert torch.equal(kr, apply_rotary_reference(k, cos, sin))
     assert torch.equal(silu_mul(x, x), silu_mul_reference(x, x))
-    assert spy.calls == ["rms_norm", "rotary", "rotary_pair", "silu_mul"]
+    h, y = add_rms_norm(x, x, w, 1e-6)
+    assert torch.equal(h, x + x) and torch.equal(y, rms_norm_reference(x + x, w, 1e-6))
+    assert torch.equal(argmax_last(x), x.argmax(-1))
+    assert spy.calls == ["rms_norm", "rotary", "rotary_pair", "silu_mul", "add_rms_norm", "argmax_last"]
 
 
 def test_autograd_compile_and_unfitting_calls_keep_the_references(spy, monkeypatch):
@@ -173,8 +236,13 @@ def test_autograd_compile_and_unfitting_calls_keep_the_references(spy, monkeypat
     apply_rotary(rand(2, 3, 1, 8), rand(1, 1, 8), rand(1, 1, 8))  # cos broadcast over the batch
     assert matvec.cpu_one_query_attention(rand(1, 4, 1, 8), rand(1, 2, 5, 8), rand(1, 2, 5, 8),
                                           torch.zeros(1, 1, 1, 5)) is None  # a float mask: SDPA's
+    assert add_rms_norm(rand(2, 64), rand(2, 64), w, 1e-6)[1].grad_fn is not None
+    assert matvec.cpu_attention_step(rand(1, 1, 32), rand(1, 1, 16), rand(1, 1, 16), rand(1, 1, 8), rand(1, 1, 8),
+                                     torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 1,
+                                     torch.ones(1, 1, 1, 3, dtype=torch.bool)) is None  # a mask of another length
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     silu_mul(rand(4), rand(4))
+    argmax_last(rand(3, 5))
     assert spy.calls == []
 
 
@@ -204,7 +272,7 @@ def test_an_attention_layer_decodes_the_same_with_and_without_the_cpp_ops(static
     spy = Spy(library())
     monkeypatch.setattr(matvec, "_DECODE_LIB", [spy])
     fast = run()
-    assert "decode_attention" in spy.calls
+    assert ("decode_attention" if static else "attention_step") in spy.calls  # (the dynamic form: the fused step)
     monkeypatch.setattr(matvec, "_DECODE_LIB", [None])
     slow = run()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -231,6 +299,19 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
     x = torch.randn(2, 3, 5, 24, generator=g).to(dt).transpose(1, 2)
     c, s = torch.randn(2, 3, 16, generator=g).to(dt), torch.randn(2, 3, 16, generator=g).to(dt)
     exact &= torch.equal(lib.rotary(x, c, s), apply_rotary_reference(x, c, s))
+    a, b, w = (torch.randn(3, 100, generator=g) * 3).to(dt), torch.randn(3, 100, generator=g).to(dt), w[:100]
+    h, y = lib.add_rms_norm(a, b, w, 1e-6)
+    exact &= torch.equal(h, a + b) and torch.equal(y, rms_norm_reference(a + b, w, 1e-6))
+    logits = (torch.randn(2, 151936, generator=g) * 4).to(dt)
+    exact &= torch.equal(lib.argmax_last(logits), logits.argmax(-1))
+    q, kn, vn = (torch.randn(2, 1, n * 24, generator=g).to(dt) for n in (6, 2, 2))
+    kc, vc = torch.randn(2, 2, 9, 24, generator=g).to(dt), torch.randn(2, 2, 9, 24, generator=g).to(dt)
+    y = lib.attention_step(q, kn, vn, c[:, :1], s[:, :1], kc, vc, 4, None)
+    qh = apply_rotary_reference(q.view(2, 1, 6, 24).transpose(1, 2), c[:, :1], s[:, :1])
+    kh = apply_rotary_reference(kn.view(2, 1, 2, 24).transpose(1, 2), c[:, :1], s[:, :1])
+    exact &= torch.equal(kc[:, :, 4:5], kh) and torch.equal(vc[:, :, 4:5], vn.view(2, 1, 2, 24).transpose(1, 2))
+    ref = lib.decode_attention(qh, kc[:, :, :5], vc[:, :, :5])
+    exact &= torch.equal(y, ref.transpose(1, 2).reshape(2, 1, -1))
 q, k, v = torch.randn(2, 6, 1, 20), torch.randn(2, 2, 30, 20), torch.randn(2, 2, 30, 20)
 mask = torch.rand(2, 1, 1, 30) > 0.3
 mask[..., 0] = True

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zoo.architectures.kernels.argmax import argmax_last
 from zoo.checks import check_beam_search
 from zoo.settings import SETTINGS
 
@@ -59,7 +60,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     settings and whichever path computed the logits (eager or the compiled step), so the same seed draws the same
     numbers on both; README "Reproducible sampling" says what can still differ."""
     if not s.temperature:
-        return logits.argmax(-1)
+        return argmax_last(logits)  # (torch.argmax's index; zoo's C++ op on CPU: ~1 ms less per token for 150K logits)
     logits = logits.float() / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[:, -1:]

@@ -107,6 +107,27 @@ def cpu_one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return lib.decode_attention(q, k, v, mask)
 
 
+def cpu_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                       mask: torch.Tensor | None) -> torch.Tensor | None:
+    """One decoding token's attention by zoo_cpu::attention_step at CPU eager inference: the projections' outputs
+    q [B, 1, H * d], k, v [B, 1, Hkv * d] rotated (cos, sin [B, 1, r]), k and v written into slot `pos` of the
+    caches [B, Hkv, max_len, d], one-query attention over slots 0..pos (mask None or bool [B or 1, 1, 1, pos + 1]);
+    [B, 1, H * d]. One call for what rotary_pair, KVCache.update and decode_attention do with ~20 aten ops around
+    them; the same numbers. None where it does not apply (the caller then takes those steps one by one)."""
+    lib = cpu_decode_ops(q, k, v, cos, sin)
+    dtype = q.dtype
+    if (lib is None or dtype not in DECODE_DTYPES or k.dtype != dtype or v.dtype != dtype or cos.dtype != dtype
+            or sin.dtype != dtype or k_cache.dtype != dtype or v_cache.dtype != dtype or cos.dim() != 3
+            or cos.shape != sin.shape or cos.shape[:2] != (q.shape[0], 1) or cos.shape[2] > k_cache.shape[3]
+            or cos.shape[2] % 2 or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
+        return None
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, 1, pos + 1)
+                             or mask.shape[0] not in (1, q.shape[0])):
+        return None
+    return lib.attention_step(q, k, v, cos, sin, k_cache, v_cache, pos, mask)
+
+
 def cache_keys() -> dict[str, str]:
     """{qualified name: hash of the source} of the functions the graph pass puts in, for Inductor's caches."""
     source = inspect.getsource(matvec_linear).encode()

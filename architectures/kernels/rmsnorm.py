@@ -29,6 +29,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(x.dtype)
 
 
+def _cpu_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the C++ op sums x's rows in torch's order (module docstring) for this weight."""
+    return (x.dtype in DECODE_DTYPES and weight.dtype in DECODE_DTYPES and weight.dim() == 1 and x.dim() > 0
+            and x.shape[-1] == weight.shape[0] and x.shape[-1] <= SUM_ONE_RANGE and x.is_contiguous())
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm: the fused Triton kernel for CUDA tensors at inference, zoo's C++ op on CPU at eager inference, else
     the reference."""
@@ -37,7 +43,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
         return rms_norm_triton(x, weight, eps)
     lib = cpu_decode_ops(x, weight)
-    if (lib is not None and x.dtype in DECODE_DTYPES and weight.dtype in DECODE_DTYPES and weight.dim() == 1
-            and x.dim() and x.shape[-1] == weight.shape[0] and x.shape[-1] <= SUM_ONE_RANGE and x.is_contiguous()):
+    if lib is not None and _cpu_fits(x, weight):
         return lib.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, rms_norm(h)) for h = x + residual, the pre-norm decoder's residual add and the norm after it: one C++ call
+    (zoo_cpu::add_rms_norm, the add rounded as torch's) on CPU at eager inference, else the two steps."""
+    lib = cpu_decode_ops(x, residual, weight) if not use_triton(x, weight) else None
+    if (lib is not None and residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous()
+            and _cpu_fits(x, weight)):
+        return lib.add_rms_norm(x, residual, weight, eps)
+    h = x + residual
+    return h, rms_norm(h, weight, eps)

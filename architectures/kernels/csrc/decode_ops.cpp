@@ -8,6 +8,12 @@
 //   zoo_cpu::silu_mul(gate, up)            silu(gate) * up (kernels/swiglu.py)
 //   zoo_cpu::decode_attention(q, k, v, mask)  softmax(q k^T / sqrt(d), masked) v for ONE query per head against
 //                                          the KV cache, grouped-query heads, fp32 accumulation (layers.Attention)
+//   zoo_cpu::add_rms_norm(x, r, w, eps)    (h, rms_norm(h)) for h = x + r: a residual add and the norm after it
+//   zoo_cpu::attention_step(q, k, v, cos, sin, k_cache, v_cache, pos, mask)
+//                                          one decoding token's attention from the projections' outputs: rotary on
+//                                          q and k, k and v written into the cache at `pos`, decode_attention over
+//                                          slots 0..pos; returns [B, 1, H * d] for the output projection
+//   zoo_cpu::argmax_last(x)                torch.argmax(x, -1) (greedy decoding's pick over the vocabulary)
 //
 // Each reproduces its PyTorch reference's rounding: every op the reference runs in the tensor dtype rounds to that
 // dtype here at the same point, so bf16/fp16 results equal the reference's (rms_norm: up to the order of the sum
@@ -159,6 +165,36 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+// h = x + r rounded to the dtype (torch's add: both widened to fp32, summed, rounded once), then rms_norm(h).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w,
+                                                double eps) {
+  TORCH_CHECK(x.device().is_cpu() && r.device().is_cpu(), "add_rms_norm: CPU tensors only");
+  TORCH_CHECK(x.sizes() == r.sizes() && x.scalar_type() == r.scalar_type() && float_type(x.scalar_type()),
+              "add_rms_norm: x and r must have one shape and one of fp32, bf16, fp16");
+  const at::Tensor xc = x.contiguous(), rc = r.contiguous();
+  at::Tensor h = at::empty(x.sizes(), x.options());
+  with_dtype(x.scalar_type(), "add_rms_norm", [&](auto t) {
+    using T = decltype(t);
+    const T* a = xc.data_ptr<T>();
+    const T* b = rc.data_ptr<T>();
+    T* o = h.data_ptr<T>();
+    const int64_t n = x.numel();
+    int64_t i = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(a + i) + Vec::loadu(b + i)).store(o + i);
+    } else {
+      using VT = at::vec::Vectorized<T>;
+      for (; i + VT::size() <= n; i += VT::size()) {
+        auto [a0, a1] = at::vec::convert_to_float<T>(VT::loadu(a + i));
+        auto [b0, b1] = at::vec::convert_to_float<T>(VT::loadu(b + i));
+        at::vec::convert_from_float<T>(a0 + b0, a1 + b1).store(o + i);
+      }
+    }
+    for (; i < n; ++i) o[i] = static_cast<T>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+  });
+  return {h, rms_norm(h, w, eps)};
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Rotary. Reference, per element of the first d dims (h = d / 2), every op rounding to the dtype:
 //   y_j     = x_j * cos_j         + (-x_{j+h}) * sin_j          j < h
@@ -171,9 +207,25 @@ inline T rnd(float v) {
   else return static_cast<T>(v);
 }
 
+// one head's row: xr -> yr (hd values, the first d rotated by c, s)
+template <typename T>
+inline void rotary_row(const T* xr, const T* c, const T* s, T* yr, int64_t d, int64_t hd) {
+  const int64_t h = d / 2;
+  for (int64_t j = 0; j < h; ++j) {
+    const float x1 = static_cast<float>(xr[j]), x2 = static_cast<float>(xr[j + h]);
+    const float a = static_cast<float>(rnd<T>(x1 * static_cast<float>(c[j])));
+    const float bneg = static_cast<float>(rnd<T>(-x2 * static_cast<float>(s[j])));
+    const float a2 = static_cast<float>(rnd<T>(x2 * static_cast<float>(c[j + h])));
+    const float b2 = static_cast<float>(rnd<T>(x1 * static_cast<float>(s[j + h])));
+    yr[j] = rnd<T>(a + bneg);
+    yr[j + h] = rnd<T>(a2 + b2);
+  }
+  for (int64_t j = d; j < hd; ++j) yr[j] = xr[j];
+}
+
 template <typename T>
 void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& y) {
-  const int64_t B = x.size(0), H = x.size(1), S = x.size(2), hd = x.size(3), d = cos.size(-1), h = d / 2;
+  const int64_t B = x.size(0), H = x.size(1), S = x.size(2), hd = x.size(3), d = cos.size(-1);
   const T* xp = x.data_ptr<T>();
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
@@ -183,18 +235,8 @@ void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
       const T* c = cp + b * cos.stride(0) + t * cos.stride(1);
       const T* s = sp + b * sin.stride(0) + t * sin.stride(1);
       for (int64_t hh = 0; hh < H; ++hh) {
-        const T* xr = xp + b * x.stride(0) + hh * x.stride(1) + t * x.stride(2);
-        T* yr = yp + b * y.stride(0) + hh * y.stride(1) + t * y.stride(2);
-        for (int64_t j = 0; j < h; ++j) {
-          const float x1 = static_cast<float>(xr[j]), x2 = static_cast<float>(xr[j + h]);
-          const float a = static_cast<float>(rnd<T>(x1 * static_cast<float>(c[j])));
-          const float bneg = static_cast<float>(rnd<T>(-x2 * static_cast<float>(s[j])));
-          const float a2 = static_cast<float>(rnd<T>(x2 * static_cast<float>(c[j + h])));
-          const float b2 = static_cast<float>(rnd<T>(x1 * static_cast<float>(s[j + h])));
-          yr[j] = rnd<T>(a + bneg);
-          yr[j + h] = rnd<T>(a2 + b2);
-        }
-        for (int64_t j = d; j < hd; ++j) yr[j] = xr[j];
+        rotary_row<T>(xp + b * x.stride(0) + hh * x.stride(1) + t * x.stride(2), c, s,
+                      yp + b * y.stride(0) + hh * y.stride(1) + t * y.stride(2), d, hd);
       }
     }
   }
@@ -338,40 +380,55 @@ inline float exp_shifted(float* p, int64_t n, float top) {
   return total;
 }
 
-// The G = H / Hkv query heads that share key-value head `kvh` of batch row b: each key and value row is widened
-// once for all G of them (the cache is read once per token, not once per query head).
+// The data of a [B, heads, L, d] tensor (last stride 1): element (b, h, l, j) at p[b * sb + h * sh + l * sl + j].
 template <typename T>
-void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask, int64_t mask_b,
-                  int64_t mask_l, at::Tensor& out, int64_t b, int64_t kvh, std::vector<float>& buf) {
-  const int64_t L = k.size(2), d = q.size(3), G = q.size(1) / k.size(1);
+struct Heads {
+  const T* p;
+  int64_t sb, sh, sl;
+  const T* row(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
+};
+
+template <typename T>
+Heads<T> heads_of(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The G = H / Hkv query heads that share key-value head `kvh` of batch row b, over L cached positions: each key
+// and value row is widened once for all G of them (the cache is read once per token, not once per query head).
+// The output rows go to out[(b * H + head) * d ...].
+template <typename T>
+void attend_group(Heads<T> q, Heads<T> k, Heads<T> v, int64_t H, int64_t kv, int64_t L, int64_t d,
+                  const bool* mask, int64_t mask_b, int64_t mask_l, T* out, int64_t b, int64_t kvh,
+                  std::vector<float>& buf) {
+  const int64_t G = H / kv;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  buf.resize(G * d * 2 + G * L + d);
+  buf.resize(G * d * 2 + G * L + d + 2 * G);
   float* qs = buf.data();      // [G, d] the queries in fp32, scaled
   float* acc = qs + G * d;     // [G, d] the weighted sums of values
   float* p = acc + G * d;      // [G, L] scores, then softmax numerators
   float* row = p + G * L;      // [d] one key or value row in fp32
+  float* top = row + d;        // [G] each head's largest score
+  float* inv = top + G;        // [G] 1 / each head's softmax denominator (0: every key masked)
   for (int64_t g = 0; g < G; ++g) {
-    const T* qr = q.data_ptr<T>() + b * q.stride(0) + (kvh * G + g) * q.stride(1);
+    const T* qr = q.row(b, kvh * G + g, 0);
     for (int64_t j = 0; j < d; ++j) qs[g * d + j] = static_cast<float>(qr[j]) * scale;
+    top[g] = kNegInf;
+    inv[g] = 0.0f;
   }
-  const T* kb = k.data_ptr<T>() + b * k.stride(0) + kvh * k.stride(1);
-  const T* vb = v.data_ptr<T>() + b * v.stride(0) + kvh * v.stride(1);
   const bool* m = mask ? mask + b * mask_b : nullptr;
-  std::vector<float> top(G, kNegInf);
   for (int64_t l = 0; l < L; ++l) {
     if (m && !m[l * mask_l]) {
       for (int64_t g = 0; g < G; ++g) p[g * L + l] = kNegInf;
       continue;
     }
-    widen<T>(kb + l * k.stride(2), row, d);
+    widen<T>(k.row(b, kvh, l), row, d);
     for (int64_t g = 0; g < G; ++g) {
       const float score = dot(qs + g * d, row, d);
       p[g * L + l] = score;
       top[g] = std::max(top[g], score);
     }
   }
-  std::vector<float> inv(G, 0.0f);
   for (int64_t g = 0; g < G; ++g) {
     if (top[g] == kNegInf) continue;  // every key masked: zeros
     inv[g] = 1.0f / exp_shifted(p + g * L, L, top[g]);
@@ -379,15 +436,32 @@ void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   std::fill(acc, acc + G * d, 0.0f);
   for (int64_t l = 0; l < L; ++l) {
     if (m && !m[l * mask_l]) continue;
-    widen<T>(vb + l * v.stride(2), row, d);
+    widen<T>(v.row(b, kvh, l), row, d);
     for (int64_t g = 0; g < G; ++g) {
       if (inv[g] != 0.0f) axpy(p[g * L + l], row, acc + g * d, d);
     }
   }
   for (int64_t g = 0; g < G; ++g) {
-    T* orow = out.data_ptr<T>() + (b * q.size(1) + kvh * G + g) * d;
+    T* orow = out + (b * H + kvh * G + g) * d;
     for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<T>(acc[g * d + j] * inv[g]);
   }
+}
+
+// Every (batch row, key-value head) group, in parallel only where each thread gets a quarter million multiply-adds
+// or more (long caches): one token of a small model's layer (14 heads x 100 positions x 64) is tens of
+// microseconds on one core, about what waking the other threads costs, and on a loaded machine a parallel region
+// can wait milliseconds for a descheduled thread.
+template <typename T>
+void attend(Heads<T> q, Heads<T> k, Heads<T> v, int64_t B, int64_t H, int64_t kv, int64_t L, int64_t d,
+            const bool* mask, int64_t mask_b, int64_t mask_l, T* out) {
+  const int64_t group_work = std::max<int64_t>(1, 2 * (H / kv) * L * d);
+  const int64_t grain = std::max<int64_t>(1, 262144 / group_work);
+  const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
+  at::parallel_for(0, B * kv, grain, [&](int64_t i0, int64_t i1) {
+    c10::InferenceMode guard(inference);
+    std::vector<float> buf;
+    for (int64_t i = i0; i < i1; ++i) attend_group<T>(q, k, v, H, kv, L, d, mask, mask_b, mask_l, out, i / kv, i % kv, buf);
+  });
 }
 
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -419,20 +493,131 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   }
   at::Tensor out = at::empty({B, H, 1, d}, q.options());
   if (out.numel() == 0) return out;
-  // key-value heads in parallel only where each thread gets a quarter million multiply-adds or more (long
-  // caches): one token of a small model's layer (14 heads x 100 positions x 64) is tens of microseconds on one
-  // core, about what waking the other threads costs, and on a loaded machine a parallel region can wait
-  // milliseconds for a descheduled thread
-  const int64_t kv = k.size(1), group_work = std::max<int64_t>(1, 2 * (H / kv) * L * d);
-  const int64_t grain = std::max<int64_t>(1, 262144 / group_work);
-  const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
   with_dtype(q.scalar_type(), "decode_attention", [&](auto t) {
     using T = decltype(t);
-    at::parallel_for(0, B * kv, grain, [&](int64_t i0, int64_t i1) {
-      c10::InferenceMode guard(inference);
-      std::vector<float> buf;
-      for (int64_t i = i0; i < i1; ++i) attend_group<T>(q, k, v, mp, mask_b, mask_l, out, i / kv, i % kv, buf);
-    });
+    attend<T>(heads_of<T>(q), heads_of<T>(k), heads_of<T>(v), B, H, k.size(1), L, d, mp, mask_b, mask_l,
+              out.data_ptr<T>());
+  });
+  return out;
+}
+
+// One decoding token's attention, from the projections' outputs q [B, 1, H * d], k, v [B, 1, Hkv * d] (last stride
+// 1): q and k rotated as `rotary` rotates them (cos, sin [B, 1, r], r <= d), the rotated k and v written into slot
+// `pos` of the caches [B, Hkv, max_len, d] (what KVCache.update does), then decode_attention of the rotated q over
+// slots 0..pos (mask: None or bool [B or 1, 1, 1, pos + 1]). Returns [B, 1, H * d]: the same numbers as those ops
+// one by one, in one call.
+at::Tensor attention_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                          const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
+                          const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && k_cache.device().is_cpu() &&
+                  v_cache.device().is_cpu(), "attention_step: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(1) == 1 && k.size(1) == 1 &&
+                  q.size(0) == k.size(0), "attention_step: q must be [B, 1, H * d] and k, v [B, 1, Hkv * d]");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(0) == q.size(0) &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "attention_step: the caches must be contiguous [B, Hkv, max_len, d] of q's batch");
+  const int64_t B = q.size(0), kv = k_cache.size(1), L = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK(d > 0 && kv > 0 && k.size(2) == kv * d && q.size(2) % d == 0 && (q.size(2) / d) % kv == 0,
+              "attention_step: q ", q.sizes(), " and k ", k.sizes(), " do not fit the cache ", k_cache.sizes());
+  TORCH_CHECK(pos >= 0 && pos < L, "attention_step: position ", pos, " outside the cache's ", L, " slots");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(float_type(dtype) && k.scalar_type() == dtype && v.scalar_type() == dtype &&
+                  k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
+              "attention_step: q, k, v and the caches must share one of fp32, bf16, fp16");
+  const int64_t H = q.size(2) / d, r = cos.dim() == 3 ? cos.size(2) : -1;
+  TORCH_CHECK(r >= 0 && sin.sizes() == cos.sizes() && cos.size(0) == B && cos.size(1) == 1 && r <= d &&
+                  r % 2 == 0 && cos.scalar_type() == dtype && sin.scalar_type() == dtype && cos.device().is_cpu() &&
+                  sin.device().is_cpu(), "attention_step: cos, sin must be [B, 1, r] (r even, at most ", d,
+              ") of q's dtype");
+  const at::Tensor qc = q.stride(-1) == 1 ? q : q.contiguous();
+  const at::Tensor kc = k.stride(-1) == 1 ? k : k.contiguous();
+  const at::Tensor vc = v.stride(-1) == 1 ? v : v.contiguous();
+  const at::Tensor c = cos.stride(-1) == 1 ? cos : cos.contiguous();
+  const at::Tensor s = sin.stride(-1) == 1 ? sin : sin.contiguous();
+  const bool* mp = nullptr;
+  int64_t mask_b = 0, mask_l = 0;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kBool && m.dim() == 4 && m.size(1) == 1 &&
+                    m.size(2) == 1 && m.size(3) == pos + 1 && (m.size(0) == B || m.size(0) == 1),
+                "attention_step: mask must be bool [B or 1, 1, 1, ", pos + 1, "], got ", m.sizes());
+    mp = m.data_ptr<bool>();
+    mask_b = m.size(0) == 1 ? 0 : m.stride(0);
+    mask_l = m.stride(3);
+  }
+  at::Tensor out = at::empty({B, 1, H * d}, q.options());
+  with_dtype(dtype, "attention_step", [&](auto t) {
+    using T = decltype(t);
+    std::vector<T> qr(B * H * d);  // the rotated queries [B, H, d]
+    T* kd = k_cache.data_ptr<T>();
+    T* vd = v_cache.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      const T* cb = c.data_ptr<T>() + b * c.stride(0);
+      const T* sb = s.data_ptr<T>() + b * s.stride(0);
+      for (int64_t h = 0; h < H; ++h)
+        rotary_row<T>(qc.data_ptr<T>() + b * qc.stride(0) + h * d, cb, sb, qr.data() + (b * H + h) * d, r, d);
+      for (int64_t h = 0; h < kv; ++h) {
+        const int64_t slot = ((b * kv + h) * L + pos) * d;
+        rotary_row<T>(kc.data_ptr<T>() + b * kc.stride(0) + h * d, cb, sb, kd + slot, r, d);
+        const T* vr = vc.data_ptr<T>() + b * vc.stride(0) + h * d;
+        std::copy(vr, vr + d, vd + slot);
+      }
+    }
+    const Heads<T> qh{qr.data(), H * d, d, d}, kh{kd, kv * L * d, L * d, d}, vh{vd, kv * L * d, L * d, d};
+    attend<T>(qh, kh, vh, B, H, kv, pos + 1, d, mp, mask_b, mask_l, out.data_ptr<T>());
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// argmax over the last dim, as torch.argmax: the first index of the largest value, or of the first NaN if any
+// (torch orders NaN above every number). Two passes over each row: its maximum (vectorised; NaN propagates), then
+// the first index holding it.
+
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  int64_t i = 0;
+  float top = -std::numeric_limits<float>::infinity();
+  if constexpr (std::is_same_v<T, float>) {
+    Vec m(top);
+    for (; i + Vec::size() <= n; i += Vec::size()) m = at::vec::maximum(m, Vec::loadu(x + i));
+    top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+  } else {
+    using VT = at::vec::Vectorized<T>;
+    Vec m0(top), m1(top);
+    for (; i + VT::size() <= n; i += VT::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VT::loadu(x + i));
+      m0 = at::vec::maximum(m0, lo);
+      m1 = at::vec::maximum(m1, hi);
+    }
+    top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
+                                         at::vec::maximum(m0, m1));
+  }
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    if (std::isnan(v) || std::isnan(top)) top = std::numeric_limits<float>::quiet_NaN();
+    else top = std::max(top, v);
+  }
+  if (std::isnan(top)) {
+    for (int64_t j = 0; j < n; ++j)
+      if (std::isnan(static_cast<float>(x[j]))) return j;
+  }
+  for (int64_t j = 0; j < n; ++j)
+    if (static_cast<float>(x[j]) == top) return j;
+  return 0;
+}
+
+at::Tensor argmax_last(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && float_type(x_in.scalar_type()) && x_in.dim() >= 1 && x_in.size(-1) > 0,
+              "argmax_last: a non-empty CPU tensor of fp32, bf16 or fp16");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  at::Tensor out = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  with_dtype(x.scalar_type(), "argmax_last", [&](auto t) {
+    using T = decltype(t);
+    const T* p = x.data_ptr<T>();
+    for (int64_t r = 0; r < rows; ++r) o[r] = argmax_row<T>(p + r * n, n);
   });
   return out;
 }
@@ -446,6 +631,10 @@ TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
   m.def("rotary_pair(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor r, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("attention_step(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, int pos, Tensor? mask=None) -> Tensor");
+  m.def("argmax_last(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
@@ -454,4 +643,7 @@ TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
   m.impl("rotary_pair", &zoo_cpu::rotary_pair);
   m.impl("silu_mul", &zoo_cpu::silu_mul);
   m.impl("decode_attention", &zoo_cpu::decode_attention);
+  m.impl("add_rms_norm", &zoo_cpu::add_rms_norm);
+  m.impl("attention_step", &zoo_cpu::attention_step);
+  m.impl("argmax_last", &zoo_cpu::argmax_last);
 }
