@@ -31,7 +31,7 @@ CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations zoo_c
 
 
 @cpu_ext.fake("zoo_cpu::quant_linear")
-def _quant_linear_fake(x, q, scale, zero, bias, bits):
+def _quant_linear_fake(x, q, scale, zero, bias, bits, act_quant=False):
     return x.new_empty(*x.shape[:-1], q.shape[0])
 
 
@@ -80,6 +80,51 @@ def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: 
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+ACT_BLOCK_BYTES = 32  # code bytes per activation block: int8 32 columns, int4 64 (two nibbles a byte)
+
+
+def act_quantize(x: torch.Tensor, groups: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0's activation quantisation as zoo_cpu::quant_linear does it: x [M, K] in blocks of `block` columns that
+    restart at each of `groups` groups of K / groups columns (a group's last block may be shorter), per block
+    d = max|x| / 127 and q = round(x * (1 / d)) (ties to even; 0 for an all-zero block), in fp32. Returns
+    (q [M, groups, blocks, block] as fp32 integers, zero-padded; d [M, groups, blocks])."""
+    m, k = x.shape
+    gs = k // groups
+    nb = -(-gs // block)
+    xg = torch.nn.functional.pad(x.float().reshape(m, groups, gs), (0, nb * block - gs)).reshape(m, groups, nb, block)
+    d = xg.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / torch.where(d > 0, d, 1), 0)
+    return torch.round(xg * inv[..., None]), d
+
+
+def act_quant_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
+                        bias: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """What zoo_cpu::quant_linear computes for a few rows with act_quant=True, in float64 from the same integers:
+    x quantised per block (act_quantize: 32 columns for int8, 64 for int4), each block's exact integer dot product
+    with the codes times its d, summed per weight group and times the group's scale, plus zero[g] * sum(x over g)
+    (exact fp32 sums) for affine int4 and the bias; in x's dtype. The kernel differs only by fp32 rounding."""
+    from zoo.architectures.quant import unnibble
+
+    n = q.shape[0]
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    s = scale.double().reshape(n, -1)
+    g = s.shape[1]
+    codes = (unnibble(q) if bits == 4 else q).double()  # [N, K]
+    block = ACT_BLOCK_BYTES * (2 if bits == 4 else 1)
+    xq, d = act_quantize(x2, g, block)
+    gs = k // g
+    nb = d.shape[-1]
+    cg = torch.nn.functional.pad(codes.reshape(n, g, gs), (0, nb * block - gs)).reshape(n, g, nb, block)
+    isum = torch.einsum("mgbk,ngbk->mngb", xq.double(), cg)  # exact: integers below 2^53
+    y = ((isum * d.double()[:, None]).sum(-1) * s).sum(-1)
+    if zero is not None:
+        y = y + (zero.double().reshape(n, g) * x2.float().reshape(-1, 1, g, gs).sum(-1).double()).sum(-1)
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def fast_dequant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,

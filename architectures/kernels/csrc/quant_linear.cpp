@@ -29,6 +29,7 @@
 #include "common.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -121,14 +122,16 @@ struct Call {
   const uint16_t* xb;  // int4 with bf16 dot products: per row, x's even then odd columns as bf16 bits; else null
 };
 
-inline void store(const Call& c, int64_t i, int64_t n, float v) {
-  if (c.bias != nullptr) v += c.bias[n];
-  switch (c.ydtype) {
-    case at::kBFloat16: static_cast<at::BFloat16*>(c.y)[i] = v; break;
-    case at::kHalf: static_cast<at::Half*>(c.y)[i] = v; break;
-    default: static_cast<float*>(c.y)[i] = v;
+inline void store_y(void* y, at::ScalarType ydtype, const float* bias, int64_t i, int64_t n, float v) {
+  if (bias != nullptr) v += bias[n];
+  switch (ydtype) {
+    case at::kBFloat16: static_cast<at::BFloat16*>(y)[i] = v; break;
+    case at::kHalf: static_cast<at::Half*>(y)[i] = v; break;
+    default: static_cast<float*>(y)[i] = v;
   }
 }
+
+inline void store(const Call& c, int64_t i, int64_t n, float v) { store_y(c.y, c.ydtype, c.bias, i, n, v); }
 
 inline float fp32(const void* p, at::ScalarType t, int64_t i) {
   switch (t) {
@@ -298,6 +301,200 @@ void rows_all(const Call& c, const S* scale, const S* zero, int64_t M) {
   });
 }
 
+// ---- activation-quantised rows (Q8_0's arithmetic): integer dot products -----------------------------------
+//
+// Each row of x is quantised per block of kQB code bytes (int8: 32 columns; int4: 64 columns, the even and odd
+// ones that a block's 32 bytes of nibbles multiply), blocks restarting at every weight group (the last block of a
+// group may be shorter): d = max|x| / 127, q = round(x / d) (as x * (1 / d), ties to even). Per block the codes
+// and q give an exact int32 dot product, scaled by d in fp32; per group that sum is scaled by the weight's scale.
+// AVX2 (and the AVX512 build, on the same 256-bit instructions): int8 by llama.cpp's sign trick
+// (maddubs(|w|, sign(q, w)), then madd to int32); int4 reads each nibble as an unsigned 0..15 (code + 8: one xor
+// with 0x88) and subtracts 8 * sum(q) per block once per call (xcorr); both convert the int32 lanes to fp32 and
+// accumulate d * lanes. The scalar build computes the same integers directly. Only fp32 rounding differs.
+
+constexpr int64_t kQB = 32;  // code bytes per activation block
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kIntSimd = true;
+using qv = __m256;
+inline qv qzero() { return _mm256_setzero_ps(); }
+inline qv qfma(qv a, qv b, qv c) { return _mm256_fmadd_ps(a, b, c); }
+inline qv qset1(float s) { return _mm256_set1_ps(s); }
+inline float qsum(qv a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+constexpr bool kIntSimd = false;
+using qv = float;
+inline qv qzero() { return 0.f; }
+inline qv qfma(qv a, qv b, qv c) { return a * b + c; }
+inline qv qset1(float s) { return s; }
+inline float qsum(qv a) { return a; }
+#endif
+
+// The quantised-activation kernel's view of one call.
+struct QCall {
+  const int8_t* q;
+  int64_t N, Kb, G, gb, nbg;  // output rows, code bytes per row, groups, code bytes per group, blocks per group
+  const int8_t* xq;  // per row, xq_stride bytes: int8: q [Kb]; int4: q of x's even columns [Kb], then odd [Kb]
+  int64_t xq_stride;
+  const float* xd;  // per row, G * nbg block scales d
+  const float* xcorr;  // int4, SIMD builds: per row, per group: -8 * sum over its whole blocks of d * sum(q)
+  const float* xsum;  // per row, per group: sum of x (affine zero points), exact fp32
+  void* y;
+  at::ScalarType ydtype;
+  const float* bias;
+};
+
+// the exact integer dot product of code bytes [j0, j1) of one weight row with the quantised activations
+template <bool INT4>
+inline int32_t block_dot(const int8_t* qn, const int8_t* xe, const int8_t* xo, int64_t j0, int64_t j1) {
+  int32_t s = 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    if constexpr (INT4) {
+      s += hi_nibble(qn[j]) * xe[j] + lo_nibble(qn[j]) * xo[j];
+    } else {
+      s += qn[j] * xe[j];
+    }
+  }
+  return s;
+}
+
+// y[m0 .. m0 + MR, n] for n in [n0, n1), NR weight rows at a time (independent chains; x's blocks loaded once).
+template <int MR, int NR, bool INT4, typename S>
+void qrows_kernel(const QCall& c, const S* scale, const S* zero, int64_t m0, int64_t n0, int64_t n1) {
+  const int8_t* xe[MR];
+  const int8_t* xo[MR];
+  const float* xd[MR];
+  for (int r = 0; r < MR; ++r) {
+    xe[r] = c.xq + (m0 + r) * c.xq_stride;
+    xo[r] = xe[r] + c.Kb;
+    xd[r] = c.xd + (m0 + r) * c.G * c.nbg;
+  }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i m0f = _mm256_set1_epi8(0x0F);
+  const __m256i m88 = _mm256_set1_epi8(static_cast<char>(0x88));
+#endif
+  for (int64_t n = n0; n < n1; n += NR) {
+    if (NR > 1 && n1 - n < NR) {  // the last rows of a run
+      qrows_kernel<MR, 1, INT4>(c, scale, zero, m0, n, n1);
+      return;
+    }
+    const int8_t* qn[NR];
+    for (int i = 0; i < NR; ++i) qn[i] = c.q + (n + i) * c.Kb;
+    qv tot[NR][MR];
+    float tail[NR][MR];
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < MR; ++r) { tot[i][r] = qzero(); tail[i][r] = 0.f; }
+    for (int64_t g = 0; g < c.G; ++g) {
+      qv acc[NR][MR];
+      float sacc[NR][MR];
+      for (int i = 0; i < NR; ++i)
+        for (int r = 0; r < MR; ++r) { acc[i][r] = qzero(); sacc[i][r] = 0.f; }
+      for (int64_t b = 0; b < c.nbg; ++b) {
+        const int64_t j0 = g * c.gb + b * kQB, j1 = std::min(j0 + kQB, (g + 1) * c.gb);
+        if (kIntSimd && j1 - j0 == kQB) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+          __m256i xv[MR], xw[MR];
+          qv dv[MR];
+          for (int r = 0; r < MR; ++r) {
+            xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe[r] + j0));
+            if constexpr (INT4) xw[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo[r] + j0));
+            dv[r] = _mm256_set1_ps(xd[r][g * c.nbg + b]);
+          }
+          for (int i = 0; i < NR; ++i) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn[i] + j0));
+            if constexpr (INT4) {
+              const __m256i u = _mm256_xor_si256(w, m88);  // each nibble + 8: unsigned 0..15
+              const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(u, 4), m0f);
+              const __m256i lo = _mm256_and_si256(u, m0f);
+              for (int r = 0; r < MR; ++r) {
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(hi, xv[r]), _mm256_maddubs_epi16(lo, xw[r]));
+                acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
+              }
+            } else {
+              const __m256i aw = _mm256_sign_epi8(w, w);
+              for (int r = 0; r < MR; ++r) {
+                const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], w));
+                acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
+              }
+            }
+          }
+#endif
+        } else {
+          for (int i = 0; i < NR; ++i)
+            for (int r = 0; r < MR; ++r)
+              sacc[i][r] += xd[r][g * c.nbg + b] * static_cast<float>(block_dot<INT4>(qn[i], xe[r], xo[r], j0, j1));
+        }
+      }
+      for (int i = 0; i < NR; ++i) {
+        const float s = static_cast<float>(scale[(n + i) * c.G + g]);
+        const qv sv = qset1(s);
+        for (int r = 0; r < MR; ++r) {
+          tot[i][r] = qfma(acc[i][r], sv, tot[i][r]);
+          float t = sacc[i][r];
+          if constexpr (INT4 && kIntSimd) t += c.xcorr[(m0 + r) * c.G + g];
+          tail[i][r] += s * t;
+        }
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      for (int r = 0; r < MR; ++r) {
+        float v = qsum(tot[i][r]) + tail[i][r];
+        if (zero != nullptr) {
+          const float* xsr = c.xsum + (m0 + r) * c.G;
+          for (int64_t g = 0; g < c.G; ++g) v += static_cast<float>(zero[(n + i) * c.G + g]) * xsr[g];
+        }
+        store_y(c.y, c.ydtype, c.bias, (m0 + r) * c.N + n + i, n + i, v);
+      }
+    }
+  }
+}
+
+template <bool INT4, typename S>
+void qrows_all(const QCall& c, const S* scale, const S* zero, int64_t M) {
+  // contiguous runs of rows per thread (4 rows a step for one row of x), small weights on the calling thread
+  zoo_cpu::parallel_rows(c.N, c.Kb, 4, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M;) {
+      switch (std::min<int64_t>(M - m, 4)) {
+        case 4: qrows_kernel<4, 1, INT4>(c, scale, zero, m, n0, n1); m += 4; break;
+        case 3: qrows_kernel<3, 1, INT4>(c, scale, zero, m, n0, n1); m += 3; break;
+        case 2: qrows_kernel<2, 2, INT4>(c, scale, zero, m, n0, n1); m += 2; break;
+        default: qrows_kernel<1, 4, INT4>(c, scale, zero, m, n0, n1); m += 1; break;
+      }
+    }
+  });
+}
+
+// One block of activations quantised: n values of a (and n of b, int4's odd columns, where b is not null) share
+// d = max|v| / 127; q = round(v * (1 / d)), ties to even (0 where the block is all zeros). Returns sum(q).
+inline int32_t quantise_block(const float* a, const float* b, int64_t n, int8_t* qa, int8_t* qb, float& d) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(a[j]));
+  if (b != nullptr)
+    for (int64_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(b[j]));
+  d = amax / 127.f;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  int32_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int v = static_cast<int>(std::nearbyint(a[j] * id));
+    qa[j] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  if (b != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int v = static_cast<int>(std::nearbyint(b[j] * id));
+      qb[j] = static_cast<int8_t>(v);
+      sum += v;
+    }
+  }
+  return sum;
+}
+
 // Rows [n0, n1) of the weight, dequantised (fp32 arithmetic, rounded once to T) into buf [n1 - n0, K]. int4 rows
 // come out with their columns permuted (the even ones, then the odd ones: two contiguous stores the compiler
 // vectorises), which the caller matches by permuting x's columns alike.
@@ -328,7 +525,7 @@ void dequant_rows(const int8_t* q, const S* scale, const S* zero, int64_t Kb, in
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                         const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
-                        int64_t bits) {
+                        int64_t bits, bool act_quant) {
   TORCH_CHECK(bits == 8 || bits == 4, "zoo_cpu::quant_linear: bits must be 8 or 4, got ", bits);
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2, "zoo_cpu::quant_linear: codes must be int8 [out, in",
               bits == 4 ? "/2" : "", "], got ", q.scalar_type(), " ", q.sizes());
@@ -356,7 +553,67 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
               "zoo_cpu::quant_linear: x must be fp32, bf16 or fp16, got ", x.scalar_type());
   at::Tensor y;
 
-  if (M <= kRowsMax) {
+  if (M <= kRowsMax && act_quant) {
+    const auto xc = x.contiguous();
+    const void* xp = xc.data_ptr();
+    const auto xt = xc.scalar_type();
+    const int64_t gs = K / G, gb = Kb / G, nbg = (gb + kQB - 1) / kQB;
+    thread_local std::vector<float> fwork;
+    fwork.resize(K + M * G * (nbg + 2) + N);
+    float* xf = fwork.data();  // one row of x in fp32 (int4: its even columns, then its odd ones)
+    float* xd = xf + K;
+    float* xcorr = xd + M * G * nbg;
+    float* xsum = xcorr + M * G;
+    float* bf = xsum + M * G;
+    thread_local std::vector<int8_t> qwork;
+    qwork.resize(M * K);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = fp32(xp, xt, m * K + k);
+        xf[int4 ? (k & 1) * Kb + k / 2 : k] = v;
+      }
+      if (zc.defined()) {
+        for (int64_t g = 0; g < G; ++g) {
+          float acc = 0.f;
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += fp32(xp, xt, m * K + k);
+          xsum[m * G + g] = acc;
+        }
+      }
+      int8_t* qr = qwork.data() + m * K;
+      for (int64_t g = 0; g < G; ++g) {
+        float corr = 0.f;
+        for (int64_t b = 0; b < nbg; ++b) {
+          const int64_t j0 = g * gb + b * kQB, j1 = std::min(j0 + kQB, (g + 1) * gb);
+          float d;
+          const int32_t sq = quantise_block(xf + j0, int4 ? xf + Kb + j0 : nullptr, j1 - j0, qr + j0,
+                                            int4 ? qr + Kb + j0 : nullptr, d);
+          xd[(m * G + g) * nbg + b] = d;
+          if (j1 - j0 == kQB) corr += d * static_cast<float>(sq);
+        }
+        xcorr[m * G + g] = -8.f * corr;
+      }
+    }
+    const float* biasp = nullptr;
+    at::Tensor bc;
+    if (bias.has_value()) {
+      bc = bias->contiguous();
+      TORCH_CHECK(bc.numel() == N, "zoo_cpu::quant_linear: bias of ", bc.numel(), " for ", N, " outputs");
+      for (int64_t n = 0; n < N; ++n) bf[n] = fp32(bc.data_ptr(), bc.scalar_type(), n);
+      biasp = bf;
+    }
+    y = at::empty({M, N}, x.options());
+    QCall c{qc.data_ptr<int8_t>(), N, Kb, G, gb, nbg, qwork.data(), K, xd, xcorr, xsum, y.data_ptr(),
+            x.scalar_type(), biasp};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "zoo_cpu::quant_linear", [&] {
+      const scalar_t* zp = zc.defined() ? zc.data_ptr<scalar_t>() : nullptr;
+      if (int4) {
+        qrows_all<true>(c, sc.data_ptr<scalar_t>(), zp, M);
+      } else {
+        qrows_all<false>(c, sc.data_ptr<scalar_t>(), zp, M);
+      }
+    });
+    return y.view(out_sizes);
+  } else if (M <= kRowsMax) {
     // a few plain loops instead of ATen ops: at one token a layer's whole product takes tens of microseconds
     const auto xc = x.contiguous();
     const void* xp = xc.data_ptr();
@@ -452,7 +709,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
-  m.def("quant_linear(Tensor x, Tensor q, Tensor scale, Tensor? zero, Tensor? bias, int bits) -> Tensor");
+  m.def("quant_linear(Tensor x, Tensor q, Tensor scale, Tensor? zero, Tensor? bias, int bits, "
+        "bool act_quant=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) { m.impl("quant_linear", &quant_linear); }
