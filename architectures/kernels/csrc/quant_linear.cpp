@@ -455,10 +455,105 @@ void qrows_kernel(const QCall& c, const S* scale, const S* zero, int64_t m0, int
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The same for groups of whole blocks (every int8-row and int4-group64/128 layer of a model): no scalar blocks,
+// the loop kept small enough for the accumulators to stay in registers; xcorr and zero points once per output.
+template <int MR, int NR, bool INT4, typename S>
+void qrows_simd(const QCall& c, const S* scale, const S* zero, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t G = c.G, gb = c.gb, nbg = c.nbg, Kb = c.Kb;
+  const int8_t* xe[MR];
+  const float* xd[MR];
+  for (int r = 0; r < MR; ++r) {
+    xe[r] = c.xq + (m0 + r) * c.xq_stride;
+    xd[r] = c.xd + (m0 + r) * G * nbg;
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i m0f = _mm256_set1_epi8(0x0F);
+  const __m256i m88 = _mm256_set1_epi8(static_cast<char>(0x88));
+  for (int64_t n = n0; n < n1; n += NR) {
+    if (NR > 1 && n1 - n < NR) {  // the last rows of a run
+      qrows_simd<MR, 1, INT4>(c, scale, zero, m0, n, n1);
+      return;
+    }
+    const int8_t* qn = c.q + n * Kb;
+    __m256 tot[NR][MR];
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < MR; ++r) tot[i][r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 acc[NR][MR];
+      for (int i = 0; i < NR; ++i)
+        for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nbg; ++b) {
+        const int64_t j = g * gb + b * kQB;
+        __m256i xv[MR], xw[MR];
+        __m256 dv[MR];
+        for (int r = 0; r < MR; ++r) {
+          xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe[r] + j));
+          if constexpr (INT4) xw[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe[r] + Kb + j));
+          dv[r] = _mm256_broadcast_ss(xd[r] + g * nbg + b);
+        }
+        for (int i = 0; i < NR; ++i) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn + i * Kb + j));
+          if constexpr (INT4) {
+            const __m256i u = _mm256_xor_si256(w, m88);  // each nibble + 8: unsigned 0..15
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(u, 4), m0f);
+            const __m256i lo = _mm256_and_si256(u, m0f);
+            for (int r = 0; r < MR; ++r) {
+              const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(hi, xv[r]), _mm256_maddubs_epi16(lo, xw[r]));
+              acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
+            }
+          } else {
+            const __m256i aw = _mm256_sign_epi8(w, w);
+            for (int r = 0; r < MR; ++r) {
+              const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], w));
+              acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
+            }
+          }
+        }
+      }
+      for (int i = 0; i < NR; ++i) {
+        const __m256 sv = _mm256_set1_ps(static_cast<float>(scale[(n + i) * G + g]));
+        for (int r = 0; r < MR; ++r) tot[i][r] = _mm256_fmadd_ps(acc[i][r], sv, tot[i][r]);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      for (int r = 0; r < MR; ++r) {
+        float v = qsum(tot[i][r]);
+        if (INT4 || zero != nullptr) {
+          const float* xcr = c.xcorr + (m0 + r) * G;
+          const float* xsr = c.xsum + (m0 + r) * G;
+          float t = 0.f;
+          for (int64_t g = 0; g < G; ++g) {
+            if constexpr (INT4) t += static_cast<float>(scale[(n + i) * G + g]) * xcr[g];
+            if (zero != nullptr) t += static_cast<float>(zero[(n + i) * G + g]) * xsr[g];
+          }
+          v += t;
+        }
+        store_y(c.y, c.ydtype, c.bias, (m0 + r) * c.N + n + i, n + i, v);
+      }
+    }
+  }
+}
+#endif
+
 template <bool INT4, typename S>
 void qrows_all(const QCall& c, const S* scale, const S* zero, int64_t M) {
   // contiguous runs of rows per thread (4 rows a step for one row of x), small weights on the calling thread
   zoo_cpu::parallel_rows(c.N, c.Kb, 4, [&](int64_t n0, int64_t n1) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (c.gb % kQB == 0) {
+      constexpr int N1 = INT4 ? 2 : 4, N2 = INT4 ? 1 : 2;  // rows of the weight per step: registers allow
+      for (int64_t m = 0; m < M;) {
+        switch (std::min<int64_t>(M - m, 4)) {
+          case 4: qrows_simd<4, 1, INT4>(c, scale, zero, m, n0, n1); m += 4; break;
+          case 3: qrows_simd<3, 1, INT4>(c, scale, zero, m, n0, n1); m += 3; break;
+          case 2: qrows_simd<2, N2, INT4>(c, scale, zero, m, n0, n1); m += 2; break;
+          default: qrows_simd<1, N1, INT4>(c, scale, zero, m, n0, n1); m += 1; break;
+        }
+      }
+      return;
+    }
+#endif
     for (int64_t m = 0; m < M;) {
       switch (std::min<int64_t>(M - m, 4)) {
         case 4: qrows_kernel<4, 1, INT4>(c, scale, zero, m, n0, n1); m += 4; break;
