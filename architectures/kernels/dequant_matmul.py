@@ -27,6 +27,8 @@ from zoo.architectures.kernels import cpu_ext
 from zoo.architectures.kernels.dispatch import COMPILED, TRITON, backend
 from zoo.architectures.kernels.matvec import computed_once
 
+from zoo.settings import SETTINGS
+
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations zoo_cpu::quant_linear takes
 
 
@@ -52,7 +54,9 @@ def cpu_quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits
     ops = cpu_ext.library()
     if ops is None:
         return None
-    return ops.quant_linear(x, q, scale, zero, bias, bits)
+    # an argument read from SETTINGS at each call (inside a compiled step Dynamo guards on it: flipping it
+    # recompiles rather than replaying the other arithmetic)
+    return ops.quant_linear(x, q, scale, zero, bias, bits, SETTINGS.quant_activations)
 
 
 def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,

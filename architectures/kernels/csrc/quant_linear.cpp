@@ -590,6 +590,63 @@ inline int32_t quantise_block(const float* a, const float* b, int64_t n, int8_t*
   return sum;
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// quantise_block for a whole block (32 values of a, and 32 of b where not null), vectorised: the same arithmetic
+inline int32_t quantise_block32(const float* a, const float* b, int8_t* qa, int8_t* qb, float& d) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[8];
+  const int nv = b != nullptr ? 8 : 4;
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(a + 8 * i);
+  if (b != nullptr)
+    for (int i = 0; i < 4; ++i) v[4 + i] = _mm256_loadu_ps(b + 8 * i);
+  __m256 mx = _mm256_andnot_ps(sign, v[0]);
+  for (int i = 1; i < nv; ++i) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  d = _mm_cvtss_f32(m) / 127.f;
+  const __m256 iv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i sum = _mm256_setzero_si256();
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int h = 0; h < nv / 4; ++h) {
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) {
+      q[i] = _mm256_cvtps_epi32(
+          _mm256_round_ps(_mm256_mul_ps(v[4 * h + i], iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      sum = _mm256_add_epi32(sum, q[i]);
+    }
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(h == 0 ? qa : qb), _mm256_permutevar8x32_epi32(p, perm));
+  }
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  return _mm_cvtsi128_si32(t);
+}
+#endif
+
+// one row of x as fp32 into xf (int4: its even columns, then its odd ones), and its per-group sums where wanted
+template <typename T>
+void stage_row(const T* x, int64_t K, bool split, int64_t G, float* xf, float* xsum) {
+  if (split) {
+    const int64_t Kb = K / 2;
+    for (int64_t j = 0; j < Kb; ++j) {
+      xf[j] = static_cast<float>(x[2 * j]);
+      xf[Kb + j] = static_cast<float>(x[2 * j + 1]);
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(x[k]);
+  }
+  if (xsum != nullptr) {
+    const int64_t gs = K / G;
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += static_cast<float>(x[k]);
+      xsum[g] = acc;
+    }
+  }
+}
+
 // Rows [n0, n1) of the weight, dequantised (fp32 arithmetic, rounded once to T) into buf [n1 - n0, K]. int4 rows
 // come out with their columns permuted (the even ones, then the odd ones: two contiguous stores the compiler
 // vectorises), which the caller matches by permuting x's columns alike.
@@ -652,7 +709,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
     const auto xc = x.contiguous();
     const void* xp = xc.data_ptr();
     const auto xt = xc.scalar_type();
-    const int64_t gs = K / G, gb = Kb / G, nbg = (gb + kQB - 1) / kQB;
+    const int64_t gb = Kb / G, nbg = (gb + kQB - 1) / kQB;
     thread_local std::vector<float> fwork;
     fwork.resize(K + M * G * (nbg + 2) + N);
     float* xf = fwork.data();  // one row of x in fp32 (int4: its even columns, then its odd ones)
@@ -663,16 +720,11 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
     thread_local std::vector<int8_t> qwork;
     qwork.resize(M * K);
     for (int64_t m = 0; m < M; ++m) {
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = fp32(xp, xt, m * K + k);
-        xf[int4 ? (k & 1) * Kb + k / 2 : k] = v;
-      }
-      if (zc.defined()) {
-        for (int64_t g = 0; g < G; ++g) {
-          float acc = 0.f;
-          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += fp32(xp, xt, m * K + k);
-          xsum[m * G + g] = acc;
-        }
+      float* xsr = zc.defined() ? xsum + m * G : nullptr;
+      switch (xt) {
+        case at::kBFloat16: stage_row(static_cast<const at::BFloat16*>(xp) + m * K, K, int4, G, xf, xsr); break;
+        case at::kHalf: stage_row(static_cast<const at::Half*>(xp) + m * K, K, int4, G, xf, xsr); break;
+        default: stage_row(static_cast<const float*>(xp) + m * K, K, int4, G, xf, xsr);
       }
       int8_t* qr = qwork.data() + m * K;
       for (int64_t g = 0; g < G; ++g) {
@@ -680,8 +732,14 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
         for (int64_t b = 0; b < nbg; ++b) {
           const int64_t j0 = g * gb + b * kQB, j1 = std::min(j0 + kQB, (g + 1) * gb);
           float d;
-          const int32_t sq = quantise_block(xf + j0, int4 ? xf + Kb + j0 : nullptr, j1 - j0, qr + j0,
-                                            int4 ? qr + Kb + j0 : nullptr, d);
+          const float* xb = int4 ? xf + Kb + j0 : nullptr;
+          int8_t* qb = int4 ? qr + Kb + j0 : nullptr;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+          const int32_t sq = j1 - j0 == kQB ? quantise_block32(xf + j0, xb, qr + j0, qb, d)
+                                            : quantise_block(xf + j0, xb, j1 - j0, qr + j0, qb, d);
+#else
+          const int32_t sq = quantise_block(xf + j0, xb, j1 - j0, qr + j0, qb, d);
+#endif
           xd[(m * G + g) * nbg + b] = d;
           if (j1 - j0 == kQB) corr += d * static_cast<float>(sq);
         }
