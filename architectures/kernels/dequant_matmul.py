@@ -11,10 +11,18 @@ is the best there is: the Triton kernel (dequant_matmul_triton.py: the codes are
 registers, the full-precision weight never exists in memory) where the dispatch (dispatch.py) picks Triton; on
 CPU zoo's C++ kernel `zoo_cpu::quant_linear` (csrc/quant_linear.cpp, built once per machine and instruction set
 by cpu_ext.py) on the stored codes, eagerly and inside compiled graphs alike (an opaque op there, so a compiled
-step runs the same kernel and is never slower than the eager one): few rows widen the codes to fp32 and multiply
-the exact activations (the reference's arithmetic, summed in another order), many rows dequantise blocks of rows
-and multiply them with at::mm (`benchmarks/bench_cpu_quant.py` measures it against aten's kernels and a plain
-read). Where the library is off or could not be built (cpu_ext.library() is None): inside a compiled graph the
+step runs the same kernel and is never slower than the eager one). Few rows (up to 8: decoding) by default quantise
+the activations as llama.cpp's Q8_0 does (ZOO_QUANT_ACTIVATIONS, zoo.settings): each row of x to int8 per block
+of 32 columns (int8 codes) or 64 (int4: the 32 bytes whose nibbles multiply them), nested in the weight's scale
+groups, one fp32 scale per block, then exact integer dot products with the codes (AVX2 maddubs), scaled per block
+and per group (`act_quant_reference` is that arithmetic in PyTorch). Why: on CPUs without VNNI widening every
+code to fp32 costs more instructions per byte than reading it from memory allows, integer dot products a
+fraction; the price is each activation rounded to 1/254 of its block's largest (about 0.5% of an output, the
+error Q8_0 accepts). With the switch off, few rows widen the codes to fp32 and multiply the exact activations
+(the reference's arithmetic, summed in another order). The switch reaches the op as its act_quant argument,
+read from SETTINGS at each call, so eager and compiled steps compute the same (Dynamo guards on the setting).
+Many rows dequantise blocks of rows and multiply them with at::mm (`benchmarks/bench_cpu_quant.py` measures both
+against aten's kernels and a plain read). Where the library is off or could not be built (cpu_ext.library() is None): inside a compiled graph the
 matrix-vector form below (one fused read of int8 codes), eagerly aten's int8 matrix-vector kernel (bf16/fp16),
 and for int4 aten's tinygemm kernel (`int4pack_mm_cpu`) on its own packing of the codes (quant.to_int4pack_cpu),
 which the quantised model then makes once.

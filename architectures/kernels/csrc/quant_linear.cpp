@@ -1,4 +1,4 @@
-// Weight-only int8 / int4 linear on CPU, on the layouts architectures/quant.py stores (never rearranged):
+// int8 / int4 linear on CPU, on the layouts architectures/quant.py stores (never rearranged):
 //
 //   int8: codes int8 [N, K];                 w[n, k] = code[n, k] * scale[n, k / gs]
 //   int4: nibbles int8 [N, K / 2], byte j = (code[2j] << 4) | (code[2j + 1] & 0xF), both signed;
@@ -7,13 +7,27 @@
 //
 // y[m, n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] x[m, k]) + zero[n, g] * (sum_{k in g} x[m, k]) + bias[n]
 //
-// Few rows (decode, M <= kRowsMax): each weight row is read once for all rows of x; codes are widened to fp32
-// and multiplied with the exact fp32 activations (no activation quantisation: the scheme's reference arithmetic,
-// rounded differently only by the order of the sums). int4 needs no rearranged copy: x is split into its even
-// and odd columns once per call, and the high / low nibbles of each byte multiply those. bf16 activations on
-// CPUs with AVX-512 BF16 (runtime check) take bf16 dot products for int4 instead (rows_kernel_bf16).
-// Many rows (prefill): blocks of weight rows dequantised into a small buffer (fp32, or bf16 for bf16 activations on
-// CPUs with native bf16 dot products), each multiplied by at::mm.
+// Few rows (decode, M <= kRowsMax), act_quant (the op's last argument; zoo passes ZOO_QUANT_ACTIVATIONS, on by
+// default): llama.cpp Q8_0's arithmetic. Decoding is a chain of matrix-vector products that should run at the
+// speed of reading the codes; widening each code to fp32 costs more instructions per byte than that allows on
+// AVX2 (no VNNI), integer dot products far fewer (32 codes: ~7 instructions for int8, ~10 for two nibbles). So each
+// row of x is quantised to int8 per block of 32 code bytes (int8: 32 columns; int4: the 64 columns its nibbles
+// multiply), blocks nested in the weight groups, one fp32 scale d = max|x| / 127 per block, q = round(x / d); a
+// block's exact int32 dot product with the codes (AVX2: maddubs / madd, llama.cpp's sign trick for int8; int4 as
+// unsigned nibbles + 8, the 8 * sum(q) taken off once per call) is scaled by d in fp32, and each group's sum by
+// the weight's scale. Error: each activation moves by at most d / 2 (about 0.5% of a row's output on Gaussian
+// activations); act_quant_reference in kernels/dequant_matmul.py computes the same from the same integers.
+// The AVX2 and AVX512 builds run the same 256-bit code; the scalar build computes the same integers one at a time;
+// they differ by fp32 rounding only. Weight rows are split in contiguous runs per thread (zoo_cpu::parallel_rows),
+// one to four weight rows per step for one to four rows of x.
+// Few rows, act_quant off: codes widened to fp32 and multiplied with the exact fp32 activations (no activation
+// quantisation: the scheme's reference arithmetic, rounded differently only by the order of the sums), each
+// weight row read once for all rows of x. int4 needs no rearranged copy: x is split into its even and odd columns
+// once per call, and the high / low nibbles of each byte multiply those. bf16 activations on CPUs with AVX-512
+// BF16 (runtime check) take bf16 dot products for int4 instead (rows_kernel_bf16).
+// Many rows (prefill, never activation-quantised): blocks of weight rows dequantised into a small buffer (fp32, or
+// bf16 for bf16 activations on CPUs with native bf16 dot products), each multiplied by at::mm_out straight into
+// its columns of y.
 //
 // One source for every instruction set: CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2 (set by cpu_ext's build)
 // pick the vector width, otherwise plain C++ the compiler vectorises as it can.
@@ -31,6 +45,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -663,7 +678,20 @@ void dequant_rows(const int8_t* q, const S* scale, const S* zero, int64_t Kb, in
         const float z = zero != nullptr ? static_cast<float>(zero[n * G + g]) : 0.f;
         const int64_t k0 = g * gs, k1 = k0 + gs;
         if constexpr (INT4) {
-          for (int64_t j = k0 / 2; j < k1 / 2; ++j) {
+          int64_t j = k0 / 2;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+          if constexpr (std::is_same_v<T, float>) {  // 8 bytes a step: sign-extended, arithmetic shifts
+            const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
+            for (; j + 8 <= k1 / 2; j += 8) {
+              const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qn + j)));
+              const __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
+              const __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
+              _mm256_storeu_ps(out + j, _mm256_add_ps(_mm256_mul_ps(hi, sv), zv));  // as the scalar loop rounds
+              _mm256_storeu_ps(out + Kb + j, _mm256_add_ps(_mm256_mul_ps(lo, sv), zv));
+            }
+          }
+#endif
+          for (; j < k1 / 2; ++j) {
             out[j] = static_cast<T>(hi_nibble(qn[j]) * s + z);
             out[Kb + j] = static_cast<T>(lo_nibble(qn[j]) * s + z);
           }
@@ -852,7 +880,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
           int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
         }
       });
-      y.narrow(1, n0, n1 - n0).copy_(at::mm(xw, w.t()));
+      auto yb = y.narrow(1, n0, n1 - n0);  // written in place: rows of N floats apart, as BLAS's ldc allows
+      at::mm_out(yb, xw, w.t());
     }
   }
   if (bias.has_value()) y.add_(*bias);
