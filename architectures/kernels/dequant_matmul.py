@@ -22,10 +22,10 @@ error Q8_0 accepts). With the switch off, few rows widen the codes to fp32 and m
 (the reference's arithmetic, summed in another order). The switch reaches the op as its act_quant argument,
 read from SETTINGS at each call, so eager and compiled steps compute the same (Dynamo guards on the setting).
 Many rows dequantise blocks of rows and multiply them with at::mm (`benchmarks/bench_cpu_quant.py` measures both
-against aten's kernels and a plain read). Where the library is off or could not be built (cpu_ext.library() is None): inside a compiled graph the
-matrix-vector form below (one fused read of int8 codes), eagerly aten's int8 matrix-vector kernel (bf16/fp16),
-and for int4 aten's tinygemm kernel (`int4pack_mm_cpu`) on its own packing of the codes (quant.to_int4pack_cpu),
-which the quantised model then makes once.
+against aten's kernels and a plain read). Where the library is off or could not be built (cpu_ext.library() is
+None): inside a compiled graph the matrix-vector form below (one fused read of int8 codes), eagerly aten's int8
+matrix-vector kernel (bf16/fp16), and for int4 aten's tinygemm kernel (`int4pack_mm_cpu`) on its own packing of
+the codes (quant.to_int4pack_cpu), which the quantised model then makes once.
 """
 
 from __future__ import annotations
