@@ -117,14 +117,14 @@ def act_quant_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b
     x quantised per block (act_quantize: 32 columns for int8, 64 for int4), each block's exact integer dot product
     with the codes times its d, summed per weight group and times the group's scale, plus zero[g] * sum(x over g)
     (exact fp32 sums) for affine int4 and the bias; in x's dtype. The kernel differs only by fp32 rounding."""
-    from zoo.architectures.quant import unnibble
-
     n = q.shape[0]
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     s = scale.double().reshape(n, -1)
     g = s.shape[1]
-    codes = (unnibble(q) if bits == 4 else q).double()  # [N, K]
+    if bits == 4:  # quant.nibbles' layout: column 2j in the high nibble of byte j, 2j + 1 in the low one
+        q = torch.stack([q >> 4, (q << 4) >> 4], dim=-1).reshape(n, -1)
+    codes = q.double()  # [N, K]
     block = ACT_BLOCK_BYTES * (2 if bits == 4 else 1)
     xq, d = act_quantize(x2, g, block)
     gs = k // g
