@@ -19,7 +19,7 @@
 // activations); act_quant_reference in kernels/dequant_matmul.py computes the same from the same integers.
 // The AVX2 and AVX512 builds run the same 256-bit code; the scalar build computes the same integers one at a time;
 // they differ by fp32 rounding only. Weight rows are split in contiguous runs per thread (zoo_cpu::parallel_rows),
-// one to four weight rows per step for one to four rows of x.
+// one weight row per step (more in flight measured slower from memory) for one to four rows of x.
 // Few rows, act_quant off: codes widened to fp32 and multiplied with the exact fp32 activations (no activation
 // quantisation: the scheme's reference arithmetic, rounded differently only by the order of the sums), each
 // weight row read once for all rows of x. int4 needs no rearranged copy: x is split into its even and odd columns
@@ -557,13 +557,15 @@ void qrows_all(const QCall& c, const S* scale, const S* zero, int64_t M) {
   zoo_cpu::parallel_rows(c.N, c.Kb, 4, [&](int64_t n0, int64_t n1) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if (c.gb % kQB == 0) {
-      constexpr int N1 = INT4 ? 2 : 4, N2 = INT4 ? 1 : 2;  // rows of the weight per step: registers allow
+      // one weight row per step: several in flight (4 for int8, 2 for int4) were measured slower from memory on the
+      // 2-core AVX2 EPYC (4864x896, one thread: int8 ~600 against ~370 us, int4 ~270 against ~230 us), as equal
+      // or slower with K = 4864; the hardware prefetcher follows one stream best
       for (int64_t m = 0; m < M;) {
         switch (std::min<int64_t>(M - m, 4)) {
           case 4: qrows_simd<4, 1, INT4>(c, scale, zero, m, n0, n1); m += 4; break;
           case 3: qrows_simd<3, 1, INT4>(c, scale, zero, m, n0, n1); m += 3; break;
-          case 2: qrows_simd<2, N2, INT4>(c, scale, zero, m, n0, n1); m += 2; break;
-          default: qrows_simd<1, N1, INT4>(c, scale, zero, m, n0, n1); m += 1; break;
+          case 2: qrows_simd<2, 1, INT4>(c, scale, zero, m, n0, n1); m += 2; break;
+          default: qrows_simd<1, 1, INT4>(c, scale, zero, m, n0, n1); m += 1; break;
         }
       }
       return;
