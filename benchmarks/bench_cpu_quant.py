@@ -1,7 +1,8 @@
-"""Weight-only int8 / int4 linear on CPU: zoo's C++ kernel (zoo_cpu::quant_linear, architectures/kernels/csrc/
-quant_linear.cpp) against aten's int8 / int4 kernels, the scheme's reference (dequantise, then F.linear) and a
-plain read, on Qwen2-0.5B's shapes, in the instruction set ATen runs at (ATEN_CPU_CAPABILITY=avx2 runs the AVX2
-build on an AVX-512 machine).
+"""Int8 / int4 linear on CPU: zoo's C++ kernel (zoo_cpu::quant_linear, architectures/kernels/csrc/quant_linear.cpp)
+weight-only ("zoo") and, for up to 8 rows, with activation-quantised integer dot products ("zoo act", what
+ZOO_QUANT_ACTIVATIONS=1, the default, runs), against aten's int8 / int4 kernels, the scheme's reference
+(dequantise, then F.linear) and a plain read, on Qwen2-0.5B's shapes, in the instruction set ATen runs at
+(ATEN_CPU_CAPABILITY=avx2 runs the AVX2 build on an AVX-512 machine).
 
     python benchmarks/bench_cpu_quant.py                      # decode (1 row): GB/s of weight bytes read
     python benchmarks/bench_cpu_quant.py --rows 64            # prefill: ms per product
@@ -9,7 +10,8 @@ build on an AVX-512 machine).
     python benchmarks/bench_cpu_quant.py --write              # into BENCHMARKS.md, section "cpu-quant-<ISA>"
 
 Each shape is held in enough copies (--mib of codes in all) that every call reads from memory, not the cache, as a
-decode step does; GB/s counts the codes and scales (and zero points) a kernel reads, best of --repeats passes.
+decode step does; GB/s counts the codes and scales (and zero points) a kernel reads, best of --repeats passes,
+the cells of a shape timed in turn within each pass (so a busy machine slows them alike: compare within a row).
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def run(args) -> str:
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     lines = [f"Machine: {machine()}; {args.rows} row(s) of {args.dtype} activations, best of {args.repeats}",
-             "", "| shape | plain read (sum) | dense F.linear | int8 aten | int8 zoo | int8 reference | int4 aten "
-             "| int4 zoo | int4 reference |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| shape | plain read (sum) | dense F.linear | int8 aten | int8 zoo | int8 zoo act | int8 reference "
+             "| int4 aten | int4 zoo | int4 zoo act | int4 reference |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     unit = "GB/s" if args.rows <= 8 else "ms"
 
@@ -58,32 +61,38 @@ def run(args) -> str:
         i4s = [{name: v.clone() for name, v in i4.items()} for _ in range(copies)]
         dense = [w.clone() for _ in range(copies)]
 
-        def timed(fn, size):
-            fn()
-            best = min(seconds(fn) for _ in range(args.repeats)) / copies
-            return size / best / 1e9 if unit == "GB/s" else best * 1e3
-
-        cells = [timed(lambda: [d.sum() for d in dense], w.numel() * w.element_size()),
-                 timed(lambda: [F.linear(x, d) for d in dense], w.numel() * w.element_size())]
+        act = args.rows <= 8  # activation quantisation applies to the few-row kernel only
+        cells: list[tuple | None] = [(lambda: [d.sum() for d in dense], w.numel() * w.element_size()),
+                                     (lambda: [F.linear(x, d) for d in dense], w.numel() * w.element_size())]
         if dtype != torch.float32 and args.rows <= 64:
-            cells.append(timed(lambda: [torch._weight_int8pack_mm(x, t["weight"], t["weight_scale"]) for t in i8s],
-                               nbytes(i8)))
+            cells.append((lambda: [torch._weight_int8pack_mm(x, t["weight"], t["weight_scale"]) for t in i8s],
+                          nbytes(i8)))
         else:
             cells.append(None)
-        cells.append(timed(lambda: [ops.quant_linear(x, t["weight"], t["weight_scale"], None, None, 8)
-                                    for t in i8s], nbytes(i8)))
-        cells.append(timed(lambda: [F.linear(x, get_scheme("int8-row").unpack(t, dtype)) for t in i8s], nbytes(i8)))
+        for on in (False, True):
+            cells.append((lambda on=on: [ops.quant_linear(x, t["weight"], t["weight_scale"], None, None, 8, on)
+                                         for t in i8s], nbytes(i8)) if act or not on else None)
+        cells.append((lambda: [F.linear(x, get_scheme("int8-row").unpack(t, dtype)) for t in i8s], nbytes(i8)))
         packs = [to_int4pack_cpu(t["weight"], t["weight_scale"], t["weight_zero"], dtype) for t in i4s[:1]]
         if packs[0] is not None and dtype != torch.float32:
             packs += [(p.clone(), s.clone()) for p, s in packs * (copies - 1)]
-            cells.append(timed(lambda: [int4pack_mm_cpu(x, p, s) for p, s in packs], nbytes(i4)))
+            cells.append((lambda: [int4pack_mm_cpu(x, p, s) for p, s in packs], nbytes(i4)))
         else:
             cells.append(None)
-        cells.append(timed(lambda: [ops.quant_linear(x, t["weight"], t["weight_scale"], t["weight_zero"], None, 4)
-                                    for t in i4s], nbytes(i4)))
-        cells.append(timed(lambda: [F.linear(x, get_scheme("int4-group128").unpack(t, dtype)) for t in i4s],
-                           nbytes(i4)))
-        return cells
+        for on in (False, True):
+            cells.append((lambda on=on: [ops.quant_linear(x, t["weight"], t["weight_scale"], t["weight_zero"], None,
+                                                          4, on) for t in i4s], nbytes(i4)) if act or not on else None)
+        cells.append((lambda: [F.linear(x, get_scheme("int4-group128").unpack(t, dtype)) for t in i4s], nbytes(i4)))
+        best = [float("inf")] * len(cells)
+        for cell in cells:
+            if cell is not None:
+                cell[0]()  # warm
+        for _ in range(args.repeats):  # the cells in turn within each pass: a busy machine slows them alike
+            for i, cell in enumerate(cells):
+                if cell is not None:
+                    best[i] = min(best[i], seconds(cell[0]) / copies)
+        return [None if cell is None else cell[1] / b / 1e9 if unit == "GB/s" else b * 1e3
+                for cell, b in zip(cells, best)]
 
     for n, k in SHAPES:
         cells = measure(n, k)

@@ -8,6 +8,13 @@ argument where a user looks for it.
                  unset (default: where measured faster on this   zoo.load(compile=True | False), --compile
                  CPU for these weights and worth its compile,
                  zoo.generation.COMPILED_SPEEDUP) | 1 | 0
+    ZOO_QUANT_ACTIVATIONS  int8 / int4 linear layers on CPU for a few rows (decoding) multiply integers:
+                 1 (default) | 0                                 (architectures/kernels/dequant_matmul.py)
+                 1: each row of x quantised to int8 per block of 32 (int8) or 64 (int4) columns, one fp32
+                 scale per block, integer dot products with the codes (llama.cpp Q8_0's arithmetic: ~0.5% of
+                 a row's output off the weight-only product); 0: weight-only, the codes times the exact
+                 activations in fp32 (the scheme's reference arithmetic). Read at each call, so a change of
+                 SETTINGS.quant_activations applies to eager and compiled steps alike (Dynamo guards on it).
     ZOO_HOME     where converted registry models and the verified-files record live (default ~/.cache/zoo).
                  A location rather than a switch: read at each use (`zoo_home`), so a process can point it
                  elsewhere (the tests give each test its own). Inductor's caches go to $ZOO_HOME/inductor
@@ -31,6 +38,7 @@ ONEDNN_MODES = ("off", "dense", "pack")  # no oneDNN | on the model's own weight
 class Settings:
     onednn: str = "dense"  # one of ONEDNN_MODES
     compile: bool | None = None  # None: where measured faster and worth its compile
+    quant_activations: bool = True  # int8 activations for the CPU int8 / int4 decode kernels
 
 
 def onednn_from_text(text: str) -> str:
@@ -47,9 +55,15 @@ def compile_from_text(text: str) -> bool | None:
     return None if not text else text != "0"
 
 
+def flag_from_text(text: str) -> bool:
+    """An on/off value: 0/off/false/no -> False, anything else (1, on, empty) -> True."""
+    return text.strip().lower() not in ("0", "off", "false", "no")
+
+
 def from_environ(environ: Mapping[str, str] = os.environ) -> Settings:
     return Settings(onednn=onednn_from_text(environ.get("ZOO_ONEDNN", "1")),
-                    compile=compile_from_text(environ.get("ZOO_COMPILE", "")))
+                    compile=compile_from_text(environ.get("ZOO_COMPILE", "")),
+                    quant_activations=flag_from_text(environ.get("ZOO_QUANT_ACTIVATIONS", "1")))
 
 
 SETTINGS = from_environ()

@@ -11,13 +11,21 @@ is the best there is: the Triton kernel (dequant_matmul_triton.py: the codes are
 registers, the full-precision weight never exists in memory) where the dispatch (dispatch.py) picks Triton; on
 CPU zoo's C++ kernel `zoo_cpu::quant_linear` (csrc/quant_linear.cpp, built once per machine and instruction set
 by cpu_ext.py) on the stored codes, eagerly and inside compiled graphs alike (an opaque op there, so a compiled
-step runs the same kernel and is never slower than the eager one): few rows widen the codes to fp32 and multiply
-the exact activations (the reference's arithmetic, summed in another order), many rows dequantise blocks of rows
-and multiply them with at::mm (`benchmarks/bench_cpu_quant.py` measures it against aten's kernels and a plain
-read). Where the library is off or could not be built (cpu_ext.library() is None): inside a compiled graph the
-matrix-vector form below (one fused read of int8 codes), eagerly aten's int8 matrix-vector kernel (bf16/fp16),
-and for int4 aten's tinygemm kernel (`int4pack_mm_cpu`) on its own packing of the codes (quant.to_int4pack_cpu),
-which the quantised model then makes once.
+step runs the same kernel and is never slower than the eager one). Few rows (up to 8: decoding) by default quantise
+the activations as llama.cpp's Q8_0 does (ZOO_QUANT_ACTIVATIONS, zoo.settings): each row of x to int8 per block
+of 32 columns (int8 codes) or 64 (int4: the 32 bytes whose nibbles multiply them), nested in the weight's scale
+groups, one fp32 scale per block, then exact integer dot products with the codes (AVX2 maddubs), scaled per block
+and per group (`act_quant_reference` is that arithmetic in PyTorch). Why: on CPUs without VNNI widening every
+code to fp32 costs more instructions per byte than reading it from memory allows, integer dot products a
+fraction; the price is each activation rounded to 1/254 of its block's largest (about 0.5% of an output, the
+error Q8_0 accepts). With the switch off, few rows widen the codes to fp32 and multiply the exact activations
+(the reference's arithmetic, summed in another order). The switch reaches the op as its act_quant argument,
+read from SETTINGS at each call, so eager and compiled steps compute the same (Dynamo guards on the setting).
+Many rows dequantise blocks of rows and multiply them with at::mm (`benchmarks/bench_cpu_quant.py` measures both
+against aten's kernels and a plain read). Where the library is off or could not be built (cpu_ext.library() is
+None): inside a compiled graph the matrix-vector form below (one fused read of int8 codes), eagerly aten's int8
+matrix-vector kernel (bf16/fp16), and for int4 aten's tinygemm kernel (`int4pack_mm_cpu`) on its own packing of
+the codes (quant.to_int4pack_cpu), which the quantised model then makes once.
 """
 
 from __future__ import annotations
@@ -27,11 +35,13 @@ from zoo.architectures.kernels import cpu_ext
 from zoo.architectures.kernels.dispatch import COMPILED, TRITON, backend
 from zoo.architectures.kernels.matvec import computed_once
 
+from zoo.settings import SETTINGS
+
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations zoo_cpu::quant_linear takes
 
 
 @cpu_ext.fake("zoo_cpu::quant_linear")
-def _quant_linear_fake(x, q, scale, zero, bias, bits):
+def _quant_linear_fake(x, q, scale, zero, bias, bits, act_quant=False):
     return x.new_empty(*x.shape[:-1], q.shape[0])
 
 
@@ -52,7 +62,9 @@ def cpu_quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits
     ops = cpu_ext.library()
     if ops is None:
         return None
-    return ops.quant_linear(x, q, scale, zero, bias, bits)
+    # an argument read from SETTINGS at each call (inside a compiled step Dynamo guards on it: flipping it
+    # recompiles rather than replaying the other arithmetic)
+    return ops.quant_linear(x, q, scale, zero, bias, bits, SETTINGS.quant_activations)
 
 
 def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
@@ -80,6 +92,51 @@ def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: 
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+ACT_BLOCK_BYTES = 32  # code bytes per activation block: int8 32 columns, int4 64 (two nibbles a byte)
+
+
+def act_quantize(x: torch.Tensor, groups: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0's activation quantisation as zoo_cpu::quant_linear does it: x [M, K] in blocks of `block` columns that
+    restart at each of `groups` groups of K / groups columns (a group's last block may be shorter), per block
+    d = max|x| / 127 and q = round(x * (1 / d)) (ties to even; 0 for an all-zero block), in fp32. Returns
+    (q [M, groups, blocks, block] as fp32 integers, zero-padded; d [M, groups, blocks])."""
+    m, k = x.shape
+    gs = k // groups
+    nb = -(-gs // block)
+    xg = torch.nn.functional.pad(x.float().reshape(m, groups, gs), (0, nb * block - gs)).reshape(m, groups, nb, block)
+    d = xg.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / torch.where(d > 0, d, 1), 0)
+    return torch.round(xg * inv[..., None]), d
+
+
+def act_quant_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
+                        bias: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """What zoo_cpu::quant_linear computes for a few rows with act_quant=True, in float64 from the same integers:
+    x quantised per block (act_quantize: 32 columns for int8, 64 for int4), each block's exact integer dot product
+    with the codes times its d, summed per weight group and times the group's scale, plus zero[g] * sum(x over g)
+    (exact fp32 sums) for affine int4 and the bias; in x's dtype. The kernel differs only by fp32 rounding."""
+    n = q.shape[0]
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    s = scale.double().reshape(n, -1)
+    g = s.shape[1]
+    if bits == 4:  # quant.nibbles' layout: column 2j in the high nibble of byte j, 2j + 1 in the low one
+        q = torch.stack([q >> 4, (q << 4) >> 4], dim=-1).reshape(n, -1)
+    codes = q.double()  # [N, K]
+    block = ACT_BLOCK_BYTES * (2 if bits == 4 else 1)
+    xq, d = act_quantize(x2, g, block)
+    gs = k // g
+    nb = d.shape[-1]
+    cg = torch.nn.functional.pad(codes.reshape(n, g, gs), (0, nb * block - gs)).reshape(n, g, nb, block)
+    isum = torch.einsum("mgbk,ngbk->mngb", xq.double(), cg)  # exact: integers below 2^53
+    y = ((isum * d.double()[:, None]).sum(-1) * s).sum(-1)
+    if zero is not None:
+        y = y + (zero.double().reshape(n, g) * x2.float().reshape(-1, 1, g, gs).sum(-1).double()).sum(-1)
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def fast_dequant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,

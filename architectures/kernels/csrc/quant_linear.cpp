@@ -1,4 +1,4 @@
-// Weight-only int8 / int4 linear on CPU, on the layouts architectures/quant.py stores (never rearranged):
+// int8 / int4 linear on CPU, on the layouts architectures/quant.py stores (never rearranged):
 //
 //   int8: codes int8 [N, K];                 w[n, k] = code[n, k] * scale[n, k / gs]
 //   int4: nibbles int8 [N, K / 2], byte j = (code[2j] << 4) | (code[2j + 1] & 0xF), both signed;
@@ -7,13 +7,27 @@
 //
 // y[m, n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] x[m, k]) + zero[n, g] * (sum_{k in g} x[m, k]) + bias[n]
 //
-// Few rows (decode, M <= kRowsMax): each weight row is read once for all rows of x; codes are widened to fp32
-// and multiplied with the exact fp32 activations (no activation quantisation: the scheme's reference arithmetic,
-// rounded differently only by the order of the sums). int4 needs no rearranged copy: x is split into its even
-// and odd columns once per call, and the high / low nibbles of each byte multiply those. bf16 activations on
-// CPUs with AVX-512 BF16 (runtime check) take bf16 dot products for int4 instead (rows_kernel_bf16).
-// Many rows (prefill): blocks of weight rows dequantised into a small buffer (fp32, or bf16 for bf16 activations on
-// CPUs with native bf16 dot products), each multiplied by at::mm.
+// Few rows (decode, M <= kRowsMax), act_quant (the op's last argument; zoo passes ZOO_QUANT_ACTIVATIONS, on by
+// default): llama.cpp Q8_0's arithmetic. Decoding is a chain of matrix-vector products that should run at the
+// speed of reading the codes; widening each code to fp32 costs more instructions per byte than that allows on
+// AVX2 (no VNNI), integer dot products far fewer (32 codes: ~7 instructions for int8, ~10 for two nibbles). So each
+// row of x is quantised to int8 per block of 32 code bytes (int8: 32 columns; int4: the 64 columns its nibbles
+// multiply), blocks nested in the weight groups, one fp32 scale d = max|x| / 127 per block, q = round(x / d); a
+// block's exact int32 dot product with the codes (AVX2: maddubs / madd, llama.cpp's sign trick for int8; int4 as
+// unsigned nibbles + 8, the 8 * sum(q) taken off once per call) is scaled by d in fp32, and each group's sum by
+// the weight's scale. Error: each activation moves by at most d / 2 (about 0.5% of a row's output on Gaussian
+// activations); act_quant_reference in kernels/dequant_matmul.py computes the same from the same integers.
+// The AVX2 and AVX512 builds run the same 256-bit code; the scalar build computes the same integers one at a time;
+// they differ by fp32 rounding only. Weight rows are split in contiguous runs per thread (zoo_cpu::parallel_rows),
+// one weight row per step (more in flight measured slower from memory) for one to four rows of x.
+// Few rows, act_quant off: codes widened to fp32 and multiplied with the exact fp32 activations (no activation
+// quantisation: the scheme's reference arithmetic, rounded differently only by the order of the sums), each
+// weight row read once for all rows of x. int4 needs no rearranged copy: x is split into its even and odd columns
+// once per call, and the high / low nibbles of each byte multiply those. bf16 activations on CPUs with AVX-512
+// BF16 (runtime check) take bf16 dot products for int4 instead (rows_kernel_bf16).
+// Many rows (prefill, never activation-quantised): blocks of weight rows dequantised into a small buffer (fp32, or
+// bf16 for bf16 activations on CPUs with native bf16 dot products), each multiplied by at::mm_out straight into
+// its columns of y.
 //
 // One source for every instruction set: CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2 (set by cpu_ext's build)
 // pick the vector width, otherwise plain C++ the compiler vectorises as it can.
@@ -29,7 +43,9 @@
 #include "common.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -121,14 +137,16 @@ struct Call {
   const uint16_t* xb;  // int4 with bf16 dot products: per row, x's even then odd columns as bf16 bits; else null
 };
 
-inline void store(const Call& c, int64_t i, int64_t n, float v) {
-  if (c.bias != nullptr) v += c.bias[n];
-  switch (c.ydtype) {
-    case at::kBFloat16: static_cast<at::BFloat16*>(c.y)[i] = v; break;
-    case at::kHalf: static_cast<at::Half*>(c.y)[i] = v; break;
-    default: static_cast<float*>(c.y)[i] = v;
+inline void store_y(void* y, at::ScalarType ydtype, const float* bias, int64_t i, int64_t n, float v) {
+  if (bias != nullptr) v += bias[n];
+  switch (ydtype) {
+    case at::kBFloat16: static_cast<at::BFloat16*>(y)[i] = v; break;
+    case at::kHalf: static_cast<at::Half*>(y)[i] = v; break;
+    default: static_cast<float*>(y)[i] = v;
   }
 }
+
+inline void store(const Call& c, int64_t i, int64_t n, float v) { store_y(c.y, c.ydtype, c.bias, i, n, v); }
 
 inline float fp32(const void* p, at::ScalarType t, int64_t i) {
   switch (t) {
@@ -298,6 +316,354 @@ void rows_all(const Call& c, const S* scale, const S* zero, int64_t M) {
   });
 }
 
+// ---- activation-quantised rows (Q8_0's arithmetic): integer dot products -----------------------------------
+//
+// Each row of x is quantised per block of kQB code bytes (int8: 32 columns; int4: 64 columns, the even and odd
+// ones that a block's 32 bytes of nibbles multiply), blocks restarting at every weight group (the last block of a
+// group may be shorter): d = max|x| / 127, q = round(x / d) (as x * (1 / d), ties to even). Per block the codes
+// and q give an exact int32 dot product, scaled by d in fp32; per group that sum is scaled by the weight's scale.
+// AVX2 (and the AVX512 build, on the same 256-bit instructions): int8 by llama.cpp's sign trick
+// (maddubs(|w|, sign(q, w)), then madd to int32); int4 reads each nibble as an unsigned 0..15 (code + 8: one xor
+// with 0x88) and subtracts 8 * sum(q) per block once per call (xcorr); both convert the int32 lanes to fp32 and
+// accumulate d * lanes. The scalar build computes the same integers directly. Only fp32 rounding differs.
+
+constexpr int64_t kQB = 32;  // code bytes per activation block
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kIntSimd = true;
+using qv = __m256;
+inline qv qzero() { return _mm256_setzero_ps(); }
+inline qv qfma(qv a, qv b, qv c) { return _mm256_fmadd_ps(a, b, c); }
+inline qv qset1(float s) { return _mm256_set1_ps(s); }
+inline float qsum(qv a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+constexpr bool kIntSimd = false;
+using qv = float;
+inline qv qzero() { return 0.f; }
+inline qv qfma(qv a, qv b, qv c) { return a * b + c; }
+inline qv qset1(float s) { return s; }
+inline float qsum(qv a) { return a; }
+#endif
+
+// The quantised-activation kernel's view of one call.
+struct QCall {
+  const int8_t* q;
+  int64_t N, Kb, G, gb, nbg;  // output rows, code bytes per row, groups, code bytes per group, blocks per group
+  const int8_t* xq;  // per row, xq_stride bytes: int8: q [Kb]; int4: q of x's even columns [Kb], then odd [Kb]
+  int64_t xq_stride;
+  const float* xd;  // per row, G * nbg block scales d
+  const float* xcorr;  // int4, SIMD builds: per row, per group: -8 * sum over its whole blocks of d * sum(q)
+  const float* xsum;  // per row, per group: sum of x (affine zero points), exact fp32
+  void* y;
+  at::ScalarType ydtype;
+  const float* bias;
+};
+
+// the exact integer dot product of code bytes [j0, j1) of one weight row with the quantised activations
+template <bool INT4>
+inline int32_t block_dot(const int8_t* qn, const int8_t* xe, const int8_t* xo, int64_t j0, int64_t j1) {
+  int32_t s = 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    if constexpr (INT4) {
+      s += hi_nibble(qn[j]) * xe[j] + lo_nibble(qn[j]) * xo[j];
+    } else {
+      s += qn[j] * xe[j];
+    }
+  }
+  return s;
+}
+
+// y[m0 .. m0 + MR, n] for n in [n0, n1), NR weight rows at a time (independent chains; x's blocks loaded once).
+template <int MR, int NR, bool INT4, typename S>
+void qrows_kernel(const QCall& c, const S* scale, const S* zero, int64_t m0, int64_t n0, int64_t n1) {
+  const int8_t* xe[MR];
+  const int8_t* xo[MR];
+  const float* xd[MR];
+  for (int r = 0; r < MR; ++r) {
+    xe[r] = c.xq + (m0 + r) * c.xq_stride;
+    xo[r] = xe[r] + c.Kb;
+    xd[r] = c.xd + (m0 + r) * c.G * c.nbg;
+  }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i m0f = _mm256_set1_epi8(0x0F);
+  const __m256i m88 = _mm256_set1_epi8(static_cast<char>(0x88));
+#endif
+  for (int64_t n = n0; n < n1; n += NR) {
+    if (NR > 1 && n1 - n < NR) {  // the last rows of a run
+      qrows_kernel<MR, 1, INT4>(c, scale, zero, m0, n, n1);
+      return;
+    }
+    const int8_t* qn[NR];
+    for (int i = 0; i < NR; ++i) qn[i] = c.q + (n + i) * c.Kb;
+    qv tot[NR][MR];
+    float tail[NR][MR];
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < MR; ++r) { tot[i][r] = qzero(); tail[i][r] = 0.f; }
+    for (int64_t g = 0; g < c.G; ++g) {
+      qv acc[NR][MR];
+      float sacc[NR][MR];
+      for (int i = 0; i < NR; ++i)
+        for (int r = 0; r < MR; ++r) { acc[i][r] = qzero(); sacc[i][r] = 0.f; }
+      for (int64_t b = 0; b < c.nbg; ++b) {
+        const int64_t j0 = g * c.gb + b * kQB, j1 = std::min(j0 + kQB, (g + 1) * c.gb);
+        if (kIntSimd && j1 - j0 == kQB) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+          __m256i xv[MR], xw[MR];
+          qv dv[MR];
+          for (int r = 0; r < MR; ++r) {
+            xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe[r] + j0));
+            if constexpr (INT4) xw[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo[r] + j0));
+            dv[r] = _mm256_set1_ps(xd[r][g * c.nbg + b]);
+          }
+          for (int i = 0; i < NR; ++i) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn[i] + j0));
+            if constexpr (INT4) {
+              const __m256i u = _mm256_xor_si256(w, m88);  // each nibble + 8: unsigned 0..15
+              const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(u, 4), m0f);
+              const __m256i lo = _mm256_and_si256(u, m0f);
+              for (int r = 0; r < MR; ++r) {
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(hi, xv[r]), _mm256_maddubs_epi16(lo, xw[r]));
+                acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
+              }
+            } else {
+              const __m256i aw = _mm256_sign_epi8(w, w);
+              for (int r = 0; r < MR; ++r) {
+                const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], w));
+                acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
+              }
+            }
+          }
+#endif
+        } else {
+          for (int i = 0; i < NR; ++i)
+            for (int r = 0; r < MR; ++r)
+              sacc[i][r] += xd[r][g * c.nbg + b] * static_cast<float>(block_dot<INT4>(qn[i], xe[r], xo[r], j0, j1));
+        }
+      }
+      for (int i = 0; i < NR; ++i) {
+        const float s = static_cast<float>(scale[(n + i) * c.G + g]);
+        const qv sv = qset1(s);
+        for (int r = 0; r < MR; ++r) {
+          tot[i][r] = qfma(acc[i][r], sv, tot[i][r]);
+          float t = sacc[i][r];
+          if constexpr (INT4 && kIntSimd) t += c.xcorr[(m0 + r) * c.G + g];
+          tail[i][r] += s * t;
+        }
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      for (int r = 0; r < MR; ++r) {
+        float v = qsum(tot[i][r]) + tail[i][r];
+        if (zero != nullptr) {
+          const float* xsr = c.xsum + (m0 + r) * c.G;
+          for (int64_t g = 0; g < c.G; ++g) v += static_cast<float>(zero[(n + i) * c.G + g]) * xsr[g];
+        }
+        store_y(c.y, c.ydtype, c.bias, (m0 + r) * c.N + n + i, n + i, v);
+      }
+    }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The same for groups of whole blocks (every int8-row and int4-group64/128 layer of a model): no scalar blocks,
+// the loop kept small enough for the accumulators to stay in registers; xcorr and zero points once per output.
+template <int MR, int NR, bool INT4, typename S>
+void qrows_simd(const QCall& c, const S* scale, const S* zero, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t G = c.G, gb = c.gb, nbg = c.nbg, Kb = c.Kb;
+  const int8_t* xe[MR];
+  const float* xd[MR];
+  for (int r = 0; r < MR; ++r) {
+    xe[r] = c.xq + (m0 + r) * c.xq_stride;
+    xd[r] = c.xd + (m0 + r) * G * nbg;
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i m0f = _mm256_set1_epi8(0x0F);
+  const __m256i m88 = _mm256_set1_epi8(static_cast<char>(0x88));
+  for (int64_t n = n0; n < n1; n += NR) {
+    if (NR > 1 && n1 - n < NR) {  // the last rows of a run
+      qrows_simd<MR, 1, INT4>(c, scale, zero, m0, n, n1);
+      return;
+    }
+    const int8_t* qn = c.q + n * Kb;
+    __m256 tot[NR][MR];
+    for (int i = 0; i < NR; ++i)
+      for (int r = 0; r < MR; ++r) tot[i][r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 acc[NR][MR];
+      for (int i = 0; i < NR; ++i)
+        for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nbg; ++b) {
+        const int64_t j = g * gb + b * kQB;
+        __m256i xv[MR], xw[MR];
+        __m256 dv[MR];
+        for (int r = 0; r < MR; ++r) {
+          xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe[r] + j));
+          if constexpr (INT4) xw[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe[r] + Kb + j));
+          dv[r] = _mm256_broadcast_ss(xd[r] + g * nbg + b);
+        }
+        for (int i = 0; i < NR; ++i) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn + i * Kb + j));
+          if constexpr (INT4) {
+            const __m256i u = _mm256_xor_si256(w, m88);  // each nibble + 8: unsigned 0..15
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(u, 4), m0f);
+            const __m256i lo = _mm256_and_si256(u, m0f);
+            for (int r = 0; r < MR; ++r) {
+              const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(hi, xv[r]), _mm256_maddubs_epi16(lo, xw[r]));
+              acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
+            }
+          } else {
+            const __m256i aw = _mm256_sign_epi8(w, w);
+            for (int r = 0; r < MR; ++r) {
+              const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], w));
+              acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
+            }
+          }
+        }
+      }
+      for (int i = 0; i < NR; ++i) {
+        const __m256 sv = _mm256_set1_ps(static_cast<float>(scale[(n + i) * G + g]));
+        for (int r = 0; r < MR; ++r) tot[i][r] = _mm256_fmadd_ps(acc[i][r], sv, tot[i][r]);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      for (int r = 0; r < MR; ++r) {
+        float v = qsum(tot[i][r]);
+        if (INT4 || zero != nullptr) {
+          const float* xcr = c.xcorr + (m0 + r) * G;
+          const float* xsr = c.xsum + (m0 + r) * G;
+          float t = 0.f;
+          for (int64_t g = 0; g < G; ++g) {
+            if constexpr (INT4) t += static_cast<float>(scale[(n + i) * G + g]) * xcr[g];
+            if (zero != nullptr) t += static_cast<float>(zero[(n + i) * G + g]) * xsr[g];
+          }
+          v += t;
+        }
+        store_y(c.y, c.ydtype, c.bias, (m0 + r) * c.N + n + i, n + i, v);
+      }
+    }
+  }
+}
+#endif
+
+template <bool INT4, typename S>
+void qrows_all(const QCall& c, const S* scale, const S* zero, int64_t M) {
+  // contiguous runs of rows per thread (4 rows a step for one row of x), small weights on the calling thread
+  zoo_cpu::parallel_rows(c.N, c.Kb, 4, [&](int64_t n0, int64_t n1) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (c.gb % kQB == 0) {
+      // one weight row per step: several in flight (4 for int8, 2 for int4) were measured slower from memory on the
+      // 2-core AVX2 EPYC (4864x896, one thread: int8 ~600 against ~370 us, int4 ~270 against ~230 us), as equal
+      // or slower with K = 4864; the hardware prefetcher follows one stream best
+      for (int64_t m = 0; m < M;) {
+        switch (std::min<int64_t>(M - m, 4)) {
+          case 4: qrows_simd<4, 1, INT4>(c, scale, zero, m, n0, n1); m += 4; break;
+          case 3: qrows_simd<3, 1, INT4>(c, scale, zero, m, n0, n1); m += 3; break;
+          case 2: qrows_simd<2, 1, INT4>(c, scale, zero, m, n0, n1); m += 2; break;
+          default: qrows_simd<1, 1, INT4>(c, scale, zero, m, n0, n1); m += 1; break;
+        }
+      }
+      return;
+    }
+#endif
+    for (int64_t m = 0; m < M;) {
+      switch (std::min<int64_t>(M - m, 4)) {
+        case 4: qrows_kernel<4, 1, INT4>(c, scale, zero, m, n0, n1); m += 4; break;
+        case 3: qrows_kernel<3, 1, INT4>(c, scale, zero, m, n0, n1); m += 3; break;
+        case 2: qrows_kernel<2, 2, INT4>(c, scale, zero, m, n0, n1); m += 2; break;
+        default: qrows_kernel<1, 4, INT4>(c, scale, zero, m, n0, n1); m += 1; break;
+      }
+    }
+  });
+}
+
+// One block of activations quantised: n values of a (and n of b, int4's odd columns, where b is not null) share
+// d = max|v| / 127; q = round(v * (1 / d)), ties to even (0 where the block is all zeros). Returns sum(q).
+inline int32_t quantise_block(const float* a, const float* b, int64_t n, int8_t* qa, int8_t* qb, float& d) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(a[j]));
+  if (b != nullptr)
+    for (int64_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(b[j]));
+  d = amax / 127.f;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  int32_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int v = static_cast<int>(std::nearbyint(a[j] * id));
+    qa[j] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  if (b != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int v = static_cast<int>(std::nearbyint(b[j] * id));
+      qb[j] = static_cast<int8_t>(v);
+      sum += v;
+    }
+  }
+  return sum;
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// quantise_block for a whole block (32 values of a, and 32 of b where not null), vectorised: the same arithmetic
+inline int32_t quantise_block32(const float* a, const float* b, int8_t* qa, int8_t* qb, float& d) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[8];
+  const int nv = b != nullptr ? 8 : 4;
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(a + 8 * i);
+  if (b != nullptr)
+    for (int i = 0; i < 4; ++i) v[4 + i] = _mm256_loadu_ps(b + 8 * i);
+  __m256 mx = _mm256_andnot_ps(sign, v[0]);
+  for (int i = 1; i < nv; ++i) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  d = _mm_cvtss_f32(m) / 127.f;
+  const __m256 iv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i sum = _mm256_setzero_si256();
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int h = 0; h < nv / 4; ++h) {
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) {
+      q[i] = _mm256_cvtps_epi32(
+          _mm256_round_ps(_mm256_mul_ps(v[4 * h + i], iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      sum = _mm256_add_epi32(sum, q[i]);
+    }
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(h == 0 ? qa : qb), _mm256_permutevar8x32_epi32(p, perm));
+  }
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  return _mm_cvtsi128_si32(t);
+}
+#endif
+
+// one row of x as fp32 into xf (int4: its even columns, then its odd ones), and its per-group sums where wanted
+template <typename T>
+void stage_row(const T* x, int64_t K, bool split, int64_t G, float* xf, float* xsum) {
+  if (split) {
+    const int64_t Kb = K / 2;
+    for (int64_t j = 0; j < Kb; ++j) {
+      xf[j] = static_cast<float>(x[2 * j]);
+      xf[Kb + j] = static_cast<float>(x[2 * j + 1]);
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(x[k]);
+  }
+  if (xsum != nullptr) {
+    const int64_t gs = K / G;
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += static_cast<float>(x[k]);
+      xsum[g] = acc;
+    }
+  }
+}
+
 // Rows [n0, n1) of the weight, dequantised (fp32 arithmetic, rounded once to T) into buf [n1 - n0, K]. int4 rows
 // come out with their columns permuted (the even ones, then the odd ones: two contiguous stores the compiler
 // vectorises), which the caller matches by permuting x's columns alike.
@@ -314,7 +680,20 @@ void dequant_rows(const int8_t* q, const S* scale, const S* zero, int64_t Kb, in
         const float z = zero != nullptr ? static_cast<float>(zero[n * G + g]) : 0.f;
         const int64_t k0 = g * gs, k1 = k0 + gs;
         if constexpr (INT4) {
-          for (int64_t j = k0 / 2; j < k1 / 2; ++j) {
+          int64_t j = k0 / 2;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+          if constexpr (std::is_same_v<T, float>) {  // 8 bytes a step: sign-extended, arithmetic shifts
+            const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
+            for (; j + 8 <= k1 / 2; j += 8) {
+              const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qn + j)));
+              const __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
+              const __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
+              _mm256_storeu_ps(out + j, _mm256_add_ps(_mm256_mul_ps(hi, sv), zv));  // as the scalar loop rounds
+              _mm256_storeu_ps(out + Kb + j, _mm256_add_ps(_mm256_mul_ps(lo, sv), zv));
+            }
+          }
+#endif
+          for (; j < k1 / 2; ++j) {
             out[j] = static_cast<T>(hi_nibble(qn[j]) * s + z);
             out[Kb + j] = static_cast<T>(lo_nibble(qn[j]) * s + z);
           }
@@ -328,7 +707,7 @@ void dequant_rows(const int8_t* q, const S* scale, const S* zero, int64_t Kb, in
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                         const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
-                        int64_t bits) {
+                        int64_t bits, bool act_quant) {
   TORCH_CHECK(bits == 8 || bits == 4, "zoo_cpu::quant_linear: bits must be 8 or 4, got ", bits);
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2, "zoo_cpu::quant_linear: codes must be int8 [out, in",
               bits == 4 ? "/2" : "", "], got ", q.scalar_type(), " ", q.sizes());
@@ -356,7 +735,68 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
               "zoo_cpu::quant_linear: x must be fp32, bf16 or fp16, got ", x.scalar_type());
   at::Tensor y;
 
-  if (M <= kRowsMax) {
+  if (M <= kRowsMax && act_quant) {
+    const auto xc = x.contiguous();
+    const void* xp = xc.data_ptr();
+    const auto xt = xc.scalar_type();
+    const int64_t gb = Kb / G, nbg = (gb + kQB - 1) / kQB;
+    thread_local std::vector<float> fwork;
+    fwork.resize(K + M * G * (nbg + 2) + N);
+    float* xf = fwork.data();  // one row of x in fp32 (int4: its even columns, then its odd ones)
+    float* xd = xf + K;
+    float* xcorr = xd + M * G * nbg;
+    float* xsum = xcorr + M * G;
+    float* bf = xsum + M * G;
+    thread_local std::vector<int8_t> qwork;
+    qwork.resize(M * K);
+    for (int64_t m = 0; m < M; ++m) {
+      float* xsr = zc.defined() ? xsum + m * G : nullptr;
+      switch (xt) {
+        case at::kBFloat16: stage_row(static_cast<const at::BFloat16*>(xp) + m * K, K, int4, G, xf, xsr); break;
+        case at::kHalf: stage_row(static_cast<const at::Half*>(xp) + m * K, K, int4, G, xf, xsr); break;
+        default: stage_row(static_cast<const float*>(xp) + m * K, K, int4, G, xf, xsr);
+      }
+      int8_t* qr = qwork.data() + m * K;
+      for (int64_t g = 0; g < G; ++g) {
+        float corr = 0.f;
+        for (int64_t b = 0; b < nbg; ++b) {
+          const int64_t j0 = g * gb + b * kQB, j1 = std::min(j0 + kQB, (g + 1) * gb);
+          float d;
+          const float* xb = int4 ? xf + Kb + j0 : nullptr;
+          int8_t* qb = int4 ? qr + Kb + j0 : nullptr;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+          const int32_t sq = j1 - j0 == kQB ? quantise_block32(xf + j0, xb, qr + j0, qb, d)
+                                            : quantise_block(xf + j0, xb, j1 - j0, qr + j0, qb, d);
+#else
+          const int32_t sq = quantise_block(xf + j0, xb, j1 - j0, qr + j0, qb, d);
+#endif
+          xd[(m * G + g) * nbg + b] = d;
+          if (j1 - j0 == kQB) corr += d * static_cast<float>(sq);
+        }
+        xcorr[m * G + g] = -8.f * corr;
+      }
+    }
+    const float* biasp = nullptr;
+    at::Tensor bc;
+    if (bias.has_value()) {
+      bc = bias->contiguous();
+      TORCH_CHECK(bc.numel() == N, "zoo_cpu::quant_linear: bias of ", bc.numel(), " for ", N, " outputs");
+      for (int64_t n = 0; n < N; ++n) bf[n] = fp32(bc.data_ptr(), bc.scalar_type(), n);
+      biasp = bf;
+    }
+    y = at::empty({M, N}, x.options());
+    QCall c{qc.data_ptr<int8_t>(), N, Kb, G, gb, nbg, qwork.data(), K, xd, xcorr, xsum, y.data_ptr(),
+            x.scalar_type(), biasp};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "zoo_cpu::quant_linear", [&] {
+      const scalar_t* zp = zc.defined() ? zc.data_ptr<scalar_t>() : nullptr;
+      if (int4) {
+        qrows_all<true>(c, sc.data_ptr<scalar_t>(), zp, M);
+      } else {
+        qrows_all<false>(c, sc.data_ptr<scalar_t>(), zp, M);
+      }
+    });
+    return y.view(out_sizes);
+  } else if (M <= kRowsMax) {
     // a few plain loops instead of ATen ops: at one token a layer's whole product takes tens of microseconds
     const auto xc = x.contiguous();
     const void* xp = xc.data_ptr();
@@ -442,7 +882,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
           int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
         }
       });
-      y.narrow(1, n0, n1 - n0).copy_(at::mm(xw, w.t()));
+      auto yb = y.narrow(1, n0, n1 - n0);  // written in place: rows of N floats apart, as BLAS's ldc allows
+      at::mm_out(yb, xw, w.t());
     }
   }
   if (bias.has_value()) y.add_(*bias);
@@ -452,7 +893,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
-  m.def("quant_linear(Tensor x, Tensor q, Tensor scale, Tensor? zero, Tensor? bias, int bits) -> Tensor");
+  m.def("quant_linear(Tensor x, Tensor q, Tensor scale, Tensor? zero, Tensor? bias, int bits, "
+        "bool act_quant=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) { m.impl("quant_linear", &quant_linear); }
