@@ -3,45 +3,58 @@ decodes greedily through zoo's engine (zoo.generation.decode, batch 1, one token
 projection and the output head replaced by a stub that returns a preallocated output, so what remains is the
 per-token overhead (norms, rotary, attention, the KV cache, residual adds, Python, the decoding loop).
 
-    python benchmarks/bench_decode_overhead.py [--dtype bf16] [--layers 24] [--prompt 64] [--new 64]
-                                               [--stub dense|kernel] [--profile]
+    python benchmarks/bench_decode_overhead.py [--dtype bf16] [--quant int8|int4] [--layers 24] [--prompt 64]
+                                               [--new 64] [--stub dense|kernel] [--profile]
 
---stub dense replaces the layers' `dense(layer, x)` calls themselves (the overhead of the files around the
-projections); --stub kernel keeps `dense` and its dispatch, stubbing only zoo_cpu.dense_rows (float weights). The
-measurement repeats in rounds and keeps the best, as the machine may be shared. --profile also counts the aten ops
-one token runs (torch.profiler), the machine-independent measure of the same overhead.
+--quant packs every projection and the tied head as zoo.load(quantize=...) does (quant.py's PackedLinear and
+PackedEmbedding), so the packed path's overhead is measured. --stub dense replaces the layers' `dense(layer, x)`
+calls themselves (the overhead of the files around the projections); --stub kernel keeps `dense` and its
+dispatch, stubbing only the ops torch.ops.zoo_cpu.dense_rows and quant_linear (whoever looks them up, packet or
+.default, after the library loaded). The measurement repeats in rounds and keeps the best, as the machine may be
+shared. --profile also counts the aten ops one token runs (torch.profiler), the machine-independent measure of the
+same overhead.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-import types
 from collections import Counter
 
 import torch
 from zoo.architectures import decoder, layers
-from zoo.architectures.kernels import cpu_ext, linear
+from zoo.architectures.kernels import cpu_ext
 from zoo.architectures.qwen2 import PUBLISHED, Qwen2Config, build
+from zoo.architectures.quant import PACKED, get_scheme, pack_linears, packable_paths
 
 from zoo.generation import Sampling, decode
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def model(dtype: torch.dtype, n_layers: int, vocab: int) -> torch.nn.Module:
-    """Qwen2-0.5B's shapes; the projections' weights are left unwritten (the stub never reads them)."""
+def model(dtype: torch.dtype, n_layers: int, vocab: int, quant: str | None = None) -> torch.nn.Module:
+    """Qwen2-0.5B's shapes, packed by `quant` (a scheme name) if given; the projections' weights are left unwritten
+    (the stub never reads them)."""
     c = PUBLISHED["0.5b"]
     c = Qwen2Config(vocab, c.dim, n_layers, c.n_heads, c.n_kv_heads, c.intermediate_size, tie_embeddings=True)
     with torch.device("meta"):
-        m = build(c)
-    m = m.to_empty(device="cpu").to(dtype).eval()
+        m = build(c).to(dtype)
+        if quant:
+            pack_linears(m, get_scheme(quant), packable_paths(m, quant))
+    m = m.to_empty(device="cpu").eval()
     g = torch.Generator().manual_seed(0)
     for name, p in m.named_parameters():
         if "proj" not in name:
             p.data.copy_(torch.randn(p.shape, generator=g) * (0.02 if "embed" in name else 1.0))
         elif name.endswith("bias"):
             p.data.zero_()
+    for sub in m.modules():  # packed tables and layers: codes and scales that give the float model's magnitudes
+        if isinstance(sub, PACKED):
+            for name, t in sub.named_buffers(recurse=False):
+                if t.dtype.is_floating_point:
+                    t.copy_(torch.full(t.shape, 0.02 / 127 if name == "weight_scale" else 0.0))
+                else:
+                    t.copy_(torch.randint(-100, 100, t.shape, generator=g).to(t.dtype))
     return m
 
 
@@ -69,20 +82,29 @@ def stub_dense(outs: Outputs):
     return {(layers, "dense"): dense, (decoder, "dense"): dense, (decoder, "tied_head"): tied_head}
 
 
+class StubOp:
+    """Stands for a torch op (an OpOverloadPacket) and its .default overload: calls `fn`."""
+
+    def __init__(self, fn):
+        self.fn, self.default = fn, self
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
 def stub_kernel(outs: Outputs):
     lib = cpu_ext.library()
     if lib is None:
         raise SystemExit("zoo's CPU kernels are unavailable here: --stub kernel needs them")
 
-    class Lib:
-        def __getattr__(self, name):
-            return getattr(lib, name)
+    def dense_rows(rows, weight, bias=None):
+        return outs.get((weight.data_ptr(), rows.shape), (rows.shape[0], weight.shape[0]), rows)
 
-        def dense_rows(self, rows, weight, bias=None):
-            return outs.get((weight.data_ptr(), rows.shape), (rows.shape[0], weight.shape[0]), rows)
+    def quant_linear(x, q, scale, zero, bias, bits, act_quant=False):
+        return outs.get((q.data_ptr(), x.shape), (*x.shape[:-1], q.shape[0]), x)
 
-    proxy = Lib()
-    return {(linear, "cpu_ext"): types.SimpleNamespace(library=lambda: proxy)}
+    # the ops' attributes of the namespace: what a later lookup (torch.ops.zoo_cpu.X, cached or not) finds
+    return {(lib, "dense_rows"): StubOp(dense_rows), (lib, "quant_linear"): StubOp(quant_linear)}
 
 
 def run(m, prompt: int, new: int) -> tuple[float, float]:
@@ -113,6 +135,7 @@ def op_counts(m, prompt: int, new: int) -> Counter:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--quant", choices=("int8", "int4"), default=None)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--prompt", type=int, default=64)
@@ -123,17 +146,17 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    m = model(DTYPES[args.dtype], args.layers, args.vocab)
+    m = model(DTYPES[args.dtype], args.layers, args.vocab, args.quant)
     outs = Outputs()
     patches = (stub_dense if args.stub == "dense" else stub_kernel)(outs)
-    saved = {key: getattr(*key) for key in patches}
+    saved = {key: getattr(*key) for key in patches}  # (the library loaded: its ops' attributes exist)
     for (mod, name), fn in patches.items():
         setattr(mod, name, fn)
     try:
         run(m, args.prompt, 4)  # warm up (the library's first load, allocations)
         times = [run(m, args.prompt, args.new) for _ in range(args.rounds)]
         wall, cpu = sorted(t[0] for t in times), sorted(t[1] for t in times)
-        print(f"{args.layers} layers, {args.dtype}, stub {args.stub}: {wall[0] * 1e3:.2f} ms/token best, "
+        print(f"{args.layers} layers, {args.dtype}{' ' + args.quant if args.quant else ''}, stub {args.stub}: {wall[0] * 1e3:.2f} ms/token best, "
               f"{wall[len(wall) // 2] * 1e3:.2f} median of {args.rounds}; this thread's CPU time {cpu[0] * 1e3:.2f} "
               f"best, {cpu[len(cpu) // 2] * 1e3:.2f} median ({args.new} tokens after a {args.prompt}-token prompt)")
         if args.profile:
