@@ -24,8 +24,8 @@ from collections import Counter
 import torch
 from zoo.architectures import decoder, layers
 from zoo.architectures.kernels import cpu_ext
-from zoo.architectures.qwen2 import PUBLISHED, Qwen2Config, build
 from zoo.architectures.quant import PACKED, get_scheme, pack_linears, packable_paths
+from zoo.architectures.qwen2 import PUBLISHED, Qwen2Config, build
 
 from zoo.generation import Sampling, decode
 
@@ -156,7 +156,8 @@ def main() -> None:
         run(m, args.prompt, 4)  # warm up (the library's first load, allocations)
         times = [run(m, args.prompt, args.new) for _ in range(args.rounds)]
         wall, cpu = sorted(t[0] for t in times), sorted(t[1] for t in times)
-        print(f"{args.layers} layers, {args.dtype}{' ' + args.quant if args.quant else ''}, stub {args.stub}: {wall[0] * 1e3:.2f} ms/token best, "
+        what = args.dtype + (f" {args.quant}" if args.quant else "")
+        print(f"{args.layers} layers, {what}, stub {args.stub}: {wall[0] * 1e3:.2f} ms/token best, "
               f"{wall[len(wall) // 2] * 1e3:.2f} median of {args.rounds}; this thread's CPU time {cpu[0] * 1e3:.2f} "
               f"best, {cpu[len(cpu) // 2] * 1e3:.2f} median ({args.new} tokens after a {args.prompt}-token prompt)")
         if args.profile:
