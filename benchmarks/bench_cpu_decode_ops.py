@@ -15,7 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from zoo.architectures.kernels import cpu_ext, matvec
+from zoo.architectures.kernels import cpu_ext, dispatch, matvec
 from zoo.architectures.kernels.rmsnorm import rms_norm
 from zoo.architectures.kernels.rotary import apply_rotary_pair
 from zoo.architectures.kernels.swiglu import silu_mul
@@ -64,7 +64,7 @@ def main() -> None:
     with torch.inference_mode():
         for _ in range(args.rounds):
             for on in (True, False):
-                matvec._DECODE_LIB[:] = [lib if on else None]
+                dispatch._DECODE_LIB[:] = [lib if on else None]
                 for name, fn in cases.items():
                     us = per_call_us(fn, args.repeat)
                     best[name, on] = min(best.get((name, on), us), us)

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from zoo.architectures.kernels import cpu_ext, matvec
+from zoo.architectures.kernels import cpu_ext, dispatch, matvec
 from zoo.architectures.kernels.argmax import argmax_last
 from zoo.architectures.kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
 from zoo.architectures.kernels.rotary import apply_rotary, apply_rotary_pair, apply_rotary_reference
@@ -52,14 +52,14 @@ class Spy:
 @pytest.fixture
 def spy(monkeypatch):
     s = Spy(library())
-    monkeypatch.setattr(matvec, "_DECODE_LIB", [s])
+    monkeypatch.setattr(dispatch, "_DECODE_LIB", [s])
     return s
 
 
 @pytest.fixture
 def without_ops(monkeypatch):
     """The decode ops off (the references everywhere), as without the library."""
-    monkeypatch.setattr(matvec, "_DECODE_LIB", [None])
+    monkeypatch.setattr(dispatch, "_DECODE_LIB", [None])
 
 
 # --- RMSNorm ---------------------------------------------------------------------------------------------------
@@ -270,10 +270,10 @@ def test_an_attention_layer_decodes_the_same_with_and_without_the_cpp_ops(static
         return outs
 
     spy = Spy(library())
-    monkeypatch.setattr(matvec, "_DECODE_LIB", [spy])
+    monkeypatch.setattr(dispatch, "_DECODE_LIB", [spy])
     fast = run()
     assert ("decode_attention" if static else "attention_step") in spy.calls  # (the dynamic form: the fused step)
-    monkeypatch.setattr(matvec, "_DECODE_LIB", [None])
+    monkeypatch.setattr(dispatch, "_DECODE_LIB", [None])
     slow = run()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for a, b in zip(fast, slow):

@@ -4,14 +4,14 @@
 torch's argmax over a bf16 row of Qwen2's 151936 logits takes ~1 ms on an AVX2 CPU (a scalar reduction): as much as
 a whole layer's small ops. zoo's C++ op (zoo_cpu::argmax_last, csrc/decode_ops.cpp: the maximum in one vectorised
 pass, then the first index holding it) takes tens of microseconds and returns the same index. `argmax_last` runs
-it for CPU tensors at eager inference (dispatch as for the other decode ops, kernels/matvec.py `cpu_decode_ops`),
+it for CPU tensors at eager inference (dispatch as for the other decode ops, kernels/dispatch.py `cpu_decode_ops`),
 torch.argmax everywhere else. zoo/generation.py's greedy sampling calls it.
 """
 
 from __future__ import annotations
 
 import torch
-from zoo.architectures.kernels.matvec import DECODE_DTYPES, cpu_decode_ops
+from zoo.architectures.kernels.dispatch import DECODE_DTYPES, cpu_decode_ops
 
 
 def argmax_last(x: torch.Tensor) -> torch.Tensor:

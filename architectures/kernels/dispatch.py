@@ -26,6 +26,10 @@ bf16/fp16 weight on a CPU without native bf16 arithmetic (the weight widened to 
 GEMM); None keeps torch's F.linear: on GPUs, under autograd, inside torch.compile (Inductor's own single-row
 rewrite, matvec.py, then applies), for many rows of fp32, and for many rows of bf16 where oneDNN has AVX-512 BF16
 or AMX (faster than widening, measured).
+
+The fused CPU decode ops (csrc/decode_ops.cpp: rms_norm, add_rms_norm, rotary, silu_mul, attention, argmax; called
+by rmsnorm.py, rotary.py, swiglu.py, matvec.py, argmax.py): `cpu_decode_ops` is the library where a call takes
+them (CPU, eager, no gradient), else None; each caller then checks the shapes and dtypes its op takes.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ DENSE_ROWS, DENSE_WIDENED = "dense_rows", "dense_widened"  # ops of zoo_cpu (csr
 DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DENSE_MAX_ROWS = 8  # rows up to which one pass over the weight beats a GEMM (measured up to 8, AVX-512 BF16 and AVX2)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused CPU decode ops take
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # without importing it: `import zoo` stays fast
 CPU_ISA = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ... (ATEN_CPU_CAPABILITY)
@@ -112,3 +117,23 @@ def dense_kernel(x: torch.Tensor, weight: torch.Tensor) -> str | None:
 
 
 _NATIVE_BF16 = native_bf16()
+
+
+_DECODE_LIB: list = []  # [torch.ops.zoo_cpu or None]: looked up on the first call, not at every one
+
+
+def cpu_decode_ops(*tensors: torch.Tensor):
+    """torch.ops.zoo_cpu where a call on `tensors` takes zoo's fused C++ decode ops (csrc/decode_ops.cpp), else None:
+    CPU tensors, no gradient needed (the ops have no backward), outside torch.compile (Inductor fuses the
+    references there), the library available. Runs ~150 times per token: no environment read after the first
+    call (ZOO_CPU_KERNELS is honoured as it was then; the ops equal the references, so a later change is moot)."""
+    x = tensors[0]
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if not _DECODE_LIB:
+        from zoo.architectures.kernels import cpu_ext  # (here, not at the top: cpu_ext imports this module)
+
+        _DECODE_LIB.append(cpu_ext.library())
+    return _DECODE_LIB[0]

@@ -18,9 +18,8 @@ weighted sum of values as multiply-and-reduce, which Inductor fuses into a few l
 spends 6x (64 cached positions) to 9x (2048) longer on a single query (measured, 2 threads).
 
 Eagerly on CPU the same step runs zoo's C++ op instead (`cpu_one_query_attention`: zoo_cpu::decode_attention,
-csrc/decode_ops.cpp): one call per layer where F.scaled_dot_product_attention spent ~160 us on one query.
-`cpu_decode_ops` is the decision the kernel modules share for their fused CPU decode ops (rmsnorm.py, rotary.py,
-swiglu.py and this one).
+csrc/decode_ops.cpp): one call per layer where F.scaled_dot_product_attention spent ~160 us on one query
+(dispatch.py's `cpu_decode_ops` decides, as for the other fused CPU decode ops).
 """
 
 from __future__ import annotations
@@ -31,10 +30,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-from zoo.architectures.kernels import cpu_ext
-from zoo.architectures.kernels.dispatch import COMPILED, backend
+from zoo.architectures.kernels.dispatch import COMPILED, DECODE_DTYPES, backend, cpu_decode_ops
 
-DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the decode ops take
 GROUP = 64  # columns summed first, then the groups: a two-level reduction vectorises best (measured)
 
 
@@ -71,25 +68,6 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow
     weights = scores.softmax(-1)
     out = (weights[..., None] * v.float()[:, :, None, None, :, :]).sum(-2)  # [B, kv, group, T, d]
     return out.reshape(B, H, T, d).to(q.dtype)
-
-
-# --- Belongs in dispatch.py (owned by the lead; proposed there as `cpu_decode_ops`), kept here until it moves. ---
-_DECODE_LIB: list = []  # [torch.ops.zoo_cpu or None]: looked up on the first call, not at every one
-
-
-def cpu_decode_ops(*tensors: torch.Tensor):
-    """torch.ops.zoo_cpu where a call on `tensors` takes zoo's fused C++ decode ops (csrc/decode_ops.cpp), else None:
-    CPU tensors, no gradient needed (the ops have no backward), outside torch.compile (Inductor fuses the
-    references there), the library available. Runs ~150 times per token: no environment read after the first
-    call (ZOO_CPU_KERNELS is honoured as it was then; the ops equal the references, so a later change is moot)."""
-    x = tensors[0]
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    if not _DECODE_LIB:
-        _DECODE_LIB.append(cpu_ext.library())
-    return _DECODE_LIB[0]
 
 
 def cpu_one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

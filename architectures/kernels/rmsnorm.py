@@ -16,8 +16,7 @@ between threads). No triton import here, so
 from __future__ import annotations
 
 import torch
-from zoo.architectures.kernels.dispatch import use_triton
-from zoo.architectures.kernels.matvec import DECODE_DTYPES, cpu_decode_ops
+from zoo.architectures.kernels.dispatch import DECODE_DTYPES, cpu_decode_ops, use_triton
 
 SUM_ONE_RANGE = 32768  # torch's GRAIN_SIZE: up to it a row's sum runs in one thread, in the order the C++ op copies
 

@@ -17,8 +17,7 @@ reference otherwise. `apply_rotary_pair` rotates q and k in one C++ call. The de
 from __future__ import annotations
 
 import torch
-from zoo.architectures.kernels.dispatch import use_triton
-from zoo.architectures.kernels.matvec import DECODE_DTYPES, cpu_decode_ops
+from zoo.architectures.kernels.dispatch import DECODE_DTYPES, cpu_decode_ops, use_triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

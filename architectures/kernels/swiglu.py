@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from zoo.architectures.kernels.dispatch import use_triton
-from zoo.architectures.kernels.matvec import DECODE_DTYPES, cpu_decode_ops
+from zoo.architectures.kernels.dispatch import DECODE_DTYPES, cpu_decode_ops, use_triton
 
 ONE_RANGE = 32768  # torch's GRAIN_SIZE: above it its elementwise loops split between threads (other vector tails)
 
