@@ -56,6 +56,19 @@ inline float rounded(float v) {
 
 bool float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
+// The inputs of an elementwise op of two tensors (add_rms_norm's x and r, silu_mul's gate and up), checked (CPU
+// tensors of one shape and one float dtype; `what` names the op and the two) and contiguous, and its output.
+struct Elementwise {
+  at::Tensor a, b, out;
+};
+
+Elementwise elementwise(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && float_type(a.scalar_type()), what,
+              " must have one shape and one of fp32, bf16, fp16");
+  return {a.contiguous(), b.contiguous(), at::empty(a.sizes(), a.options())};
+}
+
 // Dispatch over the three float dtypes, binding `T` to the C++ type.
 template <typename F>
 void with_dtype(at::ScalarType t, const char* op, F&& f) {
@@ -168,11 +181,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 // h = x + r rounded to the dtype (torch's add: both widened to fp32, summed, rounded once), then rms_norm(h).
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w,
                                                 double eps) {
-  TORCH_CHECK(x.device().is_cpu() && r.device().is_cpu(), "add_rms_norm: CPU tensors only");
-  TORCH_CHECK(x.sizes() == r.sizes() && x.scalar_type() == r.scalar_type() && float_type(x.scalar_type()),
-              "add_rms_norm: x and r must have one shape and one of fp32, bf16, fp16");
-  const at::Tensor xc = x.contiguous(), rc = r.contiguous();
-  at::Tensor h = at::empty(x.sizes(), x.options());
+  const Elementwise e = elementwise(x, r, "add_rms_norm: x and r");
+  const at::Tensor &xc = e.a, &rc = e.b, &h = e.out;
   with_dtype(x.scalar_type(), "add_rms_norm", [&](auto t) {
     using T = decltype(t);
     const T* a = xc.data_ptr<T>();
@@ -307,11 +317,8 @@ void silu_mul_range(const T* g, const T* u, T* y, int64_t n) {
 }
 
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
-  TORCH_CHECK(gate.device().is_cpu() && up.device().is_cpu(), "silu_mul: CPU tensors only");
-  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type() && float_type(gate.scalar_type()),
-              "silu_mul: gate and up must have one shape and one of fp32, bf16, fp16");
-  const at::Tensor g = gate.contiguous(), u = up.contiguous();
-  at::Tensor y = at::empty(gate.sizes(), gate.options());
+  const Elementwise e = elementwise(gate, up, "silu_mul: gate and up");
+  const at::Tensor &g = e.a, &u = e.b, &y = e.out;
   with_dtype(g.scalar_type(), "silu_mul", [&](auto t) {
     using T = decltype(t);
     silu_mul_range<T>(g.data_ptr<T>(), u.data_ptr<T>(), y.data_ptr<T>(), g.numel());
