@@ -3,7 +3,8 @@
 RMSNorm, the rotary embedding and the gated MLP's activation run through the kernels of architectures/kernels/
 (rmsnorm.py, rotary.py, swiglu.py): their Triton kernels where the dispatch picks Triton (CUDA at inference), their
 PyTorch references, this module's former arithmetic exactly, everywhere else. The decoders' projections go through
-kernels/linear.py's `dense` (zoo's C++ CPU kernels where the dispatch picks them, else the layer itself)."""
+kernels/linear.py's `dense` (zoo's C++ CPU kernels where the dispatch picks them, else the layer itself), those that
+read the same x (q, k and v; gate and up) through `dense_many` (one C++ call for them all where each takes one)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.kernels.dispatch import COMPILED, backend
-from zoo.architectures.kernels.linear import dense
+from zoo.architectures.kernels.linear import dense, dense_many
 from zoo.architectures.kernels.matvec import cpu_attention_step, cpu_one_query_attention, one_query_attention
 from zoo.architectures.kernels.rmsnorm import rms_norm
 from zoo.architectures.kernels.rotary import apply_rotary, apply_rotary_pair, rotate_half  # noqa: F401  (glm, dinov3, tests)
@@ -92,7 +93,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = dense(self.q_proj, x), dense(self.k_proj, x), dense(self.v_proj, x)
+        q, k, v = dense_many((self.q_proj, self.k_proj, self.v_proj), x)
         if T == 1 and cache is not None and cache.writes_one_step_at_length():
             y = self._cpu_step(q, k, v, cos, sin, cache, mask)
             if y is not None:
@@ -148,4 +149,5 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense(self.down_proj, silu_mul(dense(self.gate_proj, x), dense(self.up_proj, x)))
+        gate, up = dense_many((self.gate_proj, self.up_proj), x)
+        return dense(self.down_proj, silu_mul(gate, up))

@@ -34,13 +34,19 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.architectures.kernels import bitlinear as bitlinear_kernels
-from zoo.architectures.kernels.dequant_matmul import cpu_kernels_available, fast_dequant_matmul, int4pack_mm_cpu
+from zoo.architectures.kernels.dequant_matmul import (
+    cpu_kernels_available,
+    cpu_quant_linear_many,
+    fast_dequant_matmul,
+    int4pack_mm_cpu,
+)
 
 
 class Stored(NamedTuple):
@@ -54,6 +60,15 @@ class Stored(NamedTuple):
 
 
 TensorPlan = dict[str, Stored]  # stored tensor name -> Stored, in storage order
+
+
+class DequantArgs(NamedTuple):
+    """The tensors kernels/dequant_matmul.py multiplies by (fast_dequant_matmul's q, scale, bits and zero)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
 
 
 class Scheme:
@@ -91,6 +106,11 @@ class Scheme:
 
     def kernel(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor | None:
         """x W^T + b by a kernel that reads the packed tensors, or None where none beats `reference` for this call."""
+        return None
+
+    def dequant_args(self, t: dict[str, torch.Tensor]) -> DequantArgs | None:
+        """What `kernel` hands kernels/dequant_matmul.py's kernels for the tensors `t` (codes, scale, zero point,
+        bits), or None where its kernel is another: PackedLinear.forward_many runs several such layers in one call."""
         return None
 
     def reference(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
@@ -247,10 +267,16 @@ class Int4Kernel:
             out["weight_zero"] = sz[::every, :, 1].t().contiguous().reshape(plan["weight_zero"].shape)
         return out
 
+    def dequant_args(self, t: dict[str, torch.Tensor]) -> DequantArgs | None:
+        if "int4pack" in t:
+            return None  # aten's kernel on its own packing
+        return DequantArgs(t["weight"], t["weight_scale"], t.get("weight_zero"), 4)
+
     def kernel(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor | None:
         if "int4pack" in t:
             return int4pack_mm_cpu(x, t["int4pack"], t["int4pack_scales_zeros"], bias)
-        return fast_dequant_matmul(x, t["weight"], t["weight_scale"], 4, bias, t.get("weight_zero"))
+        q, scale, zero, bits = self.dequant_args(t)
+        return fast_dequant_matmul(x, q, scale, bits, bias, zero)
 
     def reference(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         if "int4pack" in t:  # the stored form is gone: aten's kernel is the layer's arithmetic
@@ -330,8 +356,12 @@ class RowwiseInt(Scheme):
     def unpack(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.integers(t), t["weight_scale"], dtype)
 
+    def dequant_args(self, t: dict[str, torch.Tensor]) -> DequantArgs | None:
+        return DequantArgs(t["weight"], t["weight_scale"], None, self.bits)
+
     def kernel(self, x: torch.Tensor, t: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor | None:
-        return fast_dequant_matmul(x, t["weight"], t["weight_scale"], self.bits, bias)
+        q, scale, zero, bits = self.dequant_args(t)
+        return fast_dequant_matmul(x, q, scale, bits, bias, zero)
 
 
 class NibbleInt4(Int4Kernel, RowwiseInt):
@@ -543,11 +573,27 @@ class PackedLinear(nn.Module):
             return self.scheme.restore({name: getattr(self, name) for name in self.kernel}, plan)
         return {name: getattr(self, name) for name in self.stored}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def held(self) -> dict[str, torch.Tensor]:
+        """The tensors the scheme's kernel multiplies by: the stored ones or, once prepared, the kernel's own."""
         if self.kernel is None and not torch.compiler.is_compiling():
             self.prepare()
         buffers = self._buffers  # (every stored or prepared tensor is a buffer: no Module.__getattr__ per call)
-        return self.scheme.linear(x, {name: buffers[name] for name in self.kernel or self.stored}, self.bias)
+        return {name: buffers[name] for name in self.kernel or self.stored}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scheme.linear(x, self.held(), self.bias)
+
+    @staticmethod
+    def forward_many(layers: Sequence[PackedLinear], x: torch.Tensor) -> list[torch.Tensor]:
+        """[layer.forward(x) for layer in layers] (kernels/linear.py dense_many: q, k and v; gate and up), in one
+        call of zoo's C++ kernel where each layer would run it (dequant_matmul.cpu_quant_linear_many), else one by
+        one. The same numbers either way: the same kernel on the same tensors."""
+        args = [layer.scheme.dequant_args(layer.held()) for layer in layers]
+        if None not in args:
+            ys = cpu_quant_linear_many(x, args, [layer.bias for layer in layers])
+            if ys is not None:
+                return ys
+        return [layer.forward(x) for layer in layers]
 
     def bitlinear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
         """The MatMul-free LM's BitLinear with this weight (Scheme.bitlinear: the fused kernel for ternary codes)."""

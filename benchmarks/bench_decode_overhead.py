@@ -9,10 +9,10 @@ per-token overhead (norms, rotary, attention, the KV cache, residual adds, Pytho
 --quant packs every projection and the tied head as zoo.load(quantize=...) does (quant.py's PackedLinear and
 PackedEmbedding), so the packed path's overhead is measured. --stub dense replaces the layers' `dense(layer, x)`
 calls themselves (the overhead of the files around the projections); --stub kernel keeps `dense` and its
-dispatch, stubbing only the ops torch.ops.zoo_cpu.dense_rows and quant_linear (whoever looks them up, packet or
-.default, after the library loaded). The measurement repeats in rounds and keeps the best, as the machine may be
-shared. --profile also counts the aten ops one token runs (torch.profiler), the machine-independent measure of the
-same overhead.
+dispatch, stubbing only the ops torch.ops.zoo_cpu.dense_rows, quant_linear and their _many forms (whoever looks
+them up, packet or .default, after the library loaded). The measurement repeats in rounds and keeps the best, as
+the machine may be shared. --profile also counts the aten ops one token runs (torch.profiler), the
+machine-independent measure of the same overhead.
 """
 
 from __future__ import annotations
@@ -103,8 +103,16 @@ def stub_kernel(outs: Outputs):
     def quant_linear(x, q, scale, zero, bias, bits, act_quant=False):
         return outs.get((q.data_ptr(), x.shape), (*x.shape[:-1], q.shape[0]), x)
 
+    def dense_rows_many(rows, weights, biases):
+        return [dense_rows(rows, w) for w in weights]
+
+    def quant_linear_many(x, qs, scales, zeros, biases, bits, act_quant=False):
+        return [quant_linear(x, q, None, None, None, bits) for q in qs]
+
     # the ops' attributes of the namespace: what a later lookup (torch.ops.zoo_cpu.X, cached or not) finds
-    return {(lib, "dense_rows"): StubOp(dense_rows), (lib, "quant_linear"): StubOp(quant_linear)}
+    stubs = {"dense_rows": dense_rows, "quant_linear": quant_linear, "dense_rows_many": dense_rows_many,
+             "quant_linear_many": quant_linear_many}
+    return {(lib, name): StubOp(fn) for name, fn in stubs.items() if hasattr(lib, name)}
 
 
 def run(m, prompt: int, new: int) -> tuple[float, float]:

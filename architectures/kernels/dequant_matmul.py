@@ -30,6 +30,8 @@ the codes (quant.to_int4pack_cpu), which the quantised model then makes once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from zoo.architectures.kernels import cpu_ext
 from zoo.architectures.kernels.dispatch import COMPILED, TRITON, backend
@@ -43,6 +45,11 @@ CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations zoo_c
 @cpu_ext.fake("zoo_cpu::quant_linear")
 def _quant_linear_fake(x, q, scale, zero, bias, bits, act_quant=False):
     return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
+@cpu_ext.fake("zoo_cpu::quant_linear_many")
+def _quant_linear_many_fake(x, qs, scales, zeros, biases, bits, act_quant=False):
+    return [x.new_empty(*x.shape[:-1], q.shape[0]) for q in qs]
 
 
 def cpu_kernels_available() -> bool:
@@ -65,6 +72,26 @@ def cpu_quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits
     # an argument read from SETTINGS at each call (inside a compiled step Dynamo guards on it: flipping it
     # recompiles rather than replaying the other arithmetic)
     return ops.quant_linear(x, q, scale, zero, bias, bits, SETTINGS.quant_activations)
+
+
+def cpu_quant_linear_many(x: torch.Tensor, layers: Sequence[tuple], biases: Sequence[torch.Tensor | None]
+                          ) -> list[torch.Tensor] | None:
+    """[cpu_quant_linear(x, q, scale, bits, bias, zero) for (q, scale, zero, bits), bias in zip(layers, biases)] in
+    one call (zoo_cpu::quant_linear_many, csrc/multi_linear.cpp: the same op for each), at eager CPU inference; None
+    where one of them would not take the kernel, the layers differ in bits, or inside a compiled graph (which has no
+    per-op cost to save)."""
+    bits = layers[0][3]
+    if x.device.type != "cpu" or x.dtype not in CPU_DTYPES or torch.compiler.is_compiling():
+        return None
+    if any(layer[3] != bits or layer[1].dtype not in CPU_DTYPES for layer in layers):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad for b in biases)):
+        return None  # the op has no backward
+    ops = cpu_ext.library()
+    if ops is None:
+        return None
+    q, scale, zero, _ = zip(*layers)
+    return ops.quant_linear_many(x, q, scale, zero, biases, bits, SETTINGS.quant_activations)
 
 
 def dequant_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
@@ -150,14 +177,15 @@ def fast_dequant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b
     Without the C++ kernel int4 single tokens take the reference on CPU too: Inductor vectorises the nibble
     unpacking poorly (about 2 GB/s against 20 for int8 codes, `bench_decode.py --kernels`), so there the fast path
     is aten's own int4 kernel on its own packing (quant.to_int4pack_cpu), which the quantised model prepares once."""
+    if x.device.type == "cpu":  # (first: the dispatch's Triton is for CUDA tensors; decoding asks ~170 times a token)
+        y = cpu_quant_linear(x, q, scale, bits, bias, zero)
+        if y is not None:
+            return y
     where = backend(x, scale)
     if where == TRITON:
         from zoo.architectures.kernels.dequant_matmul_triton import dequant_matmul_triton
 
         return dequant_matmul_triton(x, q, scale, bits, bias, zero)
-    y = cpu_quant_linear(x, q, scale, bits, bias, zero)
-    if y is not None:
-        return y
     one_row = x.numel() == x.shape[-1]
     if bits == 8 and one_row and zero is None and x.device.type == "cpu":
         if where == COMPILED:

@@ -2,13 +2,15 @@
 models' through oneDNN with the activation fused (`linear`).
 
     y = x W^T + b               dense(layer, x), dense_weight(x, weight, bias)
+    [x W_i^T + b_i]             dense_many(layers, x)     (q, k and v; gate and up: one C++ call for all)
 
 `dense` is what the decoder-only language models call for every projection and output head instead of
 nn.Linear.__call__: where the dispatch picks one (dispatch.dense_kernel: CPU, inference, eager, float weight of
 x's dtype) it runs zoo_cpu.dense_rows (few rows: decoding) or zoo_cpu.dense_widened (prefill of bf16 without
 native bf16 instructions) from kernels/cpu_ext.py, else F.linear. A layer that is not a plain nn.Linear (a packed
-quantised one), carries hooks (tensor parallelism's) or holds a tensor subclass is called as a module. Without
-the library (ZOO_CPU_KERNELS=0, no compiler) everything is F.linear.
+quantised one) runs its own forward, directly where no hook applies; one that carries hooks (tensor parallelism's)
+is called as a module, and an nn.Linear holding a tensor subclass (a DTensor) runs F.linear. Without the library
+(ZOO_CPU_KERNELS=0, no compiler) everything is F.linear.
 
 The vision models' oneDNN path:
 
@@ -27,6 +29,8 @@ outside torch.compile (the dispatch's EAGER; Inductor has its own); everywhere e
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -112,19 +116,27 @@ def gelu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return linear(mlp.fc2, linear(mlp.fc1, x, "gelu"))
 
 
-def _plain(layer: nn.Module) -> bool:
-    """Whether calling `layer` is exactly F.linear(x, layer.weight, layer.bias): a plain nn.Linear, no hooks of its
-    own or global ones (tensor parallelism redistributes through hooks), plain tensors (no DTensor)."""
-    return (type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
-            and not _module._global_forward_hooks and not _module._global_forward_pre_hooks
-            and type(layer.weight) in (nn.Parameter, torch.Tensor))
+def _calls_forward(layer: nn.Module) -> bool:
+    """Whether `layer(x)` is exactly `layer.forward(x)`: Module.__call__'s own shortcut (no hook of the layer's or a
+    global one: tensor parallelism redistributes through hooks; not compiled as a module, not traced by JIT)."""
+    return not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                or layer._backward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks
+                or layer._compiled_call_impl is not None or torch._C._get_tracing_state())
 
 
 def dense(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) for a linear projection, through zoo's CPU kernels where the dispatch picks them."""
-    if _plain(layer):
-        return dense_weight(x, layer.weight, layer.bias)
-    return layer(x)
+    """layer(x) for a linear projection, through zoo's CPU kernels where the dispatch picks them. A plain nn.Linear
+    holding plain tensors (no DTensor) is F.linear with its weight (`dense_weight`); any other layer without hooks
+    runs its forward directly (a packed one: its scheme's kernel), skipping Module.__call__ (~2 us a call)."""
+    if not _calls_forward(layer):
+        return layer(x)
+    if type(layer) is nn.Linear:
+        params = layer._parameters  # (no Module.__getattr__ per lookup: this runs ~170 times a token)
+        weight = params["weight"]
+        if type(weight) in (nn.Parameter, torch.Tensor):
+            return dense_weight(x, weight, params["bias"])
+    return layer.forward(x)
 
 
 def dense_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,10 +145,48 @@ def dense_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     lib = cpu_ext.library() if kernel is not None else None
     if lib is None:
         return F.linear(x, weight, bias)
+    op = lib.dense_rows if kernel == DENSE_ROWS else lib.dense_widened
+    if x.dim() == 2:  # (the ops take rows: no reshape and view around them)
+        return op(x, weight, bias)
     n, k = weight.shape
-    rows = x.reshape(-1, k)
-    y = lib.dense_rows(rows, weight, bias) if kernel == DENSE_ROWS else lib.dense_widened(rows, weight, bias)
-    return y.view(*x.shape[:-1], n)
+    return op(x.reshape(-1, k), weight, bias).view(*x.shape[:-1], n)
+
+
+def dense_many(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """[dense(layer, x) for layer in layers] for projections that read the same x (q, k and v; gate and up), in one
+    C++ call where that is what each would run: plain nn.Linears whose kernel is zoo_cpu::dense_rows (one
+    zoo_cpu::dense_rows_many call), layers of one class that runs several at once (`forward_many`: a packed layer,
+    quant.PackedLinear), none with hooks; else one by one. The same numbers either way (the same kernel for each)."""
+    kind = type(layers[0])
+    if all(type(layer) is kind and _calls_forward(layer) for layer in layers):
+        if kind is nn.Linear:
+            ys = _dense_rows_many(layers, x)
+            if ys is not None:
+                return ys
+        elif hasattr(kind, "forward_many"):
+            return kind.forward_many(layers, x)
+    return [dense(layer, x) for layer in layers]
+
+
+def _dense_rows_many(layers: Sequence[nn.Linear], x: torch.Tensor) -> list[torch.Tensor] | None:
+    """The plain nn.Linears' outputs for x by zoo_cpu::dense_rows_many, or None where one of them would not run
+    zoo_cpu::dense_rows (dense_weight's decision, weight by weight)."""
+    weights, biases = [], []
+    for layer in layers:
+        params = layer._parameters
+        weight = params["weight"]
+        if (type(weight) not in (nn.Parameter, torch.Tensor) or weight.dim() != 2 or not weight.is_contiguous()
+                or dense_kernel(x, weight) != DENSE_ROWS):
+            return None
+        weights.append(weight)
+        biases.append(params["bias"])
+    lib = cpu_ext.library()
+    if lib is None:
+        return None
+    if x.dim() == 2:
+        return lib.dense_rows_many(x, weights, biases)
+    ys = lib.dense_rows_many(x.reshape(-1, x.shape[-1]), weights, biases)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
 @cpu_ext.fake("zoo_cpu::dense_rows")
@@ -148,3 +198,9 @@ def _dense_rows_fake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
 def _dense_widened_fake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                         block_rows: int = 0) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+@cpu_ext.fake("zoo_cpu::dense_rows_many")
+def _dense_rows_many_fake(x: torch.Tensor, ws: list[torch.Tensor], biases: list[torch.Tensor | None]
+                          ) -> list[torch.Tensor]:
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in ws]

@@ -37,13 +37,13 @@ def _cpu_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm: the fused Triton kernel for CUDA tensors at inference, zoo's C++ op on CPU at eager inference, else
     the reference."""
+    lib = cpu_decode_ops(x, weight)  # (None off CPU: the Triton kernel is for CUDA tensors)
+    if lib is not None and _cpu_fits(x, weight):
+        return lib.rms_norm(x, weight, eps)
     if use_triton(x, weight):
         from zoo.architectures.kernels.rmsnorm_triton import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)
-    lib = cpu_decode_ops(x, weight)
-    if lib is not None and _cpu_fits(x, weight):
-        return lib.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
@@ -51,7 +51,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, rms_norm(h)) for h = x + residual, the pre-norm decoder's residual add and the norm after it: one C++ call
     (zoo_cpu::add_rms_norm, the add rounded as torch's) on CPU at eager inference, else the two steps."""
-    lib = cpu_decode_ops(x, residual, weight) if not use_triton(x, weight) else None
+    lib = cpu_decode_ops(x, residual, weight)
     if (lib is not None and residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous()
             and _cpu_fits(x, weight)):
         return lib.add_rms_norm(x, residual, weight, eps)

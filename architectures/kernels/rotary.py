@@ -44,20 +44,20 @@ def _cpu_fits(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding: the fused Triton kernel for CUDA tensors at inference, zoo's C++ op on CPU at eager
     inference, else the reference."""
+    lib = cpu_decode_ops(x, cos, sin)  # (None off CPU: the Triton kernel is for CUDA tensors)
+    if lib is not None and _cpu_fits(x, cos, sin):
+        return lib.rotary(x, cos, sin)
     if use_triton(x, cos, sin):
         from zoo.architectures.kernels.rotary_triton import apply_rotary_triton
 
         return apply_rotary_triton(x, cos, sin)
-    lib = cpu_decode_ops(x, cos, sin)
-    if lib is not None and _cpu_fits(x, cos, sin):
-        return lib.rotary(x, cos, sin)
     return apply_rotary_reference(x, cos, sin)
 
 
 def apply_rotary_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """apply_rotary to q and to k, in one C++ call on CPU at eager inference."""
-    lib = cpu_decode_ops(q, k, cos, sin) if not use_triton(q, cos, sin) else None
+    lib = cpu_decode_ops(q, k, cos, sin)
     if lib is not None and _cpu_fits(q, cos, sin) and _cpu_fits(k, cos, sin):
         return lib.rotary_pair(q, k, cos, sin)
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

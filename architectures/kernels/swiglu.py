@@ -27,12 +27,12 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: the fused Triton kernel for CUDA tensors at inference, zoo's C++ op on CPU at eager
     inference, else the reference."""
+    lib = cpu_decode_ops(gate, up)  # (None off CPU: the Triton kernel is for CUDA tensors)
+    if (lib is not None and gate.dtype in DECODE_DTYPES and up.dtype == gate.dtype and gate.shape == up.shape
+            and gate.numel() <= ONE_RANGE and gate.is_contiguous() and up.is_contiguous()):
+        return lib.silu_mul(gate, up)
     if use_triton(gate, up):
         from zoo.architectures.kernels.swiglu_triton import silu_mul_triton
 
         return silu_mul_triton(gate, up)
-    lib = cpu_decode_ops(gate, up)
-    if (lib is not None and gate.dtype in DECODE_DTYPES and up.dtype == gate.dtype and gate.shape == up.shape
-            and gate.numel() <= ONE_RANGE and gate.is_contiguous() and up.is_contiguous()):
-        return lib.silu_mul(gate, up)
     return silu_mul_reference(gate, up)
