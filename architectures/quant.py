@@ -6,7 +6,8 @@ for any language model are one idea, built once here:
 
     Scheme          how a [out, in] weight is stored (`tensors`: names, shapes, dtypes and how each tensor lies
                     along the weight's rows and columns), packed, unpacked, and multiplied (`linear`, `bitlinear`)
-    PackedLinear    nn.Linear's stand-in; its stored tensors are buffers named by the scheme
+    PackedLinear    nn.Linear's stand-in; its stored tensors are buffers named by the scheme (`forward_many`:
+                    several that read one x, a layer's q, k and v, in one call of the CPU kernel)
     PackedEmbedding a tied output embedding, looked up by rows and used whole as the head
     PackedStack     a stacked [n, out, in] parameter (a mixture of experts' weights), each matrix packed
     pack_linears    swaps each of them in (on the meta device, before weights are assigned)

@@ -7,7 +7,7 @@ weights; a compiled step gets closer but costs a compile per process. Kernels wr
 (at::vec, the same per-ISA types ATen's own CPU kernels use) need no compile on the hot path, only one build per
 machine, which the compiled CPU path already requires a C++ compiler for.
 
-The instruction set is ATen's (dispatch.cpu_isa(): torch.backends.cpu.get_cpu_capability(), which honours
+The instruction set is ATen's (CPU_ISA, dispatch.cpu_isa(): torch.backends.cpu.get_cpu_capability(), which honours
 ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine), and the library is compiled for it:
 
     AVX512   -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma (+ functions with target attributes for avx512_bf16,
@@ -42,8 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from zoo.architectures.kernels.dispatch import cpu_isa
 
+CPU_ISA = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ... (ATEN_CPU_CAPABILITY), once
 CSRC = Path(__file__).with_name("csrc")
 NAMESPACE = "zoo_cpu"
 LIBRARY_NAME = "libzoo_cpu.so"
@@ -74,7 +74,7 @@ def enabled() -> bool:
 
 def build_isa(isa: str | None = None) -> str:
     """The flag set the library is built with for ATen's instruction set `isa` (default: this process's)."""
-    isa = isa or cpu_isa()
+    isa = isa or CPU_ISA
     if isa.startswith("AVX512"):
         return "AVX512"
     return isa if isa in ISA_FLAGS else "DEFAULT"

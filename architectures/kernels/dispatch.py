@@ -12,7 +12,8 @@ Every kernel module of this package has a plain PyTorch reference and may have a
 
 `choose` is the decision itself, a pure function of those facts (the tests walk it); `backend` gathers them
 from a call. The CPU's vector instruction set (`cpu_isa`, what ATen dispatches its own CPU kernels on; the
-environment variable ATEN_CPU_CAPABILITY forces it) is read once here, so a per-ISA choice goes into `choose` too.
+environment variable ATEN_CPU_CAPABILITY forces it) is read once (by cpu_ext.py, which builds zoo's C++ kernels for
+it), so a per-ISA choice goes into `choose` too.
 
 Triton's interpreter (TRITON_INTERPRET=1, tests/conftest.py sets it on a machine without a GPU) runs the Triton
 kernels on CPU tensors when a test calls them directly; it never sends the product's CPU calls into Triton (that
@@ -38,6 +39,7 @@ import importlib.util
 import os
 
 import torch
+from zoo.architectures.kernels import cpu_ext
 
 TRITON, COMPILED, EAGER = "triton", "compiled", "eager"
 DENSE_ROWS, DENSE_WIDENED = "dense_rows", "dense_widened"  # ops of zoo_cpu (csrc/dense.cpp)
@@ -47,7 +49,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused CPU decode ops take
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # without importing it: `import zoo` stays fast
-CPU_ISA = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ... (ATEN_CPU_CAPABILITY)
+CPU_ISA = cpu_ext.CPU_ISA  # "AVX512", "AVX2", "DEFAULT", ... (ATEN_CPU_CAPABILITY): read once, by cpu_ext
 
 
 def choose(device: str, dtype: torch.dtype, needs_grad: bool, compiling: bool, has_kernel: bool = True,
@@ -72,7 +74,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 def cpu_isa() -> str:
-    """The CPU's vector instruction set as ATen sees it (torch.backends.cpu.get_cpu_capability), read at import."""
+    """The CPU's vector instruction set as ATen sees it (torch.backends.cpu.get_cpu_capability), read at import
+    (cpu_ext.CPU_ISA: the one the library is built for)."""
     return CPU_ISA
 
 
@@ -133,7 +136,5 @@ def cpu_decode_ops(*tensors: torch.Tensor):
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
     if not _DECODE_LIB:
-        from zoo.architectures.kernels import cpu_ext  # (here, not at the top: cpu_ext imports this module)
-
         _DECODE_LIB.append(cpu_ext.library())
     return _DECODE_LIB[0]
