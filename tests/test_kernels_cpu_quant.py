@@ -100,7 +100,10 @@ def test_quant_linear_in_16_bits_is_the_exact_product_rounded_once(name, out_f, 
 # Qwen2-0.5B's rows, and weights large enough (> 128 KiB) to be split between threads, each thread's run read as
 # several streams (leftover rows after them: output counts not multiples of 4)
 BIG_CASES = [("int8-row", 301, 896), ("int4-group128", 603, 896)]
-ACT_CASES = [*CASES, ("int4-group64", 37, 192), ("int8-row", 41, 896), ("int4-group128", 45, 896), *BIG_CASES]
+# ... and x's columns not a whole number of staging vectors (100: 8-column and 16-column steps, then 4 left; int4's
+# per-group sums of x over 10 even and 10 odd columns: 8 in a vector, 2 left)
+ACT_CASES = [*CASES, ("int4-group64", 37, 192), ("int8-row", 41, 896), ("int4-group128", 45, 896), *BIG_CASES,
+             ("int8-row", 13, 100), ("int4-group20", 11, 100)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
