@@ -8,6 +8,12 @@ ZOO_QUANT_ACTIVATIONS=1, the default, runs), against aten's int8 / int4 kernels,
     python benchmarks/bench_cpu_quant.py --rows 64            # prefill: ms per product
     ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_cpu_quant.py
     python benchmarks/bench_cpu_quant.py --write              # into BENCHMARKS.md, section "cpu-quant-<ISA>"
+    python benchmarks/bench_cpu_quant.py --step               # one decode step's products, as the model calls them
+
+--step: the activation-quantised products of one decode token of Qwen2-0.5B as its int8 / int4 model calls them
+(24 layers' q, k, v, o, gate, up, down in that order, each layer's own weights, so every call reads from memory,
+then the int8 tied head; one bf16 row), ms per token per projection summed over the layers, best of --repeats
+steps per projection and for the whole step (per-call costs included: staging and quantising x, the threads).
 
 Each shape is held in enough copies (--mib of codes in all) that every call reads from memory, not the cache, as a
 decode step does; GB/s counts the codes and scales (and zero points) a kernel reads, best of --repeats passes,
@@ -103,6 +109,52 @@ def run(args) -> str:
     return "\n".join(lines)
 
 
+def step(args) -> str:
+    """--step: ms per decode token of each projection (summed over the layers) and of the whole step."""
+    import time
+
+    import torch
+    from zoo.architectures.kernels import cpu_ext
+    from zoo.architectures.quant import get_scheme
+
+    torch.set_num_threads(args.threads)
+    ops = cpu_ext.library()
+    if ops is None:
+        raise SystemExit("zoo's CPU kernels are unavailable here (no C++ compiler, or ZOO_CPU_KERNELS=0)")
+    gen = torch.Generator().manual_seed(0)
+    dim, hidden, kv, vocab = 896, 4864, 128, 151936
+    proj = [("q", dim, dim), ("k", kv, dim), ("v", kv, dim), ("o", dim, dim), ("gate", hidden, dim),
+            ("up", hidden, dim), ("down", dim, hidden)]
+    head = get_scheme("int8-row").pack((torch.randn(vocab, dim, generator=gen) * 0.02).to(torch.bfloat16))
+    xs = {k: torch.randn(args.rows, k, generator=gen).to(torch.bfloat16) for k in (dim, hidden)}
+    names = [p[0] for p in proj] + ["head", "step"]
+    lines = [f"Machine: {machine()}; {args.rows} row(s) of bf16, {args.layers} layers, ms per token, best of "
+             f"{args.repeats} steps", "", "| weights | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names)]
+    print("\n".join(lines), flush=True)
+    for scheme, bits in (("int8-row", 8), ("int4-group128", 4)):
+        layers = [[(nm, k, get_scheme(scheme).pack((torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)))
+                   for nm, n, k in proj] for _ in range(args.layers)]
+        best = dict.fromkeys(names, float("inf"))
+        for _ in range(args.repeats + 1):  # the first step warms
+            spent = dict.fromkeys(names, 0)
+            start = time.perf_counter_ns()
+            for layer in layers:
+                for nm, k, t in layer:
+                    t0 = time.perf_counter_ns()
+                    ops.quant_linear(xs[k], t["weight"], t["weight_scale"], t.get("weight_zero"), None, bits, True)
+                    spent[nm] += time.perf_counter_ns() - t0
+            t0 = time.perf_counter_ns()
+            ops.quant_linear(xs[dim], head["weight"], head["weight_scale"], None, None, 8, True)
+            spent["head"] = time.perf_counter_ns() - t0
+            spent["step"] = time.perf_counter_ns() - start
+            best = {nm: min(best[nm], spent[nm] / 1e6) for nm in names}
+        row = f"| {scheme} (head int8-row) | " + " | ".join(f"{best[nm]:.2f}" for nm in names) + " |"
+        lines.append(row)
+        print(row, flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1, help="rows of activations (1: decode; 64: a prefill)")
@@ -111,12 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mib", type=int, default=256, help="MiB of int8 codes per shape (copies beat the cache)")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    parser.add_argument("--step", action="store_true", help="one decode step of Qwen2-0.5B's int8 / int4 products")
+    parser.add_argument("--layers", type=int, default=24, help="--step: layers (24: Qwen2-0.5B)")
     args = parser.parse_args(argv)
-    table = run(args)
+    table = step(args) if args.step else run(args)
     if args.write:
         import torch
 
-        update_section(f"cpu-quant-{torch.backends.cpu.get_cpu_capability()}-{args.dtype}-{args.rows}", table)
+        kind = "step" if args.step else args.dtype
+        update_section(f"cpu-quant-{torch.backends.cpu.get_cpu_capability()}-{kind}-{args.rows}", table)
 
 
 if __name__ == "__main__":

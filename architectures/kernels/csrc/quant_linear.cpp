@@ -19,7 +19,8 @@
 // activations); act_quant_reference in kernels/dequant_matmul.py computes the same from the same integers.
 // The AVX2 and AVX512 builds run the same 256-bit code; the scalar build computes the same integers one at a time;
 // they differ by fp32 rounding only. Weight rows are split in contiguous runs per thread (zoo_cpu::parallel_rows),
-// one weight row per step (more in flight measured slower from memory) for one to four rows of x.
+// each run read as several long sequential streams side by side (dense_rows' layout: four for one row of x), one
+// block of each stream per step, so the streams' sums are independent chains.
 // Few rows, act_quant off: codes widened to fp32 and multiplied with the exact fp32 activations (no activation
 // quantisation: the scheme's reference arithmetic, rounded differently only by the order of the sums), each
 // weight row read once for all rows of x. int4 needs no rearranged copy: x is split into its even and odd columns
@@ -378,7 +379,56 @@ inline int32_t block_dot(const int8_t* qn, const int8_t* xe, const int8_t* xo, i
   return s;
 }
 
-// y[m0 .. m0 + MR, n] for n in [n0, n1), NR weight rows at a time (independent chains; x's blocks loaded once).
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// One whole block of 32 code bytes, the one loop body every SIMD kernel below shares. codes() readies the bytes
+// once for all rows of x: int8 |w| and w (whose signs go onto x: llama.cpp's trick, since maddubs takes one
+// unsigned operand); int4 each nibble + 8 (one xor with 0x88 makes both unsigned 0..15), high and low nibbles apart.
+// lanes() is then the block's exact int32 dot product with one row's quantised x (int4: xv its even columns, xw
+// its odd ones), as 8 partial sums in fp32 lanes (|sums| < 2^17: exact).
+struct QBlock {
+  __m256i a, b;
+};
+
+template <bool INT4>
+inline QBlock codes(const int8_t* p) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (INT4) {
+    const __m256i m0f = _mm256_set1_epi8(0x0F);
+    const __m256i u = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x88)));
+    return {_mm256_and_si256(_mm256_srli_epi16(u, 4), m0f), _mm256_and_si256(u, m0f)};
+  } else {
+    return {_mm256_sign_epi8(w, w), w};
+  }
+}
+
+template <bool INT4>
+inline __m256 lanes(const QBlock& w, __m256i xv, __m256i xw) {
+  __m256i p;
+  if constexpr (INT4) {
+    p = _mm256_add_epi16(_mm256_maddubs_epi16(w.a, xv), _mm256_maddubs_epi16(w.b, xw));
+  } else {
+    p = _mm256_maddubs_epi16(w.a, _mm256_sign_epi8(xv, w.b));
+  }
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// a weight scale / zero point broadcast to 8 fp32 lanes (bf16: the 16 bits into the high half of each lane)
+template <typename S>
+inline __m256 bcast(const S* p) {
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm256_broadcast_ss(p);
+  } else if constexpr (std::is_same_v<S, at::BFloat16>) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_set1_epi16(static_cast<int16_t>(p->x)), 16));
+  } else {
+    return _mm256_set1_ps(static_cast<float>(*p));
+  }
+}
+#endif
+
+// y[m0 .. m0 + MR, n] for n in [n0, n1), NR weight rows at a time (independent chains; x's blocks loaded once):
+// any group size (blocks cut short at a group's end summed in scalar code), and every row count of the scalar build.
 template <int MR, int NR, bool INT4, typename S>
 void qrows_kernel(const QCall& c, const S* scale, const S* zero, int64_t m0, int64_t n0, int64_t n1) {
   const int8_t* xe[MR];
@@ -389,11 +439,6 @@ void qrows_kernel(const QCall& c, const S* scale, const S* zero, int64_t m0, int
     xo[r] = xe[r] + c.Kb;
     xd[r] = c.xd + (m0 + r) * c.G * c.nbg;
   }
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i m0f = _mm256_set1_epi8(0x0F);
-  const __m256i m88 = _mm256_set1_epi8(static_cast<char>(0x88));
-#endif
   for (int64_t n = n0; n < n1; n += NR) {
     if (NR > 1 && n1 - n < NR) {  // the last rows of a run
       qrows_kernel<MR, 1, INT4>(c, scale, zero, m0, n, n1);
@@ -414,29 +459,12 @@ void qrows_kernel(const QCall& c, const S* scale, const S* zero, int64_t m0, int
         const int64_t j0 = g * c.gb + b * kQB, j1 = std::min(j0 + kQB, (g + 1) * c.gb);
         if (kIntSimd && j1 - j0 == kQB) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-          __m256i xv[MR], xw[MR];
-          qv dv[MR];
-          for (int r = 0; r < MR; ++r) {
-            xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe[r] + j0));
-            if constexpr (INT4) xw[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo[r] + j0));
-            dv[r] = _mm256_set1_ps(xd[r][g * c.nbg + b]);
-          }
           for (int i = 0; i < NR; ++i) {
-            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn[i] + j0));
-            if constexpr (INT4) {
-              const __m256i u = _mm256_xor_si256(w, m88);  // each nibble + 8: unsigned 0..15
-              const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(u, 4), m0f);
-              const __m256i lo = _mm256_and_si256(u, m0f);
-              for (int r = 0; r < MR; ++r) {
-                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(hi, xv[r]), _mm256_maddubs_epi16(lo, xw[r]));
-                acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
-              }
-            } else {
-              const __m256i aw = _mm256_sign_epi8(w, w);
-              for (int r = 0; r < MR; ++r) {
-                const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], w));
-                acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
-              }
+            const QBlock w = codes<INT4>(qn[i] + j0);
+            for (int r = 0; r < MR; ++r) {
+              const __m256 d = _mm256_set1_ps(xd[r][g * c.nbg + b]);
+              acc[i][r] = _mm256_fmadd_ps(lanes<INT4>(w, load32(xe[r] + j0), INT4 ? load32(xo[r] + j0) : w.b), d,
+                                          acc[i][r]);
             }
           }
 #endif
@@ -471,9 +499,20 @@ void qrows_kernel(const QCall& c, const S* scale, const S* zero, int64_t m0, int
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// The same for groups of whole blocks (every int8-row and int4-group64/128 layer of a model): no scalar blocks,
-// the loop kept small enough for the accumulators to stay in registers; xcorr and zero points once per output.
-template <int MR, int NR, bool INT4, typename S>
+// Weight streams per thread for MR rows of x (qrows_simd): R * MR accumulator chains, within the 16 registers.
+template <int MR>
+constexpr int streams() { return MR == 1 ? 4 : (MR == 2 ? 2 : 1); }
+
+// Software prefetch distance within each stream (as dense_rows': the hardware prefetcher does most of the work).
+constexpr int64_t kQAheadBytes = 512;
+
+// The same for groups of whole blocks (every int8-row and int4-group64/128 layer of a model), the rows [n0, n1)
+// read as R long sequential streams side by side (R contiguous sub-runs; step i: row i of each), as dense_rows
+// reads bf16 weights (dense.cpp: DRAM serves several long streams per core faster than one): R independent weight
+// rows per step are also R independent accumulator chains, where one row's blocks were a chain of dependent FMAs.
+// The leftover rows (fewer than R) one at a time after. int4's -8 * sum(q) (xcorr) and an affine layer's
+// zero * sum(x) enter lane 0 of each group's sums, so nothing is left to do per row but one horizontal sum.
+template <int MR, int R, bool INT4, typename S>
 void qrows_simd(const QCall& c, const S* scale, const S* zero, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t G = c.G, gb = c.gb, nbg = c.nbg, Kb = c.Kb;
   const int8_t* xe[MR];
@@ -482,90 +521,72 @@ void qrows_simd(const QCall& c, const S* scale, const S* zero, int64_t m0, int64
     xe[r] = c.xq + (m0 + r) * c.xq_stride;
     xd[r] = c.xd + (m0 + r) * G * nbg;
   }
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i m0f = _mm256_set1_epi8(0x0F);
-  const __m256i m88 = _mm256_set1_epi8(static_cast<char>(0x88));
-  for (int64_t n = n0; n < n1; n += NR) {
-    if (NR > 1 && n1 - n < NR) {  // the last rows of a run
-      qrows_simd<MR, 1, INT4>(c, scale, zero, m0, n, n1);
-      return;
+  const int64_t q = (n1 - n0) / R;  // rows per stream
+  for (int64_t i = 0; i < q; ++i) {
+    int64_t rows[R];
+    const int8_t* qn[R];
+    for (int s = 0; s < R; ++s) {
+      rows[s] = n0 + i + s * q;
+      qn[s] = c.q + rows[s] * Kb;
     }
-    const int8_t* qn = c.q + n * Kb;
-    __m256 tot[NR][MR];
-    for (int i = 0; i < NR; ++i)
-      for (int r = 0; r < MR; ++r) tot[i][r] = _mm256_setzero_ps();
+    __m256 tot[R][MR];
+    for (int s = 0; s < R; ++s)
+      for (int r = 0; r < MR; ++r) tot[s][r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
-      __m256 acc[NR][MR];
-      for (int i = 0; i < NR; ++i)
-        for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_setzero_ps();
+      __m256 acc[R][MR];
+      for (int r = 0; r < MR; ++r) {
+        // lane 0 of the group's sum starts at int4's correction (times the scale with the rest)
+        const __m256 a0 = INT4 ? _mm256_setr_ps(c.xcorr[(m0 + r) * G + g], 0, 0, 0, 0, 0, 0, 0) : _mm256_setzero_ps();
+        for (int s = 0; s < R; ++s) acc[s][r] = a0;
+      }
       for (int64_t b = 0; b < nbg; ++b) {
         const int64_t j = g * gb + b * kQB;
         __m256i xv[MR], xw[MR];
         __m256 dv[MR];
         for (int r = 0; r < MR; ++r) {
-          xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe[r] + j));
-          if constexpr (INT4) xw[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe[r] + Kb + j));
+          xv[r] = load32(xe[r] + j);
+          if constexpr (INT4) xw[r] = load32(xe[r] + Kb + j);
           dv[r] = _mm256_broadcast_ss(xd[r] + g * nbg + b);
         }
-        for (int i = 0; i < NR; ++i) {
-          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn + i * Kb + j));
-          if constexpr (INT4) {
-            const __m256i u = _mm256_xor_si256(w, m88);  // each nibble + 8: unsigned 0..15
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(u, 4), m0f);
-            const __m256i lo = _mm256_and_si256(u, m0f);
-            for (int r = 0; r < MR; ++r) {
-              const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(hi, xv[r]), _mm256_maddubs_epi16(lo, xw[r]));
-              acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
-            }
-          } else {
-            const __m256i aw = _mm256_sign_epi8(w, w);
-            for (int r = 0; r < MR; ++r) {
-              const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], w));
-              acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv[r], acc[i][r]);
-            }
-          }
+        for (int s = 0; s < R; ++s) {
+          _mm_prefetch(reinterpret_cast<const char*>(qn[s] + j + kQAheadBytes), _MM_HINT_T0);
+          const QBlock w = codes<INT4>(qn[s] + j);
+          for (int r = 0; r < MR; ++r)
+            acc[s][r] = _mm256_fmadd_ps(lanes<INT4>(w, xv[r], INT4 ? xw[r] : w.b), dv[r], acc[s][r]);
         }
       }
-      for (int i = 0; i < NR; ++i) {
-        const __m256 sv = _mm256_set1_ps(static_cast<float>(scale[(n + i) * G + g]));
-        for (int r = 0; r < MR; ++r) tot[i][r] = _mm256_fmadd_ps(acc[i][r], sv, tot[i][r]);
-      }
-    }
-    for (int i = 0; i < NR; ++i) {
-      for (int r = 0; r < MR; ++r) {
-        float v = qsum(tot[i][r]);
-        if (INT4 || zero != nullptr) {
-          const float* xcr = c.xcorr + (m0 + r) * G;
-          const float* xsr = c.xsum + (m0 + r) * G;
-          float t = 0.f;
-          for (int64_t g = 0; g < G; ++g) {
-            if constexpr (INT4) t += static_cast<float>(scale[(n + i) * G + g]) * xcr[g];
-            if (zero != nullptr) t += static_cast<float>(zero[(n + i) * G + g]) * xsr[g];
-          }
-          v += t;
+      for (int s = 0; s < R; ++s) {
+        const __m256 sv = bcast(scale + rows[s] * G + g);
+        for (int r = 0; r < MR; ++r) tot[s][r] = _mm256_fmadd_ps(acc[s][r], sv, tot[s][r]);
+        if (zero != nullptr) {
+          const __m256 zv = bcast(zero + rows[s] * G + g);
+          for (int r = 0; r < MR; ++r)
+            tot[s][r] = _mm256_fmadd_ps(zv, _mm256_setr_ps(c.xsum[(m0 + r) * G + g], 0, 0, 0, 0, 0, 0, 0), tot[s][r]);
         }
-        store_y(c.y, c.ydtype, c.bias, (m0 + r) * c.N + n + i, n + i, v);
       }
     }
+    for (int s = 0; s < R; ++s)
+      for (int r = 0; r < MR; ++r)
+        store_y(c.y, c.ydtype, c.bias, (m0 + r) * c.N + rows[s], rows[s], qsum(tot[s][r]));
+  }
+  if constexpr (R > 1) {
+    if (n0 + R * q < n1) qrows_simd<MR, 1, INT4>(c, scale, zero, m0, n0 + R * q, n1);
   }
 }
 #endif
 
 template <bool INT4, typename S>
 void qrows_all(const QCall& c, const S* scale, const S* zero, int64_t M) {
-  // contiguous runs of rows per thread (4 rows a step for one row of x), small weights on the calling thread
-  zoo_cpu::parallel_rows(c.N, c.Kb, 4, [&](int64_t n0, int64_t n1) {
+  // one contiguous run of rows per thread, small weights on the calling thread
+  zoo_cpu::parallel_rows(c.N, c.Kb, 1, [&](int64_t n0, int64_t n1) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if (c.gb % kQB == 0) {
-      // one weight row per step: several in flight (4 for int8, 2 for int4) were measured slower from memory on the
-      // 2-core AVX2 EPYC (4864x896, one thread: int8 ~600 against ~370 us, int4 ~270 against ~230 us), as equal
-      // or slower with K = 4864; the hardware prefetcher follows one stream best
       for (int64_t m = 0; m < M;) {
         switch (std::min<int64_t>(M - m, 4)) {
-          case 4: qrows_simd<4, 1, INT4>(c, scale, zero, m, n0, n1); m += 4; break;
-          case 3: qrows_simd<3, 1, INT4>(c, scale, zero, m, n0, n1); m += 3; break;
-          case 2: qrows_simd<2, 1, INT4>(c, scale, zero, m, n0, n1); m += 2; break;
-          default: qrows_simd<1, 1, INT4>(c, scale, zero, m, n0, n1); m += 1; break;
+          case 4: qrows_simd<4, streams<4>(), INT4>(c, scale, zero, m, n0, n1); m += 4; break;
+          case 3: qrows_simd<3, streams<3>(), INT4>(c, scale, zero, m, n0, n1); m += 3; break;
+          case 2: qrows_simd<2, streams<2>(), INT4>(c, scale, zero, m, n0, n1); m += 2; break;
+          default: qrows_simd<1, streams<1>(), INT4>(c, scale, zero, m, n0, n1); m += 1; break;
         }
       }
       return;
@@ -642,24 +663,61 @@ inline int32_t quantise_block32(const float* a, const float* b, int8_t* qa, int8
 }
 #endif
 
-// one row of x as fp32 into xf (int4: its even columns, then its odd ones), and its per-group sums where wanted
+// sum of n floats (8 lanes at a time in SIMD builds: another order than one by one, within fp32 rounding)
+inline float sum_floats(const float* a, int64_t n) {
+  int64_t j = 0;
+  float s = 0.f;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    acc0 = _mm256_add_ps(acc0, _mm256_loadu_ps(a + j));
+    acc1 = _mm256_add_ps(acc1, _mm256_loadu_ps(a + j + 8));
+  }
+  for (; j + 8 <= n; j += 8) acc0 = _mm256_add_ps(acc0, _mm256_loadu_ps(a + j));
+  s = qsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; j < n; ++j) s += a[j];
+  return s;
+}
+
+// One row of x as fp32 into xf (int4: its even columns, then its odd ones), and its per-group sums where wanted
+// (from xf: independent sums, not one long chain of dependent adds, a few microseconds on K = 4864). bf16 in SIMD
+// builds: a bf16 is the high half of its fp32, so 8 pairs of columns split into even and odd by one shift and one mask.
 template <typename T>
 void stage_row(const T* x, int64_t K, bool split, int64_t G, float* xf, float* xsum) {
+  const int64_t Kb = K / 2;
+  int64_t k = 0;  // columns done by the vector loops
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const auto* p = reinterpret_cast<const uint16_t*>(x);
+    if (split) {
+      const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+      for (; k + 16 <= K; k += 16) {  // 32-bit lane i: column 2i in its low half, 2i + 1 in its high half
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k));
+        _mm256_storeu_ps(xf + k / 2, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+        _mm256_storeu_ps(xf + Kb + k / 2, _mm256_castsi256_ps(_mm256_and_si256(v, high)));
+      }
+    } else {
+      for (; k + 8 <= K; k += 8) {
+        const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k)));
+        _mm256_storeu_ps(xf + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+      }
+    }
+  }
+#endif
   if (split) {
-    const int64_t Kb = K / 2;
-    for (int64_t j = 0; j < Kb; ++j) {
-      xf[j] = static_cast<float>(x[2 * j]);
-      xf[Kb + j] = static_cast<float>(x[2 * j + 1]);
+    for (; k < K; k += 2) {
+      xf[k / 2] = static_cast<float>(x[k]);
+      xf[Kb + k / 2] = static_cast<float>(x[k + 1]);
     }
   } else {
-    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(x[k]);
+    for (; k < K; ++k) xf[k] = static_cast<float>(x[k]);
   }
   if (xsum != nullptr) {
     const int64_t gs = K / G;
     for (int64_t g = 0; g < G; ++g) {
-      float acc = 0.f;
-      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += static_cast<float>(x[k]);
-      xsum[g] = acc;
+      xsum[g] = split ? sum_floats(xf + g * gs / 2, gs / 2) + sum_floats(xf + Kb + g * gs / 2, gs / 2)
+                      : sum_floats(xf + g * gs, gs);
     }
   }
 }
