@@ -27,9 +27,9 @@
 // BF16 (runtime check) take bf16 dot products for int4 instead (rows_kernel_bf16).
 // Many rows (prefill), act_quant, SIMD builds, groups of whole blocks: the same arithmetic as an integer GEMM
 // (quant_gemm: x quantised once, tiles of weight rows x rows of x, threads over weight rows). Otherwise (act_quant
-// off: exact; the scalar build; ragged groups): blocks of weight rows dequantised into a small buffer (fp32, or
-// bf16 for bf16 activations on CPUs with native bf16 dot products), each multiplied by at::mm_out straight into
-// its columns of y.
+// off: exact; the scalar build; ragged groups): blocks of weight rows, each thread dequantising its own into its
+// own buffer (fp32, or bf16 for bf16 activations on CPUs with native bf16 dot products) and multiplying it by a
+// single-threaded at::mm_out straight into its columns of y.
 //
 // One source for every instruction set: CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2 (set by cpu_ext's build)
 // pick the vector width, otherwise plain C++ the compiler vectorises as it can.
@@ -40,6 +40,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -1085,35 +1086,41 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if (act_quant && (Kb / G) % kQB == 0) return quant_gemm(x, qc, sc, zc, bias, int4, M, N, K).view(out_sizes);
 #endif
-    // blocks of ~2 MiB of dequantised rows: the buffer stays in cache between the dequantising and the product
+    // blocks of ~256 KiB of dequantised rows, each a thread's own: dequantised into the thread's buffer (in its
+    // L2 for the product), then one single-threaded at::mm_out straight into its columns of y (rows of N apart, as
+    // BLAS's ldc allows). One parallel region per call, not a fork and join per block.
     // bf16 activations on a CPU with bf16 dot products: a bf16 buffer and oneDNN's bf16 product (as the
     // reference computes); otherwise fp32 (bf16 GEMMs without native instructions are several times slower)
     const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && zoo_cpu::has_avx512_bf16();
     const auto wdtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
     auto xw = x.reshape({M, K}).to(wdtype);
     xw = (int4 ? at::cat({xw.slice(1, 0, K, 2), xw.slice(1, 1, K, 2)}, 1) : xw).contiguous();  // dequant_rows' order
-    const int64_t block = std::max<int64_t>(64, (int64_t{2} << 20) / (K * (bf16_gemm ? 2 : 4)));
-    const int64_t nb_max = std::min(block, N);
-    auto buf = at::empty({nb_max, K}, x.options().dtype(wdtype));
+    const int64_t nb = std::min(N, std::max<int64_t>(16, (int64_t{256} << 10) / (K * (bf16_gemm ? 2 : 4))));
+    const int64_t blocks = (N + nb - 1) / nb;
     y = at::empty({M, N}, x.options().dtype(wdtype));
-    for (int64_t n0 = 0; n0 < N; n0 += nb_max) {
-      const int64_t n1 = std::min(N, n0 + nb_max);
-      auto w = buf.narrow(0, 0, n1 - n0);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "zoo_cpu::quant_linear", [&] {
-        const scalar_t* zp = zc.defined() ? zc.data_ptr<scalar_t>() : nullptr;
-        const int8_t* qp = qc.data_ptr<int8_t>();
-        const scalar_t* sp = sc.data_ptr<scalar_t>();
-        if (bf16_gemm) {
-          auto* bp = w.data_ptr<at::BFloat16>();
-          int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
-        } else {
-          auto* bp = w.data_ptr<float>();
-          int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
-        }
-      });
-      auto yb = y.narrow(1, n0, n1 - n0);  // written in place: rows of N floats apart, as BLAS's ldc allows
-      at::mm_out(yb, xw, w.t());
-    }
+    const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      c10::InferenceMode guard(inference);
+      auto buf = at::empty({nb, K}, x.options().dtype(wdtype));
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb);
+        auto w = buf.narrow(0, 0, n1 - n0);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "zoo_cpu::quant_linear", [&] {
+          const scalar_t* zp = zc.defined() ? zc.data_ptr<scalar_t>() : nullptr;
+          const int8_t* qp = qc.data_ptr<int8_t>();
+          const scalar_t* sp = sc.data_ptr<scalar_t>();
+          if (bf16_gemm) {
+            auto* bp = w.data_ptr<at::BFloat16>();
+            int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
+          } else {
+            auto* bp = w.data_ptr<float>();
+            int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
+          }
+        });
+        auto yb = y.narrow(1, n0, n1 - n0);
+        at::mm_out(yb, xw, w.t());
+      }
+    });
   }
   if (bias.has_value()) y.add_(*bias);
   return y.to(x.scalar_type()).view(out_sizes);
