@@ -2,8 +2,7 @@
 weight-only ("zoo") and with activation-quantised integer dot products ("zoo act", what ZOO_QUANT_ACTIVATIONS=1,
 the default, runs: the few-rows kernel, and for more rows the AVX2 / AVX-512 builds' integer GEMM), against aten's
 int8 / int4 kernels, the scheme's reference (dequantise, then F.linear) and a plain read, on Qwen2-0.5B's shapes,
-in the instruction set ATen runs at
-(ATEN_CPU_CAPABILITY=avx2 runs the AVX2 build on an AVX-512 machine).
+in the instruction set ATen runs at (ATEN_CPU_CAPABILITY=avx2 runs the AVX2 build on an AVX-512 machine).
 
     python benchmarks/bench_cpu_quant.py                      # decode (1 row): GB/s of weight bytes read
     python benchmarks/bench_cpu_quant.py --rows 64            # prefill: ms per product
