@@ -156,6 +156,20 @@ def test_activation_quantised_prefill_equals_its_reference(name, out_f, in_f, dt
             assert ((y.double() - exact).abs() <= 1e-6 * mag + step * exact.abs()).all(), (rows, bias is None)
 
 
+@pytest.mark.parametrize("name", ["int8-row", "int4-group128"])
+def test_a_long_activation_quantised_prompt_takes_several_passes_and_equals_its_reference(name):
+    """200 rows of 4864 columns: more quantised rows than one pass over the weight keeps in L2 (~384 KiB), so the
+    integer GEMM runs them in passes; each row still equals act_quant_reference (fp32 rounding)."""
+    scheme, t = packed(name, 19, 4864)
+    if not integer_prefill(t, library().build_isa()):
+        pytest.skip("no integer GEMM in this build")
+    x = rand(200, 4864, seed=7)
+    y = op(x, t, bits_of(name), act=True)
+    exact = act_quant_reference(x.double(), t["weight"], t["weight_scale"], bits_of(name), None, t.get("weight_zero"))
+    mag = x.double().abs() @ scheme.unpack(t, torch.float32).double().abs().T
+    assert ((y.double() - exact).abs() <= 1e-6 * mag).all()
+
+
 @pytest.mark.parametrize("name,out_f,in_f", ACT_CASES)
 def test_activation_quantised_rows_are_within_q8_0s_bound_of_the_weight_only_product(name, out_f, in_f):
     """Each activation moves by at most half its block's step, d / 2 = max|x over the block| / 254, so

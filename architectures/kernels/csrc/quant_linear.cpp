@@ -804,10 +804,10 @@ inline void qgemm_tile(const QGemm& c, const int8_t* wt, int64_t wstride, const 
 constexpr int kGemmMR = 4, kGemmNR = 2;
 
 template <int NR, bool INT4, bool ONE_GROUP, typename S>
-inline void qgemm_rows(const QGemm& c, const int8_t* wt, int64_t wstride, const S* scale, int64_t M, int64_t n0) {
-  int64_t m0 = 0;
-  for (; m0 + kGemmMR <= M; m0 += kGemmMR) qgemm_tile<kGemmMR, NR, INT4, ONE_GROUP>(c, wt, wstride, scale, m0, n0);
-  switch (M - m0) {
+inline void qgemm_rows(const QGemm& c, const int8_t* wt, int64_t wstride, const S* scale, int64_t m0, int64_t m1,
+                       int64_t n0) {
+  for (; m0 + kGemmMR <= m1; m0 += kGemmMR) qgemm_tile<kGemmMR, NR, INT4, ONE_GROUP>(c, wt, wstride, scale, m0, n0);
+  switch (m1 - m0) {
     case 3: qgemm_tile<3, NR, INT4, ONE_GROUP>(c, wt, wstride, scale, m0, n0); break;
     case 2: qgemm_tile<2, NR, INT4, ONE_GROUP>(c, wt, wstride, scale, m0, n0); break;
     case 1: qgemm_tile<1, NR, INT4, ONE_GROUP>(c, wt, wstride, scale, m0, n0); break;
@@ -815,37 +815,48 @@ inline void qgemm_rows(const QGemm& c, const int8_t* wt, int64_t wstride, const 
   }
 }
 
-// y = the whole product: contiguous runs of kGemmNR-row tiles per thread; int4 tiles unpacked once into the
-// thread's buffer (nibble + 8, high nibbles then low ones per row: the bytes maddubs takes as unsigned).
+// Rows of quantised x each pass over the weight takes: at most ~384 KiB of them, so that they stay in the core's
+// L2 while every tile of weight rows runs through them (a 64-token prompt is one pass for Qwen2-0.5B's shapes;
+// long prompts several, rather than streaming all of x from memory for every tile).
+constexpr int64_t kGemmXBytes = int64_t{384} << 10;
+
+// y = the whole product: contiguous runs of kGemmNR-row tiles per thread; int4 tiles unpacked into the thread's
+// buffer (nibble + 8, high nibbles then low ones per row: the bytes maddubs takes as unsigned) once per pass.
 template <bool INT4, bool ONE_GROUP, typename S>
 void qgemm_all(const QGemm& c, const S* scale, int64_t M) {
   constexpr int NR = kGemmNR;
   const int64_t tiles = (c.N + NR - 1) / NR;
+  const int64_t xbytes = INT4 ? 2 * c.Kb : c.Kb;
+  const int64_t mc = std::max<int64_t>(kGemmMR, kGemmXBytes / xbytes / kGemmMR * kGemmMR);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<int8_t> wbuf(INT4 ? NR * 2 * c.Kb : 0);
     const __m256i m0f = _mm256_set1_epi8(0x0F);
     const __m256i m88 = _mm256_set1_epi8(static_cast<char>(0x88));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * NR, nr = std::min<int64_t>(NR, c.N - n0);
-      const int8_t* wt = c.q + n0 * c.Kb;
-      int64_t wstride = c.Kb;
-      if constexpr (INT4) {
-        for (int64_t i = 0; i < nr; ++i) {
-          const int8_t* src = c.q + (n0 + i) * c.Kb;
-          int8_t* dst = wbuf.data() + i * 2 * c.Kb;
-          for (int64_t j = 0; j < c.Kb; j += 32) {
-            const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j)), m88);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm256_and_si256(_mm256_srli_epi16(u, 4), m0f));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c.Kb + j), _mm256_and_si256(u, m0f));
+    for (int64_t ma = 0; ma < M; ma += mc) {
+      const int64_t mb = std::min(M, ma + mc);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * NR, nr = std::min<int64_t>(NR, c.N - n0);
+        const int8_t* wt = c.q + n0 * c.Kb;
+        int64_t wstride = c.Kb;
+        if constexpr (INT4) {
+          for (int64_t i = 0; i < nr; ++i) {
+            const int8_t* src = c.q + (n0 + i) * c.Kb;
+            int8_t* dst = wbuf.data() + i * 2 * c.Kb;
+            for (int64_t j = 0; j < c.Kb; j += 32) {
+              const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j)), m88);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm256_and_si256(_mm256_srli_epi16(u, 4), m0f));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c.Kb + j), _mm256_and_si256(u, m0f));
+            }
           }
+          wt = wbuf.data();
+          wstride = 2 * c.Kb;
         }
-        wt = wbuf.data();
-        wstride = 2 * c.Kb;
-      }
-      if (nr == NR) {
-        qgemm_rows<NR, INT4, ONE_GROUP>(c, wt, wstride, scale, M, n0);
-      } else {
-        for (int64_t i = 0; i < nr; ++i) qgemm_rows<1, INT4, ONE_GROUP>(c, wt + i * wstride, wstride, scale, M, n0 + i);
+        if (nr == NR) {
+          qgemm_rows<NR, INT4, ONE_GROUP>(c, wt, wstride, scale, ma, mb, n0);
+        } else {
+          for (int64_t i = 0; i < nr; ++i)
+            qgemm_rows<1, INT4, ONE_GROUP>(c, wt + i * wstride, wstride, scale, ma, mb, n0 + i);
+        }
       }
     }
   });
@@ -1111,10 +1122,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
           const scalar_t* sp = sc.data_ptr<scalar_t>();
           if (bf16_gemm) {
             auto* bp = w.data_ptr<at::BFloat16>();
-            int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
+            if (int4) dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp);
+            else dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
           } else {
             auto* bp = w.data_ptr<float>();
-            int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
+            if (int4) dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp);
+            else dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
           }
         });
         auto yb = y.narrow(1, n0, n1 - n0);
