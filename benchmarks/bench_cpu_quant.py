@@ -1,8 +1,8 @@
 """Int8 / int4 linear on CPU: zoo's C++ kernel (zoo_cpu::quant_linear, architectures/kernels/csrc/quant_linear.cpp)
-weight-only ("zoo") and, for up to 8 rows, with activation-quantised integer dot products ("zoo act", what
-ZOO_QUANT_ACTIVATIONS=1, the default, runs), against aten's int8 / int4 kernels, the scheme's reference
-(dequantise, then F.linear) and a plain read, on Qwen2-0.5B's shapes, in the instruction set ATen runs at
-(ATEN_CPU_CAPABILITY=avx2 runs the AVX2 build on an AVX-512 machine).
+weight-only ("zoo") and with activation-quantised integer dot products ("zoo act", what ZOO_QUANT_ACTIVATIONS=1,
+the default, runs: the few-rows kernel, and for more rows the AVX2 / AVX-512 builds' integer GEMM), against aten's
+int8 / int4 kernels, the scheme's reference (dequantise, then F.linear) and a plain read, on Qwen2-0.5B's shapes,
+in the instruction set ATen runs at (ATEN_CPU_CAPABILITY=avx2 runs the AVX2 build on an AVX-512 machine).
 
     python benchmarks/bench_cpu_quant.py                      # decode (1 row): GB/s of weight bytes read
     python benchmarks/bench_cpu_quant.py --rows 64            # prefill: ms per product
@@ -67,7 +67,6 @@ def run(args) -> str:
         i4s = [{name: v.clone() for name, v in i4.items()} for _ in range(copies)]
         dense = [w.clone() for _ in range(copies)]
 
-        act = args.rows <= 8  # activation quantisation applies to the few-row kernel only
         cells: list[tuple | None] = [(lambda: [d.sum() for d in dense], w.numel() * w.element_size()),
                                      (lambda: [F.linear(x, d) for d in dense], w.numel() * w.element_size())]
         if dtype != torch.float32 and args.rows <= 64:
@@ -77,7 +76,7 @@ def run(args) -> str:
             cells.append(None)
         for on in (False, True):
             cells.append((lambda on=on: [ops.quant_linear(x, t["weight"], t["weight_scale"], None, None, 8, on)
-                                         for t in i8s], nbytes(i8)) if act or not on else None)
+                                         for t in i8s], nbytes(i8)))
         cells.append((lambda: [F.linear(x, get_scheme("int8-row").unpack(t, dtype)) for t in i8s], nbytes(i8)))
         packs = [to_int4pack_cpu(t["weight"], t["weight_scale"], t["weight_zero"], dtype) for t in i4s[:1]]
         if packs[0] is not None and dtype != torch.float32:
@@ -87,7 +86,7 @@ def run(args) -> str:
             cells.append(None)
         for on in (False, True):
             cells.append((lambda on=on: [ops.quant_linear(x, t["weight"], t["weight_scale"], t["weight_zero"], None,
-                                                          4, on) for t in i4s], nbytes(i4)) if act or not on else None)
+                                                          4, on) for t in i4s], nbytes(i4)))
         cells.append((lambda: [F.linear(x, get_scheme("int4-group128").unpack(t, dtype)) for t in i4s], nbytes(i4)))
         best = [float("inf")] * len(cells)
         for cell in cells:

@@ -133,6 +133,52 @@ def test_activation_quantised_rows_equal_their_reference(name, out_f, in_f, dtyp
                     <= (ref.double() - exact).abs() + 1e-6 * mag + 2 * step * exact.abs()).all(), rows
 
 
+def integer_prefill(t, isa):
+    """Whether act_quant reaches many rows (9 and more) too: the integer GEMM of the SIMD builds, for groups of
+    whole 32-byte blocks of codes; otherwise many rows keep the exact dequantise + at::mm path."""
+    n, code_bytes = t["weight"].shape
+    return isa in ("AVX2", "AVX512") and (code_bytes // t["weight_scale"].reshape(n, -1).shape[1]) % 32 == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,out_f,in_f", ACT_CASES)
+def test_activation_quantised_prefill_equals_its_reference(name, out_f, in_f, dtype):
+    """act_quant=True, 9 to 64 rows (prefill): on the SIMD builds, groups of whole blocks, the integer GEMM,
+    held to act_quant_reference row by row as the few-rows kernel is (the same integers; fp32 rounding, and the
+    one rounding of a 16-bit output); otherwise the exact weight-only path, bit for bit."""
+    scheme, t = packed(name, out_f, in_f, dtype)
+    b = rand(out_f, seed=3, dtype=dtype)
+    w = scheme.unpack(t, torch.float32)
+    step = {torch.float32: 0.0, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    integer = integer_prefill(t, library().build_isa())
+    for rows in (9, 23, 64):
+        for bias in (None, b):
+            x = rand(2, rows, in_f, seed=rows, dtype=dtype)
+            y = op(x, t, bits_of(name), bias, act=True)
+            assert y.shape == (2, rows, out_f) and y.dtype == dtype
+            if not integer:
+                assert torch.equal(y, op(x, t, bits_of(name), bias, act=False))
+                continue
+            exact = act_quant_reference(x.double(), t["weight"], t["weight_scale"], bits_of(name),
+                                        None if bias is None else bias.double(), t.get("weight_zero"))
+            mag = x.double().abs() @ w.double().abs().T + (0 if bias is None else bias.double().abs())
+            assert ((y.double() - exact).abs() <= 1e-6 * mag + step * exact.abs()).all(), (rows, bias is None)
+
+
+@pytest.mark.parametrize("name", ["int8-row", "int4-group128"])
+def test_a_long_activation_quantised_prompt_takes_several_passes_and_equals_its_reference(name):
+    """200 rows of 4864 columns: more quantised rows than one pass over the weight keeps in L2 (~384 KiB), so the
+    integer GEMM runs them in passes; each row still equals act_quant_reference (fp32 rounding)."""
+    scheme, t = packed(name, 19, 4864)
+    if not integer_prefill(t, library().build_isa()):
+        pytest.skip("no integer GEMM in this build")
+    x = rand(200, 4864, seed=7)
+    y = op(x, t, bits_of(name), act=True)
+    exact = act_quant_reference(x.double(), t["weight"], t["weight_scale"], bits_of(name), None, t.get("weight_zero"))
+    mag = x.double().abs() @ scheme.unpack(t, torch.float32).double().abs().T
+    assert ((y.double() - exact).abs() <= 1e-6 * mag).all()
+
+
 @pytest.mark.parametrize("name,out_f,in_f", ACT_CASES)
 def test_activation_quantised_rows_are_within_q8_0s_bound_of_the_weight_only_product(name, out_f, in_f):
     """Each activation moves by at most half its block's step, d / 2 = max|x over the block| / 254, so
@@ -219,14 +265,16 @@ for name, out_f, in_f in {cases}:
     t = scheme.pack(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)) * 0.05)
     b = torch.randn(out_f)
     bits = 8 if "int8" in name else 4
-    for rows in (1, 2, 3, 4, 5, 9):
+    code_bytes = in_f // (2 if bits == 4 else 1)
+    whole = (code_bytes // t["weight_scale"].reshape(out_f, -1).shape[1]) % 32 == 0
+    for rows in (1, 2, 3, 4, 5, 9, 23):
         x = torch.randn(rows, in_f)
         y = lib.quant_linear(x, t["weight"], t["weight_scale"], t.get("weight_zero"), b, bits)
         worst = max(worst, (y - scheme.reference(x, t, b)).abs().max().item())
         y = lib.quant_linear(x, t["weight"], t["weight_scale"], t.get("weight_zero"), b, bits, True)
-        if rows <= 8:  # the integer kernel; more rows are never activation-quantised
+        if rows <= 8 or (whole and lib.build_isa() != "DEFAULT"):  # the integer kernels (few rows; GEMM)
             ref = act_quant_reference(x, t["weight"], t["weight_scale"], bits, b, t.get("weight_zero"))
-        else:
+        else:  # many rows, scalar build or blocks that do not tile the groups: the exact path
             ref = scheme.reference(x, t, b)
         worst_act = max(worst_act, (y - ref).abs().max().item())
 print(lib.build_isa(), torch.backends.cpu.get_cpu_capability(), worst, worst_act)
@@ -236,7 +284,8 @@ print(lib.build_isa(), torch.backends.cpu.get_cpu_capability(), worst, worst_act
 @pytest.mark.parametrize("capability,isa", [("avx2", "AVX2"), ("default", "DEFAULT")])
 def test_the_forced_avx2_and_scalar_builds_equal_the_reference(capability, isa):
     """Weight-only against the scheme's reference, activation-quantised against act_quant_reference (one to
-    five rows: the integer kernels; nine: the dequantised blocks, the same either way)."""
+    five rows: the integer kernels; 9 and 23: the AVX2 build's integer GEMM where groups are whole blocks, else
+    the dequantised blocks, the same either way)."""
     library()  # the session's cache (tests/conftest.py) holds the native build; the forced one is built once
     result = subprocess.run([sys.executable, "-c", FORCED.format(cases=CASES + BIG_CASES)], capture_output=True,
                             text=True, cwd=REPO, env={**os.environ, "ATEN_CPU_CAPABILITY": capability}, timeout=300)

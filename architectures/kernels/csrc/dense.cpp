@@ -118,21 +118,30 @@ inline void store(Out* y, int64_t N, int64_t n, int M, const float* dots, int R,
 
 // Each thread's rows [begin, end) as R contiguous runs of q rows read side by side (step i: row i of every run),
 // so W streams through R long sequential reads per thread; the leftover rows (fewer than R) one at a time after.
-template <int M, typename W, typename Out>
-void rows_pass(const float* x, const W* w, const float* bias, Out* y, int64_t N, int64_t K) {
+// dot(std::integral_constant<int, R>{}, w, stride, out): a kernel's rows_dot<M, R> of R rows `stride` apart
+// (the generic and the AVX2 kernels share this loop).
+template <int M, typename W, typename Out, typename Dot>
+void rows_runs(const W* w, const float* bias, Out* y, int64_t N, int64_t K, const Dot& dot) {
   constexpr int R = rows_per_step<M>();
   parallel_rows(N, K * sizeof(W), 1, [&](int64_t begin, int64_t end) {
     float dots[R * M];
     const int64_t q = (end - begin) / R;
     for (int64_t i = 0; i < q; ++i) {
       const int64_t n = begin + i;
-      rows_dot<M, R, W>(x, w + n * K, K, q * K, dots);
+      dot(std::integral_constant<int, R>{}, w + n * K, q * K, dots);
       for (int r = 0; r < R; ++r) store(y, N, n + r * q, M, dots + r * M, 1, bias);
     }
     for (int64_t n = begin + R * q; n < end; ++n) {
-      rows_dot<M, 1, W>(x, w + n * K, K, K, dots);
+      dot(std::integral_constant<int, 1>{}, w + n * K, K, dots);
       store(y, N, n, M, dots, 1, bias);
     }
+  });
+}
+
+template <int M, typename W, typename Out>
+void rows_pass(const float* x, const W* w, const float* bias, Out* y, int64_t N, int64_t K) {
+  rows_runs<M>(w, bias, y, N, K, [&](auto r, const W* wr, int64_t stride, float* out) {
+    rows_dot<M, decltype(r)::value, W>(x, wr, K, stride, out);
   });
 }
 
@@ -273,23 +282,11 @@ inline void rows_dot(const float* x, const W* w, int64_t K, int64_t stride, floa
     }
 }
 
-// Each thread's rows [begin, end) as R contiguous runs of q rows read side by side (step i: row i of every run),
-// so W is R long sequential streams per thread, the leftover rows (fewer than R) one at a time after them.
+// rows_runs (above: R long sequential streams of W per thread) with this kernel's dot products
 template <int M, typename W, typename Out>
 void rows_pass(const float* x, const W* w, const float* bias, Out* y, int64_t N, int64_t K) {
-  constexpr int R = rows_per_step<M>();
-  parallel_rows(N, K * sizeof(W), 1, [&](int64_t begin, int64_t end) {
-    float dots[R * M];
-    const int64_t q = (end - begin) / R;
-    for (int64_t i = 0; i < q; ++i) {
-      const int64_t n = begin + i;
-      rows_dot<M, R, W>(x, w + n * K, K, q * K, dots);
-      for (int r = 0; r < R; ++r) store(y, N, n + r * q, M, dots + r * M, 1, bias);
-    }
-    for (int64_t n = begin + R * q; n < end; ++n) {
-      rows_dot<M, 1, W>(x, w + n * K, K, K, dots);
-      store(y, N, n, M, dots, 1, bias);
-    }
+  rows_runs<M>(w, bias, y, N, K, [&](auto r, const W* wr, int64_t stride, float* out) {
+    rows_dot<M, decltype(r)::value, W>(x, wr, K, stride, out);
   });
 }
 

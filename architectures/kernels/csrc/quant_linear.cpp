@@ -26,9 +26,11 @@
 // weight row read once for all rows of x. int4 needs no rearranged copy: x is split into its even and odd columns
 // once per call, and the high / low nibbles of each byte multiply those. bf16 activations on CPUs with AVX-512
 // BF16 (runtime check) take bf16 dot products for int4 instead (rows_kernel_bf16).
-// Many rows (prefill, never activation-quantised): blocks of weight rows dequantised into a small buffer (fp32, or
-// bf16 for bf16 activations on CPUs with native bf16 dot products), each multiplied by at::mm_out straight into
-// its columns of y.
+// Many rows (prefill), act_quant, SIMD builds, groups of whole blocks: the same arithmetic as an integer GEMM
+// (quant_gemm: x quantised once, tiles of weight rows x rows of x, threads over weight rows). Otherwise (act_quant
+// off: exact; the scalar build; ragged groups): blocks of weight rows, each thread dequantising its own into its
+// own buffer (fp32, or bf16 for bf16 activations on CPUs with native bf16 dot products) and multiplying it by a
+// single-threaded at::mm_out straight into its columns of y.
 //
 // One source for every instruction set: CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2 (set by cpu_ext's build)
 // pick the vector width, otherwise plain C++ the compiler vectorises as it can.
@@ -39,6 +41,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -763,6 +766,241 @@ void dequant_rows(const int8_t* q, const S* scale, const S* zero, int64_t Kb, in
   });
 }
 
+// ---- many rows, activation-quantised (prefill with act_quant): an integer GEMM ------------------------------
+//
+// The few-rows kernel's arithmetic for any number of rows: x quantised per block of kQB code bytes exactly as
+// there (quantise_block32: d = max|x| / 127, q = round(x / d)), each block's int32 dot product with the codes
+// exact (int8: maddubs(|w|, sign(q, w)); int4: maddubs of the unsigned nibbles + 8), times d in fp32, per group
+// times the weight's scale. What differs is the order of the work: a tile of NR weight rows (int4: its nibbles
+// unpacked once into unsigned bytes, for all rows of x) against MR rows of x at a time, one 8-lane fp32
+// accumulator per (row of x, row of W), so every code byte loaded feeds MR rows and every activation block NR
+// weight rows; threads own contiguous runs of weight rows (no fork-join per block, no dequantised weight).
+// The terms that do not depend on the codes, int4's -8 * d * sum(q) per block and the affine zero points, are
+// one small product per call, [x rows, groups] x [groups, W rows] (at::mm), added at the store.
+// SIMD builds, groups of whole blocks only (every int8-row and int4-group64/128 layer); otherwise the caller keeps
+// the exact dequantise + at::mm path.
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+struct QGemm {
+  const int8_t* q;     // codes [N, Kb]
+  int64_t N, Kb, G, gb, nbg;  // output rows, code bytes per row, groups, code bytes per group, blocks per group
+  const int8_t* xq;    // [M, Kb] (int4: [M, 2 * Kb], q of x's even columns, then its odd ones)
+  const float* xd;     // [M, G * nbg] block scales
+  const float* corr;   // [M, N] the codes-independent terms, or null
+  void* y;             // [M, N] in ydtype
+  at::ScalarType ydtype;
+  const float* bias;   // [N] or null
+};
+
+// y[m0 .. m0 + MR, n0 .. n0 + NR]. wt: int4: the tile's nibbles + 8 as bytes, per row its high nibbles [Kb] then
+// its low ones [Kb]; int8: the codes' rows themselves (stride Kb). ONE_GROUP: the scale applied once at the end.
+template <int MR, int NR, bool INT4, bool ONE_GROUP, typename S>
+inline void qgemm_tile(const QGemm& c, const int8_t* wt, int64_t wstride, const S* scale, int64_t m0, int64_t n0) {
+  const int64_t G = c.G, gb = c.gb, nbg = c.nbg, Kb = c.Kb;
+  const int64_t xstride = INT4 ? 2 * Kb : Kb;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MR][NR], tot[MR][NR];  // tot: the sum over groups (unused with ONE_GROUP)
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < NR; ++i) tot[r][i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int r = 0; r < MR; ++r)
+      for (int i = 0; i < NR; ++i) acc[r][i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nbg; ++b) {
+      const int64_t j = g * gb + b * kQB;
+      if constexpr (INT4) {
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) {
+          const int8_t* xr = c.xq + (m0 + r) * xstride + j;
+          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+          const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + Kb));
+          const __m256 dv = _mm256_broadcast_ss(c.xd + (m0 + r) * G * nbg + g * nbg + b);
+#pragma GCC unroll 4
+          for (int i = 0; i < NR; ++i) {
+            const int8_t* w = wt + i * wstride + j;
+            const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+            const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + Kb));
+            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(hi, xe), _mm256_maddubs_epi16(lo, xo));
+            acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv, acc[r][i]);
+          }
+        }
+      } else {
+        __m256i w[NR], aw[NR];
+        for (int i = 0; i < NR; ++i) {
+          w[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + i * wstride + j));
+          aw[i] = _mm256_sign_epi8(w[i], w[i]);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.xq + (m0 + r) * xstride + j));
+          const __m256 dv = _mm256_broadcast_ss(c.xd + (m0 + r) * G * nbg + g * nbg + b);
+#pragma GCC unroll 4
+          for (int i = 0; i < NR; ++i) {
+            const __m256i p = _mm256_maddubs_epi16(aw[i], _mm256_sign_epi8(xv, w[i]));
+            acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), dv, acc[r][i]);
+          }
+        }
+      }
+    }
+    if constexpr (!ONE_GROUP) {
+      for (int i = 0; i < NR; ++i) {
+        const __m256 sv = _mm256_set1_ps(static_cast<float>(scale[(n0 + i) * G + g]));
+        for (int r = 0; r < MR; ++r) tot[r][i] = _mm256_fmadd_ps(acc[r][i], sv, tot[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int i = 0; i < NR; ++i) {
+      const int64_t m = m0 + r, n = n0 + i;
+      float v = ONE_GROUP ? qsum(acc[r][i]) * static_cast<float>(scale[n]) : qsum(tot[r][i]);
+      if (c.corr != nullptr) v += c.corr[m * c.N + n];
+      store_y(c.y, c.ydtype, c.bias, m * c.N + n, n, v);
+    }
+  }
+}
+
+// Rows of x MR at a time against NR weight rows (the leftovers of both: smaller tiles).
+constexpr int kGemmMR = 4, kGemmNR = 2;
+
+template <int NR, bool INT4, bool ONE_GROUP, typename S>
+inline void qgemm_rows(const QGemm& c, const int8_t* wt, int64_t wstride, const S* scale, int64_t m0, int64_t m1,
+                       int64_t n0) {
+  for (; m0 + kGemmMR <= m1; m0 += kGemmMR) qgemm_tile<kGemmMR, NR, INT4, ONE_GROUP>(c, wt, wstride, scale, m0, n0);
+  switch (m1 - m0) {
+    case 3: qgemm_tile<3, NR, INT4, ONE_GROUP>(c, wt, wstride, scale, m0, n0); break;
+    case 2: qgemm_tile<2, NR, INT4, ONE_GROUP>(c, wt, wstride, scale, m0, n0); break;
+    case 1: qgemm_tile<1, NR, INT4, ONE_GROUP>(c, wt, wstride, scale, m0, n0); break;
+    default: break;
+  }
+}
+
+// Rows of quantised x each pass over the weight takes: at most ~384 KiB of them, so that they stay in the core's
+// L2 while every tile of weight rows runs through them (a 64-token prompt is one pass for Qwen2-0.5B's shapes;
+// long prompts several, rather than streaming all of x from memory for every tile).
+constexpr int64_t kGemmXBytes = int64_t{384} << 10;
+
+// y = the whole product: contiguous runs of kGemmNR-row tiles per thread; int4 tiles unpacked into the thread's
+// buffer (nibble + 8, high nibbles then low ones per row: the bytes maddubs takes as unsigned) once per pass.
+template <bool INT4, bool ONE_GROUP, typename S>
+void qgemm_all(const QGemm& c, const S* scale, int64_t M) {
+  constexpr int NR = kGemmNR;
+  const int64_t tiles = (c.N + NR - 1) / NR;
+  const int64_t xbytes = INT4 ? 2 * c.Kb : c.Kb;
+  const int64_t mc = std::max<int64_t>(kGemmMR, kGemmXBytes / xbytes / kGemmMR * kGemmMR);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int8_t> wbuf(INT4 ? NR * 2 * c.Kb : 0);
+    const __m256i m0f = _mm256_set1_epi8(0x0F);
+    const __m256i m88 = _mm256_set1_epi8(static_cast<char>(0x88));
+    for (int64_t ma = 0; ma < M; ma += mc) {
+      const int64_t mb = std::min(M, ma + mc);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * NR, nr = std::min<int64_t>(NR, c.N - n0);
+        const int8_t* wt = c.q + n0 * c.Kb;
+        int64_t wstride = c.Kb;
+        if constexpr (INT4) {
+          for (int64_t i = 0; i < nr; ++i) {
+            const int8_t* src = c.q + (n0 + i) * c.Kb;
+            int8_t* dst = wbuf.data() + i * 2 * c.Kb;
+            for (int64_t j = 0; j < c.Kb; j += 32) {
+              const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j)), m88);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm256_and_si256(_mm256_srli_epi16(u, 4), m0f));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c.Kb + j), _mm256_and_si256(u, m0f));
+            }
+          }
+          wt = wbuf.data();
+          wstride = 2 * c.Kb;
+        }
+        if (nr == NR) {
+          qgemm_rows<NR, INT4, ONE_GROUP>(c, wt, wstride, scale, ma, mb, n0);
+        } else {
+          for (int64_t i = 0; i < nr; ++i)
+            qgemm_rows<1, INT4, ONE_GROUP>(c, wt + i * wstride, wstride, scale, ma, mb, n0 + i);
+        }
+      }
+    }
+  });
+}
+
+// x [M, K] quantised for qgemm_all: xq, xd as QGemm wants them; xc [M, G]: int4, -8 * sum over the group's blocks
+// of d * sum(q) (the nibbles' + 8); xs [M, G]: the sum of x over each group (zero points), or null.
+template <typename T>
+void quantise_rows(const T* x, int64_t M, int64_t K, bool int4, int64_t G, int64_t nbg, int8_t* xq, float* xd,
+                   float* xc, float* xs) {
+  const int64_t Kb = int4 ? K / 2 : K, gb = Kb / G, gs = K / G;
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    std::vector<float> xf(K);
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* xr = x + m * K;
+      for (int64_t k = 0; k < K; ++k) xf[int4 ? (k & 1) * Kb + k / 2 : k] = static_cast<float>(xr[k]);
+      if (xs != nullptr) {
+        for (int64_t g = 0; g < G; ++g) {
+          float acc = 0.f;
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += static_cast<float>(xr[k]);
+          xs[m * G + g] = acc;
+        }
+      }
+      int8_t* qr = xq + m * K;
+      for (int64_t g = 0; g < G; ++g) {
+        float corr = 0.f;
+        for (int64_t b = 0; b < nbg; ++b) {
+          const int64_t j = g * gb + b * kQB;
+          float d;
+          const int32_t sq = quantise_block32(xf.data() + j, int4 ? xf.data() + Kb + j : nullptr, qr + j,
+                                              int4 ? qr + Kb + j : nullptr, d);
+          xd[(m * G + g) * nbg + b] = d;
+          corr += d * static_cast<float>(sq);
+        }
+        if (xc != nullptr) xc[m * G + g] = -8.f * corr;
+      }
+    }
+  });
+}
+
+// The product for many rows with act_quant, groups of whole blocks: y [M, N] in x's dtype.
+at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qc, const at::Tensor& sc, const at::Tensor& zc,
+                      const std::optional<at::Tensor>& bias, bool int4, int64_t M, int64_t N, int64_t K) {
+  const int64_t Kb = int4 ? K / 2 : K, G = sc.size(1), gb = Kb / G, nbg = gb / kQB;
+  const auto xc = x.contiguous();
+  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  const auto fopt = x.options().dtype(at::kFloat);
+  auto xd = at::empty({M, G * nbg}, fopt), xcorr = at::empty({M, G}, fopt), xs = at::empty({M, G}, fopt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "zoo_cpu::quant_linear", [&] {
+    quantise_rows(xc.data_ptr<scalar_t>(), M, K, int4, G, nbg, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
+                  int4 ? xcorr.data_ptr<float>() : nullptr, zc.defined() ? xs.data_ptr<float>() : nullptr);
+  });
+  at::Tensor corr;  // [M, N]: sum_g scale * xc (int4) + zero * xs (affine), one small fp32 product
+  if (int4 || zc.defined()) {
+    std::vector<at::Tensor> a, b;
+    if (int4) {
+      a.push_back(xcorr);
+      b.push_back(sc.to(at::kFloat));
+    }
+    if (zc.defined()) {
+      a.push_back(xs);
+      b.push_back(zc.to(at::kFloat));
+    }
+    corr = at::mm(at::cat(a, 1), at::cat(b, 1).t());
+  }
+  at::Tensor bf;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "zoo_cpu::quant_linear: bias of ", bias->numel(), " for ", N, " outputs");
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  auto y = at::empty({M, N}, x.options());
+  QGemm c{qc.data_ptr<int8_t>(), N, Kb, G, gb, nbg, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
+          corr.defined() ? corr.data_ptr<float>() : nullptr, y.data_ptr(), x.scalar_type(),
+          bf.defined() ? bf.data_ptr<float>() : nullptr};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "zoo_cpu::quant_linear", [&] {
+    const scalar_t* sp = sc.data_ptr<scalar_t>();
+    if (int4) {
+      G == 1 ? qgemm_all<true, true>(c, sp, M) : qgemm_all<true, false>(c, sp, M);
+    } else {
+      G == 1 ? qgemm_all<false, true>(c, sp, M) : qgemm_all<false, false>(c, sp, M);
+    }
+  });
+  return y;
+}
+#endif
+
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                         const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
                         int64_t bits, bool act_quant) {
@@ -914,35 +1152,46 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
     });
     return y.view(out_sizes);
   } else {
-    // blocks of ~2 MiB of dequantised rows: the buffer stays in cache between the dequantising and the product
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (act_quant && (Kb / G) % kQB == 0) return quant_gemm(x, qc, sc, zc, bias, int4, M, N, K).view(out_sizes);
+#endif
+    // blocks of ~256 KiB of dequantised rows, each a thread's own: dequantised into the thread's buffer (in its
+    // L2 for the product), then one single-threaded at::mm_out straight into its columns of y (rows of N apart, as
+    // BLAS's ldc allows). One parallel region per call, not a fork and join per block.
     // bf16 activations on a CPU with bf16 dot products: a bf16 buffer and oneDNN's bf16 product (as the
     // reference computes); otherwise fp32 (bf16 GEMMs without native instructions are several times slower)
     const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && zoo_cpu::has_avx512_bf16();
     const auto wdtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
     auto xw = x.reshape({M, K}).to(wdtype);
     xw = (int4 ? at::cat({xw.slice(1, 0, K, 2), xw.slice(1, 1, K, 2)}, 1) : xw).contiguous();  // dequant_rows' order
-    const int64_t block = std::max<int64_t>(64, (int64_t{2} << 20) / (K * (bf16_gemm ? 2 : 4)));
-    const int64_t nb_max = std::min(block, N);
-    auto buf = at::empty({nb_max, K}, x.options().dtype(wdtype));
+    const int64_t nb = std::min(N, std::max<int64_t>(16, (int64_t{256} << 10) / (K * (bf16_gemm ? 2 : 4))));
+    const int64_t blocks = (N + nb - 1) / nb;
     y = at::empty({M, N}, x.options().dtype(wdtype));
-    for (int64_t n0 = 0; n0 < N; n0 += nb_max) {
-      const int64_t n1 = std::min(N, n0 + nb_max);
-      auto w = buf.narrow(0, 0, n1 - n0);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "zoo_cpu::quant_linear", [&] {
-        const scalar_t* zp = zc.defined() ? zc.data_ptr<scalar_t>() : nullptr;
-        const int8_t* qp = qc.data_ptr<int8_t>();
-        const scalar_t* sp = sc.data_ptr<scalar_t>();
-        if (bf16_gemm) {
-          auto* bp = w.data_ptr<at::BFloat16>();
-          int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
-        } else {
-          auto* bp = w.data_ptr<float>();
-          int4 ? dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp) : dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
-        }
-      });
-      auto yb = y.narrow(1, n0, n1 - n0);  // written in place: rows of N floats apart, as BLAS's ldc allows
-      at::mm_out(yb, xw, w.t());
-    }
+    const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      c10::InferenceMode guard(inference);
+      auto buf = at::empty({nb, K}, x.options().dtype(wdtype));
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb);
+        auto w = buf.narrow(0, 0, n1 - n0);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "zoo_cpu::quant_linear", [&] {
+          const scalar_t* zp = zc.defined() ? zc.data_ptr<scalar_t>() : nullptr;
+          const int8_t* qp = qc.data_ptr<int8_t>();
+          const scalar_t* sp = sc.data_ptr<scalar_t>();
+          if (bf16_gemm) {
+            auto* bp = w.data_ptr<at::BFloat16>();
+            if (int4) dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp);
+            else dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
+          } else {
+            auto* bp = w.data_ptr<float>();
+            if (int4) dequant_rows<true>(qp, sp, zp, Kb, G, n0, n1, bp);
+            else dequant_rows<false>(qp, sp, zp, Kb, G, n0, n1, bp);
+          }
+        });
+        auto yb = y.narrow(1, n0, n1 - n0);
+        at::mm_out(yb, xw, w.t());
+      }
+    });
   }
   if (bias.has_value()) y.add_(*bias);
   return y.to(x.scalar_type()).view(out_sizes);
