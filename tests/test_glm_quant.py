@@ -16,6 +16,7 @@ from zoo.conversion.megatron import merge_ranks
 import zoo
 from tests import glm_reference as R
 from tests.helpers import max_abs_diff
+from zoo.settings import SETTINGS
 
 L, H, INNER, HEADS, VOCAB = 2, 64, 96, 4, 256
 ARGS = {"num_layers": L, "hidden_size": H, "inner_hidden_size": INNER, "num_attention_heads": HEADS,
@@ -33,7 +34,10 @@ def _causal(n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits,tp", [(8, 2), (4, 2), (8, 1)])
-def test_published_quantised_ranks_convert_packed_and_match_the_reference(tmp_path, bits, tp):
+def test_published_quantised_ranks_convert_packed_and_match_the_reference(tmp_path, bits, tp, monkeypatch):
+    """Weight-only (ZOO_QUANT_ACTIVATIONS=0): the reference's dequantised arithmetic, so its logits and greedy
+    tokens; activation-quantised (the default): logits within 1% of it."""
+    monkeypatch.setattr(SETTINGS, "quant_activations", False)
     shards = R.quantize_sat_shards(_shards(tp), bits)  # what convert_tp.py --quantization-bit-width writes
     R.write_sat_checkpoint(tmp_path / "sat", shards, model_config=ARGS)
     native = zoo.convert(tmp_path / "sat", tmp_path / "native", progress=False)
@@ -53,6 +57,9 @@ def test_published_quantised_ranks_convert_packed_and_match_the_reference(tmp_pa
     assert logits.dtype == torch.float32
     expected = R.sat_glm130b_forward(reference, L, HEADS, ids, torch.arange(48)[None].expand(2, 48), _causal(48))
     assert max_abs_diff(logits, expected) < 1e-3
+    monkeypatch.setattr(SETTINGS, "quant_activations", True)
+    assert ((model(ids) - expected).norm() / expected.norm()) < 0.01
+    monkeypatch.setattr(SETTINGS, "quant_activations", False)
 
     seq = ids[0, :20].tolist() + [GMASK, SOP]
     greedy = model.generate(seq, max_new_tokens=12, temperature=0.0)

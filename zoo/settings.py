@@ -8,7 +8,7 @@ argument where a user looks for it.
                  unset (default: where measured faster on this   zoo.load(compile=True | False), --compile
                  CPU for these weights and worth its compile,
                  zoo.generation.COMPILED_SPEEDUP) | 1 | 0
-    ZOO_QUANT_ACTIVATIONS  int8 / int4 linear layers on CPU for a few rows (decoding) multiply integers:
+    ZOO_QUANT_ACTIVATIONS  int8 / int4 linear layers on CPU multiply integers, decoding and prefill alike:
                  1 (default) | 0                                 (architectures/kernels/dequant_matmul.py)
                  1: each row of x quantised to int8 per block of 32 (int8) or 64 (int4) columns, one fp32
                  scale per block, integer dot products with the codes (llama.cpp Q8_0's arithmetic: ~0.5% of
@@ -38,7 +38,7 @@ ONEDNN_MODES = ("off", "dense", "pack")  # no oneDNN | on the model's own weight
 class Settings:
     onednn: str = "dense"  # one of ONEDNN_MODES
     compile: bool | None = None  # None: where measured faster and worth its compile
-    quant_activations: bool = True  # int8 activations for the CPU int8 / int4 decode kernels
+    quant_activations: bool = True  # int8 activations for the CPU int8 / int4 kernels
 
 
 def onednn_from_text(text: str) -> str:

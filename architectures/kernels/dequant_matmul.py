@@ -6,26 +6,27 @@ the formats, their quantisers and the plain reference, Scheme.reference: dequant
            each a signed 4-bit value);  affine int4 adds a zero point per group:  w ~ code * scale + zero
     scale (and zero): [out, in / group] ([out] or [out, 1]: one per row)
 
-This module only multiplies. `fast_dequant_matmul` is the fastest kernel for a call, or None where the reference
-is the best there is: the Triton kernel (dequant_matmul_triton.py: the codes are unpacked and scaled in
-registers, the full-precision weight never exists in memory) where the dispatch (dispatch.py) picks Triton; on
-CPU zoo's C++ kernel `zoo_cpu::quant_linear` (csrc/quant_linear.cpp, built once per machine and instruction set
-by cpu_ext.py) on the stored codes, eagerly and inside compiled graphs alike (an opaque op there, so a compiled
-step runs the same kernel and is never slower than the eager one). Few rows (up to 8: decoding) by default quantise
-the activations as llama.cpp's Q8_0 does (ZOO_QUANT_ACTIVATIONS, zoo.settings): each row of x to int8 per block
-of 32 columns (int8 codes) or 64 (int4: the 32 bytes whose nibbles multiply them), nested in the weight's scale
-groups, one fp32 scale per block, then exact integer dot products with the codes (AVX2 maddubs), scaled per block
-and per group (`act_quant_reference` is that arithmetic in PyTorch). Why: on CPUs without VNNI widening every
-code to fp32 costs more instructions per byte than reading it from memory allows, integer dot products a
-fraction; the price is each activation rounded to 1/254 of its block's largest (about 0.5% of an output, the
-error Q8_0 accepts). With the switch off, few rows widen the codes to fp32 and multiply the exact activations
-(the reference's arithmetic, summed in another order). The switch reaches the op as its act_quant argument,
-read from SETTINGS at each call, so eager and compiled steps compute the same (Dynamo guards on the setting).
-Many rows dequantise blocks of rows and multiply them with at::mm (`benchmarks/bench_cpu_quant.py` measures both
-against aten's kernels and a plain read). Where the library is off or could not be built (cpu_ext.library() is
-None): inside a compiled graph the matrix-vector form below (one fused read of int8 codes), eagerly aten's int8
-matrix-vector kernel (bf16/fp16), and for int4 aten's tinygemm kernel (`int4pack_mm_cpu`) on its own packing of
-the codes (quant.to_int4pack_cpu), which the quantised model then makes once.
+This module only multiplies. `fast_dequant_matmul` is the fastest kernel for a call, or None where the reference is
+the best there is: the Triton kernel (dequant_matmul_triton.py: the codes are unpacked and scaled in registers, the
+full-precision weight never exists in memory) where the dispatch (dispatch.py) picks Triton; on CPU zoo's C++ kernel
+`zoo_cpu::quant_linear` (csrc/quant_linear.cpp, built once per machine and instruction set by cpu_ext.py) on the
+stored codes, eagerly and inside compiled graphs alike (an opaque op there, so a compiled step runs the same kernel
+and is never slower than the eager one). By default it quantises the activations as llama.cpp's Q8_0 does, for a few
+rows (decoding: matrix-vector rows) and many (prefill: an integer GEMM) alike (ZOO_QUANT_ACTIVATIONS, zoo.settings):
+each row of x to int8 per block of 32 columns (int8 codes) or 64 (int4: the 32 bytes whose nibbles multiply them),
+nested in the weight's scale groups, one fp32 scale per block, then exact integer dot products with the codes (AVX2
+maddubs), scaled per block and per group (`act_quant_reference` is that arithmetic in PyTorch). Why: on CPUs without
+VNNI widening every code to fp32 costs more instructions per byte than reading it from memory allows, integer dot
+products a fraction; the price is each activation rounded to 1/254 of its block's largest (about 0.5% of an output,
+the error Q8_0 accepts). With the switch off, few rows widen the codes to fp32 and multiply the exact activations
+(the reference's arithmetic, summed in another order). The switch reaches the op as its act_quant argument, read
+from SETTINGS at each call, so eager and compiled steps compute the same (Dynamo guards on the setting). With the
+switch off (and in the scalar build), many rows dequantise blocks of rows and multiply them with at::mm
+(`benchmarks/bench_cpu_quant.py` measures every path against aten's kernels and a plain read). Where the library is
+off or could not be built (cpu_ext.library() is None): inside a compiled graph the matrix-vector form below (one
+fused read of int8 codes), eagerly aten's int8 matrix-vector kernel (bf16/fp16), and for int4 aten's tinygemm kernel
+(`int4pack_mm_cpu`) on its own packing of the codes (quant.to_int4pack_cpu), which the quantised model then makes
+once.
 """
 
 from __future__ import annotations
@@ -140,10 +141,11 @@ def act_quantize(x: torch.Tensor, groups: int, block: int) -> tuple[torch.Tensor
 
 def act_quant_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
                         bias: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
-    """What zoo_cpu::quant_linear computes for a few rows with act_quant=True, in float64 from the same integers:
-    x quantised per block (act_quantize: 32 columns for int8, 64 for int4), each block's exact integer dot product
-    with the codes times its d, summed per weight group and times the group's scale, plus zero[g] * sum(x over g)
-    (exact fp32 sums) for affine int4 and the bias; in x's dtype. The kernel differs only by fp32 rounding."""
+    """What zoo_cpu::quant_linear computes with act_quant=True (decode rows and prefill GEMM alike), in float64
+    from the same integers: x quantised per block (act_quantize: 32 columns for int8, 64 for int4), each block's
+    exact integer dot product with the codes times its d, summed per weight group and times the group's scale, plus
+    zero[g] * sum(x over g) (exact fp32 sums) for affine int4 and the bias; in x's dtype. The kernel differs only by
+    fp32 rounding."""
     n = q.shape[0]
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
