@@ -7,6 +7,17 @@ from pathlib import Path
 import torch
 
 
+class Spy:
+    """Stands for the CPU kernel library (torch.ops.zoo_cpu), recording which of its ops were looked up."""
+
+    def __init__(self, lib):
+        self.lib, self.calls = lib, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.lib, name)
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 

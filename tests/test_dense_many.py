@@ -11,6 +11,7 @@ from zoo.architectures import layers as layers_module
 from zoo.architectures.kernels import cpu_ext, linear
 from zoo.architectures.quant import PackedEmbedding, PackedLinear, pack_linears, packable_paths
 
+from tests.helpers import Spy
 from tests.test_kernels_dispatch import greedy, tiny_decoder
 
 SHAPES = [(1, 1, 64), (1, 64), (3, 2, 64)]  # one token, a 2-D row, 6 rows (still the row kernel's)
@@ -35,17 +36,6 @@ def packed(dtype, bias, scheme):
             layer.bias = nn.Parameter(rand(n, dtype=dtype, seed=10 + i))
         made.append(layer)
     return made
-
-
-class Spy:
-    """Stands for torch.ops.zoo_cpu, recording which ops were looked up."""
-
-    def __init__(self, lib):
-        self.lib, self.calls = lib, []
-
-    def __getattr__(self, name):
-        self.calls.append(name)
-        return getattr(self.lib, name)
 
 
 @pytest.fixture

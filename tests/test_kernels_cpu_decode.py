@@ -24,6 +24,8 @@ from zoo.architectures.kernels.swiglu import silu_mul, silu_mul_reference
 from zoo.architectures.layers import Attention
 from zoo.architectures.state import KVCache
 
+from tests.helpers import Spy
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -36,17 +38,6 @@ def library():
     lib = cpu_ext.library()
     assert lib is not None, "the CPU kernels did not build here (is a C++ compiler installed?)"
     return lib
-
-
-class Spy:
-    """The library, recording which of its ops were called."""
-
-    def __init__(self, lib):
-        self.lib, self.calls = lib, []
-
-    def __getattr__(self, name):
-        self.calls.append(name)
-        return getattr(self.lib, name)
 
 
 @pytest.fixture
