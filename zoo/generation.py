@@ -356,13 +356,13 @@ COMPILED_SPEEDUP: dict[tuple[str, str, str], float] = {
     ("cpu", "AVX512", "bfloat16"): 0.84,  # 14.3 / 17.0
     ("cpu", "AVX512", "int8"): 1.13,  # 20.8 / 18.4 (bf16); 21.8 / 18.2 (fp32)
     ("cpu", "AVX512", "int4"): 1.05,  # 19.0 / 18.0 (fp32); 23.6 / 20.7 (bf16)
-    # AVX2: bf16 and int4 from BENCHMARKS.md "Issue 20 on a real AVX2-only CPU" (AMD EPYC, 2026-12-03: eager on the
-    # streamed dense rows and activation-quantised int4 kernels, compiled steps 0.65x / 0.69x of them); fp32 and
-    # int8 from the forced-AVX2 matrix (before those kernels; neither is compiled by default)
+    # AVX2: bf16, int8 and int4 from BENCHMARKS.md "Issue 20 on a real AVX2-only CPU, 2026-12-03 afternoon" (AMD
+    # EPYC: compiled steps against the eager C++ kernels, same machine, back to back); fp32 from the forced-AVX2
+    # matrix (before those kernels). None is compiled by default on AVX2.
     ("cpu", "AVX2", "float32"): 1.00,  # 10.7 / 10.8
-    ("cpu", "AVX2", "bfloat16"): 0.65,  # 16.3 / 24.9
-    ("cpu", "AVX2", "int8"): 0.74,  # 12.2 / 16.4 (fp32); 16.6 / 15.1 (bf16)
-    ("cpu", "AVX2", "int4"): 0.69,  # 22.3 / 32.1 (bf16)
+    ("cpu", "AVX2", "bfloat16"): 0.72,  # 21.6 / 30.2
+    ("cpu", "AVX2", "int8"): 0.54,  # 27.8 / 51.3 (bf16)
+    ("cpu", "AVX2", "int4"): 0.66,  # 34.9 / 53.1 (bf16)
 }
 # Compiling costs seconds with a warm Inductor cache (under $ZOO_HOME: `inductor_cache`) to a minute the first time
 # on a machine, for a 0.5B model. A token's time is about its weights' bytes over the memory bandwidth, and the
