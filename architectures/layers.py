@@ -104,11 +104,9 @@ class Attention(nn.Module):
         q, k = apply_rotary_pair(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = None
-        if T == 1 and mask is not None and backend(q, has_kernel=False) == COMPILED:  # a compiled decoding step
-            y = one_query_attention(q, k, v, mask)
-        elif T == 1:  # an eager decoding step: zoo's C++ op on CPU (None elsewhere)
-            y = cpu_one_query_attention(q, k, v, mask)
+        y = cpu_one_query_attention(q, k, v, mask) if T == 1 else None  # zoo's C++ op on CPU, eager or compiled
+        if y is None and T == 1 and mask is not None and backend(q, has_kernel=False) == COMPILED:
+            y = one_query_attention(q, k, v, mask)  # a compiled decoding step elsewhere
         if y is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=k.shape[1] != q.shape[1]

@@ -1,6 +1,7 @@
 """The compiled decoding step (zoo.generation): for every language-model family, decoding through one compiled
 graph on the static state gives the eager path's greedy tokens and its logits within fp32 rounding; one graph
-serves generations of every length; single-token linears become multiply-and-reduce; when it compiles by default.
+serves generations of every length; the step calls zoo's C++ kernels where they are built (single-token linears
+become multiply-and-reduce where not); when it compiles by default.
 
 Each family's tiny model is compiled once (Inductor's on-disk cache makes reruns faster); the module-scoped
 fixtures share those compilations between the tests of a family.
@@ -102,13 +103,27 @@ def test_compiled_steps_give_the_eager_logits_and_greedy_tokens(family_model):
     assert step.graphs == 1
 
 
-def test_single_token_linears_become_multiply_and_reduce():
+def test_compiled_step_calls_zoos_cpu_kernels_for_linears_attention_and_argmax():
     model = tiny("qwen2")
     stepped_logits(model, [1, 2, 3], 2, compiled=True)
+    step = compiled_step(model)
+    # per block: q/k/v in one call, o, gate/up in one call, down; the (tied) output head; attention; the greedy pick
+    assert step.cpu_ops == {"dense_rows_many": 2 * 2, "dense_rows": 2 * 2 + 1, "decode_attention": 2,
+                            "argmax_last": 1}
+    assert step.rewritten == 0  # no F.linear left for the multiply-and-reduce rewrite
+    list(decode(model, [[1, 2, 3, 4]], 12, Sampling(), set(), compile=True))  # cache slots = head_dim = 16
+    assert step.graphs == 1  # only the length dimension is symbolic, whatever its size
+
+
+def test_without_the_cpu_kernels_single_token_linears_become_multiply_and_reduce(monkeypatch):
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+    model = tiny("qwen2")
+    eager = stepped_logits(model, [1, 2, 3], 4, compiled=False)
+    compiled = stepped_logits(model, [1, 2, 3], 4, compiled=True)
     linears = 2 * 7 + 1  # q, k, v, o, gate, up, down per block, and the (tied) output head
     assert compiled_step(model).rewritten == linears
-    list(decode(model, [[1, 2, 3, 4]], 12, Sampling(), set(), compile=True))  # cache slots = head_dim = 16
-    assert compiled_step(model).graphs == 1  # only the length dimension is symbolic, whatever its size
+    assert not {"dense_rows", "dense_rows_many"} & set(compiled_step(model).cpu_ops)
+    assert [int(t.argmax()) for t in compiled] == [int(t.argmax()) for t in eager]
     x, w, b = torch.randn(1, 1, 96), torch.randn(40, 96), torch.randn(40)
     assert torch.allclose(matvec_linear(x, w, b), F.linear(x, w, b), atol=1e-5)
     assert matvec_linear(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16

@@ -218,7 +218,7 @@ def test_cpu_inference_calls_take_the_cpp_ops(spy):
     assert spy.calls == ["rms_norm", "rotary", "rotary_pair", "silu_mul", "add_rms_norm", "argmax_last"]
 
 
-def test_autograd_compile_and_unfitting_calls_keep_the_references(spy, monkeypatch):
+def test_autograd_compiled_elementwise_and_unfitting_calls_keep_the_references(spy, monkeypatch):
     w = rand(64, seed=1).requires_grad_()
     y = rms_norm(rand(2, 64), w, 1e-6)
     assert y.grad_fn is not None  # the reference, differentiable
@@ -232,9 +232,11 @@ def test_autograd_compile_and_unfitting_calls_keep_the_references(spy, monkeypat
                                      torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 1,
                                      torch.ones(1, 1, 1, 3, dtype=torch.bool)) is None  # a mask of another length
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    silu_mul(rand(4), rand(4))
-    argmax_last(rand(3, 5))
+    silu_mul(rand(4), rand(4))  # elementwise: Inductor's to fuse in a compiled graph
     assert spy.calls == []
+    argmax_last(rand(3, 5))  # the ops worth an opaque call in a compiled graph take the C++ op there too
+    matvec.cpu_one_query_attention(rand(1, 4, 1, 8), rand(1, 2, 5, 8), rand(1, 2, 5, 8), None)
+    assert spy.calls == ["argmax_last", "decode_attention"]
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -120,7 +120,8 @@ def test_dense_layers_take_the_row_kernel_for_few_rows_and_widening_for_bf16_pre
     assert choose_dense("cpu", F32, F32, 64, False, False, native=False) is None  # fp32 GEMM is F.linear's own
     assert choose_dense("cuda", BF16, BF16, 1, False, False, native=False) is None
     assert choose_dense("cpu", BF16, BF16, 1, needs_grad=True, compiling=False, native=False) is None
-    assert choose_dense("cpu", BF16, BF16, 1, False, compiling=True, native=False) is None  # Inductor's matvec
+    assert choose_dense("cpu", BF16, BF16, 1, False, compiling=True, native=False) == DENSE_ROWS  # opaque in a graph
+    assert choose_dense("cpu", BF16, BF16, 64, False, compiling=True, native=False) is None  # Inductor's GEMM
     assert choose_dense("cpu", F32, BF16, 1, False, False, native=False) is None  # F.linear's dtype error stays
     assert choose_dense("cpu", torch.float64, torch.float64, 1, False, False, native=False) is None
 

@@ -450,26 +450,33 @@ def inductor_cache() -> None:
 
 def _decode_step(model: torch.nn.Module, state, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(tok, state=state, last_only=True)[:, -1]
-    return logits, logits.argmax(-1)
+    return logits, argmax_last(logits)
 
 
 def _inductor(gm, example_inputs) -> tuple:
-    """Inductor, after one graph pass: every linear layer applied to a single row becomes multiply-and-reduce
+    """Inductor, after one graph pass: every linear layer applied to a single row that is still an F.linear (zoo's C++
+    kernels put their own ops in the graph instead: kernels/dispatch.py) becomes multiply-and-reduce
     (zoo.architectures.kernels.matvec: the form Inductor turns into one fast pass over the weight).
-    Returns (compiled, how many linears were rewritten)."""
+    Returns (compiled, how many linears were rewritten, {zoo_cpu op: calls in the graph})."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
     from zoo.architectures.kernels import matvec
 
     rewritten = matvec.rewrite_single_row_linears(gm)
+    cpu_ops: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        name = getattr(node.target, "_qualified_op_name", None) or getattr(node.target, "name", lambda: "")()
+        if node.op == "call_function" and isinstance(name, str) and name.startswith("zoo_cpu::"):
+            op = name.removeprefix("zoo_cpu::").split(".")[0]
+            cpu_ops[op] = cpu_ops.get(op, 0) + 1
     # Inductor's caches take only functions they know; ours is keyed by its own source, so an edited
     # matvec_linear is compiled afresh (warm-cache compilation is several times faster than a cold one).
     # Casts to lower precision round as they do eagerly (GLM's fp16 rotary angles; bf16 norms): the same numbers.
     cacheable = {**config.unsafe_marked_cacheable_functions, **matvec.cache_keys()}
     with config.patch(unsafe_marked_cacheable_functions=cacheable, emulate_precision_casts=True,
                       size_asserts=False):  # (the wrapper checking ~400 input shapes per token: 4 ms of 30)
-        return compile_fx(gm, example_inputs), rewritten
+        return compile_fx(gm, example_inputs), rewritten, cpu_ops
 
 
 class CompiledStep:
@@ -497,10 +504,11 @@ class CompiledStep:
         self.batches: set[int] = set()  # batch sizes it has run (compiled) for
         self.graphs = 0  # graphs compiled (one per batch size; more would mean a recompilation)
         self.rewritten = 0  # single-row linears turned into multiply-and-reduce in the last graph
+        self.cpu_ops: dict[str, int] = {}  # zoo's C++ ops in the last graph ({op name: calls})
         self.where: tuple | None = None  # (device, dtype) of the model's weights it was made for
 
     def _backend(self, gm, example_inputs):
-        compiled, self.rewritten = _inductor(gm, example_inputs)
+        compiled, self.rewritten, self.cpu_ops = _inductor(gm, example_inputs)
         self.graphs += 1
         return compiled
 

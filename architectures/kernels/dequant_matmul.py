@@ -78,11 +78,11 @@ def cpu_quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits
 def cpu_quant_linear_many(x: torch.Tensor, layers: Sequence[tuple], biases: Sequence[torch.Tensor | None]
                           ) -> list[torch.Tensor] | None:
     """[cpu_quant_linear(x, q, scale, bits, bias, zero) for (q, scale, zero, bits), bias in zip(layers, biases)] in
-    one call (zoo_cpu::quant_linear_many, csrc/multi_linear.cpp: the same op for each), at eager CPU inference; None
-    where one of them would not take the kernel, the layers differ in bits, or inside a compiled graph (which has no
-    per-op cost to save)."""
+    one call (zoo_cpu::quant_linear_many, csrc/multi_linear.cpp: the same op for each), at CPU inference, eager or
+    compiled (x is read once, one parallel region); None where one of them would not take the kernel or the layers
+    differ in bits."""
     bits = layers[0][3]
-    if x.device.type != "cpu" or x.dtype not in CPU_DTYPES or torch.compiler.is_compiling():
+    if x.device.type != "cpu" or x.dtype not in CPU_DTYPES:
         return None
     if any(layer[3] != bits or layer[1].dtype not in CPU_DTYPES for layer in layers):
         return None

@@ -20,17 +20,25 @@ kernels on CPU tensors when a test calls them directly; it never sends the produ
 would emulate every kernel in numpy). What the kernels themselves must do differently under it (`interpreted`)
 is read here too, not in the kernels.
 
-Dense linear layers on CPU (`dense_kernel`, `choose_dense`): at inference, eager, a float weight of the input's
-dtype takes zoo's C++ kernels (kernels/cpu_ext.py, built once per instruction set): `DENSE_ROWS` for a few rows
-(decoding: one pass over the weight for all rows, near a plain read of it), `DENSE_WIDENED` for many rows of a
-bf16/fp16 weight on a CPU without native bf16 arithmetic (the weight widened to fp32 in cached blocks, fp32
-GEMM); None keeps torch's F.linear: on GPUs, under autograd, inside torch.compile (Inductor's own single-row
-rewrite, matvec.py, then applies), for many rows of fp32, and for many rows of bf16 where oneDNN has AVX-512 BF16
-or AMX (faster than widening, measured).
+Dense linear layers on CPU (`dense_kernel`, `choose_dense`): at inference, a float weight of the input's dtype
+takes zoo's C++ kernels (kernels/cpu_ext.py, built once per instruction set): `DENSE_ROWS` for a few rows
+(decoding: one pass over the weight for all rows, near a plain read of it), eagerly and inside a compiled decoding
+step alike, `DENSE_WIDENED` for many rows of a bf16/fp16 weight on a CPU without native bf16 arithmetic (the
+weight widened to fp32 in cached blocks, fp32 GEMM), eagerly; None keeps torch's F.linear: on GPUs, under
+autograd, for many rows inside torch.compile, for many rows of fp32, and for many rows of bf16 where oneDNN has
+AVX-512 BF16 or AMX (faster than widening, measured).
 
 The fused CPU decode ops (csrc/decode_ops.cpp: rms_norm, add_rms_norm, rotary, silu_mul, attention, argmax; called
 by rmsnorm.py, rotary.py, swiglu.py, matvec.py, argmax.py): `cpu_decode_ops` is the library where a call takes
-them (CPU, eager, no gradient), else None; each caller then checks the shapes and dtypes its op takes.
+them (CPU, no gradient; eager, or inside a compiled graph for the ops a caller marks `in_graph`), else None; each
+caller then checks the shapes and dtypes its op takes.
+
+Inside a compiled decoding step on CPU zoo's ops stay in the graph as opaque calls where Inductor's own code is
+slower: the matrix-vector products (dense rows and the quantised linears, each one pass over its weight), the
+one-query attention over the cache (Inductor's fused loops over every cache slot: ~0.5 ms a layer against ~30 us)
+and the argmax over the vocabulary; Inductor fuses the elementwise ops around them (norms, rotary, SwiGLU) into
+its own loops. So the compiled step runs the eager step's kernels without its Python between them (measured on an
+AVX2 EPYC, BENCHMARKS.md: 0.54-0.72x the eager step with Inductor's own matrix-vector code, above it with these).
 """
 
 from __future__ import annotations
@@ -102,10 +110,12 @@ def choose_dense(device: str, x_dtype: torch.dtype, w_dtype: torch.dtype, rows: 
                  compiling: bool, native: bool) -> str | None:
     """DENSE_ROWS, DENSE_WIDENED or None (torch's F.linear) for a linear layer's call: `rows` of x (all leading
     dims), `native`: native_bf16()."""
-    if device != "cpu" or needs_grad or compiling or x_dtype != w_dtype or w_dtype not in DENSE_DTYPES:
+    if device != "cpu" or needs_grad or x_dtype != w_dtype or w_dtype not in DENSE_DTYPES:
         return None
-    if rows <= DENSE_MAX_ROWS:
+    if rows <= DENSE_MAX_ROWS:  # (eager or compiled: an opaque op in the graph, see the module docstring)
         return DENSE_ROWS
+    if compiling:
+        return None
     if w_dtype != torch.float32 and not native:
         return DENSE_WIDENED
     return None
@@ -125,13 +135,15 @@ _NATIVE_BF16 = native_bf16()
 _DECODE_LIB: list = []  # [torch.ops.zoo_cpu or None]: looked up on the first call, not at every one
 
 
-def cpu_decode_ops(*tensors: torch.Tensor):
+def cpu_decode_ops(*tensors: torch.Tensor, in_graph: bool = False):
     """torch.ops.zoo_cpu where a call on `tensors` takes zoo's fused C++ decode ops (csrc/decode_ops.cpp), else None:
-    CPU tensors, no gradient needed (the ops have no backward), outside torch.compile (Inductor fuses the
-    references there), the library available. Runs ~150 times per token: no environment read after the first
-    call (ZOO_CPU_KERNELS is honoured as it was then; the ops equal the references, so a later change is moot)."""
+    CPU tensors, no gradient needed (the ops have no backward), outside torch.compile unless the caller's op is
+    worth keeping in a compiled graph (`in_graph`: attention, argmax; Inductor fuses the elementwise references
+    better than an opaque op between them), the library available. Runs ~150 times per token: no environment read
+    after the first call (ZOO_CPU_KERNELS is honoured as it was then; the ops equal the references, so a later
+    change is moot)."""
     x = tensors[0]
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if x.device.type != "cpu" or (torch.compiler.is_compiling() and not in_graph):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None

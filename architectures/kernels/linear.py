@@ -5,12 +5,12 @@ models' through oneDNN with the activation fused (`linear`).
     [x W_i^T + b_i]             dense_many(layers, x)     (q, k and v; gate and up: one C++ call for all)
 
 `dense` is what the decoder-only language models call for every projection and output head instead of
-nn.Linear.__call__: where the dispatch picks one (dispatch.dense_kernel: CPU, inference, eager, float weight of
-x's dtype) it runs zoo_cpu.dense_rows (few rows: decoding) or zoo_cpu.dense_widened (prefill of bf16 without
-native bf16 instructions) from kernels/cpu_ext.py, else F.linear. A layer that is not a plain nn.Linear (a packed
-quantised one) runs its own forward, directly where no hook applies; one that carries hooks (tensor parallelism's)
-is called as a module, and an nn.Linear holding a tensor subclass (a DTensor) runs F.linear. Without the library
-(ZOO_CPU_KERNELS=0, no compiler) everything is F.linear.
+nn.Linear.__call__: where the dispatch picks one (dispatch.dense_kernel: CPU, inference, float weight of x's dtype)
+it runs zoo_cpu.dense_rows (few rows: decoding, eager or in a compiled step) or zoo_cpu.dense_widened (eager
+prefill of bf16 without native bf16 instructions) from kernels/cpu_ext.py, else F.linear. A layer that is not a
+plain nn.Linear (a packed quantised one) runs its own forward, directly where no hook applies; one that carries
+hooks (tensor parallelism's) is called as a module, and an nn.Linear holding a tensor subclass (a DTensor) runs
+F.linear. Without the library (ZOO_CPU_KERNELS=0, no compiler) everything is F.linear.
 
 The vision models' oneDNN path:
 

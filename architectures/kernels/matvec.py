@@ -13,13 +13,17 @@ is for compiled graphs only.
 graph pass that puts it in place of every F.linear of a Dynamo graph whose input is a single row, so a compiled
 decoding step gets it for every family without any layer knowing (zoo.generation applies it).
 
+Both are what a compiled step falls back on where zoo's C++ kernels are unavailable (ZOO_CPU_KERNELS=0, no
+compiler): with them, the compiled step's single-row linears are zoo_cpu's ops (dispatch.py), never an F.linear.
+
 `one_query_attention` is the same idea for attending from one new token over the cache: the scores and the
 weighted sum of values as multiply-and-reduce, which Inductor fuses into a few loops; the compiled SDPA kernel
 spends 6x (64 cached positions) to 9x (2048) longer on a single query (measured, 2 threads).
 
-Eagerly on CPU the same step runs zoo's C++ op instead (`cpu_one_query_attention`: zoo_cpu::decode_attention,
-csrc/decode_ops.cpp): one call per layer where F.scaled_dot_product_attention spent ~160 us on one query
-(dispatch.py's `cpu_decode_ops` decides, as for the other fused CPU decode ops).
+On CPU, eager and compiled, the same step runs zoo's C++ op instead (`cpu_one_query_attention`:
+zoo_cpu::decode_attention, csrc/decode_ops.cpp): one call per layer where F.scaled_dot_product_attention spent
+~160 us on one query and Inductor's fused loops ~500 us over every cache slot (masked slots cost the C++ op
+nothing) (dispatch.py's `cpu_decode_ops` decides, as for the other fused CPU decode ops).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from zoo.architectures.kernels import cpu_ext
 from zoo.architectures.kernels.dispatch import COMPILED, DECODE_DTYPES, backend, cpu_decode_ops
 
 GROUP = 64  # columns summed first, then the groups: a two-level reduction vectorises best (measured)
@@ -72,10 +77,10 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow
 
 def cpu_one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             mask: torch.Tensor | None) -> torch.Tensor | None:
-    """softmax(q k^T / sqrt(d), masked) v by zoo_cpu::decode_attention for one query per head at CPU eager inference
+    """softmax(q k^T / sqrt(d), masked) v by zoo_cpu::decode_attention for one query per head at CPU inference
     (q [B, H, 1, d], k, v [B, H_kv, L, d], mask None or bool [B or 1, 1, 1, L]); None where it does not apply (the
     caller then runs F.scaled_dot_product_attention)."""
-    lib = cpu_decode_ops(q, k, v)
+    lib = cpu_decode_ops(q, k, v, in_graph=True)
     if (lib is None or q.dim() != 4 or q.shape[2] != 1 or q.dtype not in DECODE_DTYPES or k.dtype != q.dtype
             or v.dtype != q.dtype or k.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1]):
         return None
@@ -83,6 +88,12 @@ def cpu_one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              or mask.shape[0] not in (1, q.shape[0]) or mask.shape[3] != k.shape[2]):
         return None
     return lib.decode_attention(q, k, v, mask)
+
+
+@cpu_ext.fake("zoo_cpu::decode_attention")
+def _decode_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def cpu_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
