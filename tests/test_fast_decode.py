@@ -172,7 +172,6 @@ def test_compile_default_never_picks_a_step_measured_slower_than_eager():
             got = generation.compile_pays(facts(device=device, isa=isa, weights=weights, compiled_already=already,
                                                 **long))
             assert got == (speedup > 1), (device, isa, weights, already)
-    assert generation.COMPILED_SPEEDUP[("cpu", "AVX2", "int8")] <= 1  # the slow corner of issue 20 stays eager
     for device, isa, weights in (("cpu", "DEFAULT", "bfloat16"), ("cpu", "ASIMD", "bfloat16"),
                                  ("cuda", "*", "bfloat16"), ("cpu", "AVX2", "ternary")):
         assert not generation.compile_pays(facts(device=device, isa=isa, weights=weights, **long))

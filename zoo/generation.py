@@ -341,35 +341,37 @@ def beam_search(
 # Whether the default (compile=None, no ZOO_COMPILE) decodes through the compiled step: ONE table of measured
 # speed-ups, one pure decision over facts (`compile_pays`, walked by tests/test_fast_decode.py), as
 # kernels/dispatch.choose is for kernels. (The table lives here, beside the step it is about; it could move next to
-# the kernel dispatch.) A compiled step is not faster everywhere: on AVX2 the compiled int8 step decodes 6x slower
-# than the eager one and int4 2x (Inductor's widen-then-multiply against aten's and zoo's CPU kernels), so the
-# default is eager wherever no measurement says the compiled step is faster.
+# the kernel dispatch.) A compiled step is not faster everywhere: while it multiplied by Inductor's own code, on AVX2
+# the compiled int8 step decoded 6x slower than the eager one (Inductor's widen-then-multiply against zoo's CPU
+# kernels); it now calls the eager step's C++ kernels (kernels/dispatch.py) and saves the Python between them, but
+# the default stays eager wherever no measurement says the compiled step is faster.
 #
 # (device type, CPU instruction set as ATen names it ("*" off the CPU), weights) -> the compiled step's decode rate
 # over the eager one's, Qwen2-0.5B shape, batch 1 (benchmarks/bench_matrix.py prints these ratios per machine;
 # BENCHMARKS.md keeps the runs). Weights: the float dtype ("float32", "bfloat16") or the quantisation ("int8", "int4").
 # A missing entry, or a ratio <= 1, keeps that corner eager by default; compile=True still compiles.
 COMPILED_SPEEDUP: dict[tuple[str, str, str], float] = {
-    # BENCHMARKS.md "matrix-avx512" / "matrix-avx2" (Intel Xeon, AVX-512 BF16/AMX; AVX2 forced), eager on zoo's C++
-    # kernels; where the fp32 and bf16 activations differ, the lower of the two
+    # BENCHMARKS.md "matrix-avx512" (Intel Xeon, AVX-512 BF16/AMX), measured before the compiled step called zoo's
+    # C++ kernels (on AVX2 that change lifted every ratio above 1); where the fp32 and bf16 activations differ, the
+    # lower of the two
     ("cpu", "AVX512", "float32"): 1.04,  # 9.7 / 9.3 tok/s
     ("cpu", "AVX512", "bfloat16"): 0.84,  # 14.3 / 17.0
     ("cpu", "AVX512", "int8"): 1.13,  # 20.8 / 18.4 (bf16); 21.8 / 18.2 (fp32)
     ("cpu", "AVX512", "int4"): 1.05,  # 19.0 / 18.0 (fp32); 23.6 / 20.7 (bf16)
-    # AVX2: bf16, int8 and int4 from BENCHMARKS.md "Issue 20 on a real AVX2-only CPU, 2026-12-03 afternoon" (AMD
-    # EPYC: compiled steps against the eager C++ kernels, same machine, back to back); fp32 from the forced-AVX2
-    # matrix (before those kernels). None is compiled by default on AVX2.
-    ("cpu", "AVX2", "float32"): 1.00,  # 10.7 / 10.8
-    ("cpu", "AVX2", "bfloat16"): 0.72,  # 21.6 / 30.2
-    ("cpu", "AVX2", "int8"): 0.54,  # 27.8 / 51.3 (bf16)
-    ("cpu", "AVX2", "int4"): 0.66,  # 34.9 / 53.1 (bf16)
+    # BENCHMARKS.md "matrix-avx2" (AMD EPYC, AVX2 only, 2026-12-03, two rounds): compile on against compile off,
+    # the compiled step on zoo's C++ kernels; the lower of the fp32 and bf16 activations
+    ("cpu", "AVX2", "float32"): 1.04,  # 16.8 / 16.3
+    ("cpu", "AVX2", "bfloat16"): 1.17,  # 29.7 / 25.4
+    ("cpu", "AVX2", "int8"): 1.19,  # 40.5 / 34.0 (bf16); 51.8 / 37.5 (fp32)
+    ("cpu", "AVX2", "int4"): 1.13,  # 47.3 / 41.8 (bf16); 48.0 / 40.5 (fp32)
 }
-# Compiling costs seconds with a warm Inductor cache (under $ZOO_HOME: `inductor_cache`) to a minute the first time
-# on a machine, for a 0.5B model. A token's time is about its weights' bytes over the memory bandwidth, and the
-# compiled step saves (1 - 1/speed-up) of it, so compiling pays from this many weight bytes saved over a generation
-# (weights x new tokens x (1 - 1/speed-up); ~5 s of a 30 GB/s read): Qwen2-0.5B int8 (0.5 GB) at 1.13x from ~2600 new
-# tokens, a 7B model int8 from ~190; the 24 MB embedded model practically never.
-COMPILE_PAYS = 150 * 10**9
+# Compiling costs ~20 s with a warm Inductor cache (under $ZOO_HOME: `inductor_cache`; 18-23 s for the 0.5B shape
+# on the AVX2 EPYC, mostly Dynamo tracing every layer) and about a minute the first time on a machine. A token's
+# time is about its weights' bytes over the memory bandwidth, and the compiled step saves (1 - 1/speed-up) of it, so
+# compiling pays from this many weight bytes saved over a generation (weights x new tokens x (1 - 1/speed-up);
+# ~20 s of a 30 GB/s read): Qwen2-0.5B bf16 (1 GB a token) at 1.17x from ~4100 new tokens, a 7B model int8 (7.6 GB) from
+# ~500; the 24 MB embedded model practically never.
+COMPILE_PAYS = 600 * 10**9
 
 
 @dataclass(frozen=True)
