@@ -366,7 +366,7 @@ COMPILED_SPEEDUP: dict[tuple[str, str, str], float] = {
     ("cpu", "AVX2", "int4"): 1.13,  # 47.3 / 41.8 (bf16); 48.0 / 40.5 (fp32)
 }
 # Compiling costs ~20 s with a warm Inductor cache (under $ZOO_HOME: `inductor_cache`; 18-23 s for the 0.5B shape
-# on the AVX2 EPYC, mostly Dynamo tracing every layer) and about a minute the first time on a machine. A token's
+# on the AVX2 EPYC: the first call of a compile-on cell) and about a minute the first time on a machine. A token's
 # time is about its weights' bytes over the memory bandwidth, and the compiled step saves (1 - 1/speed-up) of it, so
 # compiling pays from this many weight bytes saved over a generation (weights x new tokens x (1 - 1/speed-up);
 # ~20 s of a 30 GB/s read): Qwen2-0.5B bf16 (1 GB a token) at 1.17x from ~4100 new tokens, a 7B model int8 (7.6 GB) from
