@@ -13,6 +13,7 @@ import numbers
 import types
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -466,19 +467,15 @@ def _inductor(gm, example_inputs) -> tuple:
     from zoo.architectures.kernels import matvec
 
     rewritten = matvec.rewrite_single_row_linears(gm)
-    cpu_ops: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        name = getattr(node.target, "_qualified_op_name", None) or getattr(node.target, "name", lambda: "")()
-        if node.op == "call_function" and isinstance(name, str) and name.startswith("zoo_cpu::"):
-            op = name.removeprefix("zoo_cpu::").split(".")[0]
-            cpu_ops[op] = cpu_ops.get(op, 0) + 1
+    cpu_ops = Counter(str(node.target).split(".")[1] for node in gm.graph.nodes  # ("zoo_cpu.dense_rows[.default]")
+                      if node.op == "call_function" and str(node.target).startswith("zoo_cpu."))
     # Inductor's caches take only functions they know; ours is keyed by its own source, so an edited
     # matvec_linear is compiled afresh (warm-cache compilation is several times faster than a cold one).
     # Casts to lower precision round as they do eagerly (GLM's fp16 rotary angles; bf16 norms): the same numbers.
     cacheable = {**config.unsafe_marked_cacheable_functions, **matvec.cache_keys()}
     with config.patch(unsafe_marked_cacheable_functions=cacheable, emulate_precision_casts=True,
                       size_asserts=False):  # (the wrapper checking ~400 input shapes per token: 4 ms of 30)
-        return compile_fx(gm, example_inputs), rewritten, cpu_ops
+        return compile_fx(gm, example_inputs), rewritten, dict(cpu_ops)
 
 
 class CompiledStep:
